@@ -1,0 +1,272 @@
+"""Spectra from generic tables (FITS binary table, ECSV, CSV, anything ``astropy.table`` reads).
+
+Two layouts, told apart by the ``flux`` column's shape:
+
+- one galaxy per file: one row per pixel, scalar columns ``wave``, ``flux``, ``ivar`` and
+  optionally ``mask`` (True/non-zero = bad), a resolution column, and ``z`` (a constant
+  column) or ``z`` in the table metadata (``z``, ``Z`` or ``REDSHIFT``);
+- several galaxies: one row per galaxy, array columns ``wave``, ``flux``, ... of length M
+  (identical ``wave`` in every row: nothing is resampled), scalar ``z`` and ``id`` columns.
+  CSV cannot hold array columns; use ECSV or FITS.
+
+Resolution: a ``lsf_sigma`` column (Gaussian LSF sigma, Angstrom) or a ``resolving_power``
+column (R = lambda / FWHM, converted to sigma = lambda / (R * 2 sqrt(2 ln 2))).
+
+Units: columns with astropy units are converted (wavelength to Angstrom, flux densities to
+1e-17 erg/s/cm^2/A, with ivar scaled to match). Unitless columns are taken to be in those
+units already. Wavelengths must be vacuum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import astropy.units as u
+import numpy as np
+from astropy.table import MaskedColumn, Table
+
+from sedvae.io.spectrum import (
+    Z_RANGE,
+    MissingHDUError,
+    Spectra,
+    SpectrumFileError,
+    SpectrumFileNotFoundError,
+)
+
+FLUX_UNIT = u.Unit("1e-17 erg / (s cm2 Angstrom)")
+_FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))  # 2.3548
+
+
+def _values(table: Table, name: str, unit: u.UnitBase | None, label: str) -> np.ndarray:
+    """Column as float64 in ``unit`` (when it has a unit); empty (masked) cells become NaN,
+    which validate() then masks, instead of whatever fill value the reader chose."""
+    col = table[name]
+    if isinstance(col, MaskedColumn):  # float first: an int column cannot hold NaN
+        data = np.ma.asarray(col).astype(np.float64).filled(np.nan)
+    else:
+        data = np.asarray(col, dtype=np.float64)
+    if unit is not None and getattr(col, "unit", None) is not None:
+        try:
+            return data * u.Unit(col.unit).to(unit)
+        except u.UnitConversionError as err:
+            raise SpectrumFileError(
+                f"{label}: column {name!r} has unit {col.unit}, not convertible to {unit}"
+            ) from err
+    return data
+
+
+def _flux_scale(table: Table, name: str) -> float:
+    """Factor that takes column ``name`` to 1e-17 erg/s/cm^2/A (1 if it has no unit)."""
+    unit = getattr(table[name], "unit", None)
+    if unit is None:
+        return 1.0
+    try:
+        return float(u.Unit(unit).to(FLUX_UNIT))
+    except u.UnitConversionError as err:
+        raise SpectrumFileError(
+            f"column {name!r} has unit {unit}; sedvae needs a flux density per unit wavelength "
+            f"(f_lambda) convertible to {FLUX_UNIT}"
+        ) from err
+
+
+def _as_mask(col: np.ndarray, label: str, name: str) -> np.ndarray:
+    """Bad-pixel mask from a bool, integer (non-zero = bad) or text column (CSV writes bools as
+    "True"/"False", and ``astype(bool)`` would make every non-empty string True)."""
+    if col.dtype.kind in "SU":
+        text = np.char.lower(np.char.strip(col.astype(str)))
+        good, bad = np.isin(text, ("false", "0", "f", "")), np.isin(text, ("true", "1", "t"))
+        if not np.all(good | bad):
+            raise SpectrumFileError(f"{label}: column {name!r} has values that are not booleans")
+        return bad
+    return col.astype(bool)
+
+
+def read_table(
+    path: str | Path | Table,
+    *,
+    z: float | Sequence[float] | np.ndarray | None = None,
+    format: str | None = None,
+    wave_col: str = "wave",
+    flux_col: str = "flux",
+    ivar_col: str = "ivar",
+    mask_col: str = "mask",
+    z_col: str = "z",
+    id_col: str = "id",
+    lsf_sigma_col: str = "lsf_sigma",
+    resolving_power_col: str = "resolving_power",
+    instrument: str | None = None,
+    z_range: tuple[float, float] = Z_RANGE,
+    validate: bool = True,
+) -> Spectra:
+    """Read a table of one or several spectra into a :class:`Spectra`.
+
+    Parameters
+    ----------
+    path : str, Path or astropy Table
+        File read with ``Table.read(path, format=format)``, or a Table already in memory.
+    z : float or (N,) array, optional
+        Redshift(s); overrides the ``z_col`` column and the metadata. None found: NaN
+        (flagged ``BAD_Z``).
+    format : str, optional
+        astropy format (``"fits"``, ``"ascii.ecsv"``, ``"ascii.csv"``); default guessed from
+        the file name.
+    wave_col, flux_col, ivar_col : str
+        Required columns: wavelength (Angstrom, vacuum), flux (1e-17 erg/s/cm^2/A), inverse
+        variance.
+    mask_col, z_col, id_col, lsf_sigma_col, resolving_power_col : str
+        Optional columns, used when present (case-insensitive match).
+    instrument : str, optional
+        ``meta["instrument"]``; default the table's ``INSTRUME`` keyword, else "table".
+    z_range : (float, float)
+        Supported redshifts.
+    validate : bool
+        Run :meth:`Spectra.validate` (batch mode).
+
+    Returns
+    -------
+    Spectra
+        ``flux``/``ivar``/``mask`` (N, M), ``lsf_sigma`` (N, M) Angstrom when a resolution
+        column exists, ``ids`` from ``id_col`` (else 0..N-1, or the file stem for one galaxy).
+    """
+    if isinstance(path, Table):
+        table, label = path, "<table>"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise SpectrumFileNotFoundError(f"spectrum table not found: {p}")
+        try:
+            table = Table.read(p, format=format)
+        except Exception as err:  # astropy raises many types for an unreadable table
+            raise SpectrumFileError(f"{p}: cannot be read as a table ({err})") from err
+        label = str(p)
+
+    cols = {c.lower(): c for c in table.colnames}
+
+    def find(name: str, required: bool) -> str | None:
+        if name.lower() in cols:
+            return cols[name.lower()]
+        if required:
+            raise MissingHDUError(f"{label}: column {name!r} missing (columns: {table.colnames})")
+        return None
+
+    wname, fname, iname = (find(c, True) for c in (wave_col, flux_col, ivar_col))
+    mname, zname, idname = (find(c, False) for c in (mask_col, z_col, id_col))
+    sname, rname = find(lsf_sigma_col, False), find(resolving_power_col, False)
+    if sname and rname:
+        raise SpectrumFileError(f"{label}: both {sname!r} and {rname!r} given; keep one")
+
+    wave = _values(table, wname, u.AA, label).astype(np.float64)
+    scale = _flux_scale(table, fname)
+    flux = _values(table, fname, None, label) * scale
+    if getattr(table[iname], "unit", None) is not None:
+        ivar = _values(table, iname, FLUX_UNIT**-2, label)
+    else:  # a unitless ivar goes with the flux column's unit
+        ivar = _values(table, iname, None, label) / scale**2
+    mask = None if mname is None else _as_mask(np.asarray(table[mname]), label, mname)
+    lsf_sigma = None
+    if sname is not None:
+        lsf_sigma = _values(table, sname, u.AA, label).astype(np.float64)
+
+    flags = None
+    single = flux.ndim == 1
+    if single:  # rows are pixels: promote everything to (1, M)
+        if wave.ndim != 1:
+            raise SpectrumFileError(f"{label}: column {wname!r} must be scalar per pixel")
+        flux, ivar = flux[None], ivar[None]
+        mask = None if mask is None else mask[None]
+        if rname is not None:
+            lsf_sigma = wave / (_values(table, rname, None, label) * _FWHM_PER_SIGMA)
+        lsf_sigma = None if lsf_sigma is None else np.asarray(lsf_sigma)[None]
+        if idname is not None:
+            ids = np.asarray(table[idname])[:1]
+        else:
+            ids = np.asarray([label if isinstance(path, Table) else Path(path).stem])
+        z_file = _single_z(table, zname, label)
+    else:
+        if flux.ndim != 2:
+            raise SpectrumFileError(f"{label}: column {fname!r} has shape {flux.shape}")
+        n, m = flux.shape
+        if wave.ndim == 2:
+            if wave.shape != (n, m):
+                raise SpectrumFileError(
+                    f"{label}: column {wname!r} shape {wave.shape} != {fname!r} shape {flux.shape}"
+                )
+            if not np.all(wave == wave[:1]):
+                raise SpectrumFileError(
+                    f"{label}: rows have different wavelength grids; sedvae does not resample "
+                    "silently: put them on one grid, or read them as separate files"
+                )
+            wave = wave[0]
+        if rname is not None:
+            lsf_sigma = wave[None, :] / (_values(table, rname, None, label) * _FWHM_PER_SIGMA)
+        ids = np.asarray(table[idname]) if idname is not None else np.arange(n)
+        z_file = None if zname is None else np.asarray(table[zname], dtype=np.float64)
+        if "flags" in cols:  # as written by write_table
+            flags = np.asarray(table[cols["flags"]], dtype=np.int64)
+
+    if z is not None:
+        zs, z_src = z, "argument"
+    elif z_file is not None:
+        zs, z_src = z_file, f"column {zname!r}" if zname else "table meta"
+    else:
+        zs, z_src = np.nan, "none"
+    n = flux.shape[0]
+    zs = np.broadcast_to(np.asarray(zs, dtype=np.float64), (n,)).copy()
+
+    spectra = Spectra(
+        wave=wave,
+        flux=flux,
+        ivar=ivar,
+        mask=mask,
+        z=zs,
+        ids=ids,
+        lsf_sigma=lsf_sigma,
+        flags=flags,
+        meta={
+            **{k: v for k, v in table.meta.items() if isinstance(v, str | int | float)},
+            "instrument": instrument or str(table.meta.get("INSTRUME", "table")),
+            "source": label,
+            "redshift_source": z_src,
+        },
+    )
+    if validate:
+        spectra.validate(z_range=z_range)
+    return spectra
+
+
+def _single_z(table: Table, zname: str | None, label: str) -> float | None:
+    """z of a one-galaxy table: a constant column, else metadata z/Z/REDSHIFT, else None."""
+    if zname is not None:
+        zc = np.asarray(table[zname], dtype=np.float64)
+        if len(zc) and not np.all(zc == zc[0]):
+            raise SpectrumFileError(
+                f"{label}: column {zname!r} is not constant in a 1-galaxy table"
+            )
+        return float(zc[0]) if len(zc) else None
+    for key in ("z", "Z", "REDSHIFT", "redshift"):
+        if key in table.meta:
+            return float(table.meta[key])
+    return None
+
+
+def write_table(spectra: Spectra, path: str | Path, overwrite: bool = False) -> None:
+    """Write spectra as a multi-row table (one row per galaxy) that :func:`read_table` reads.
+
+    Columns ``id``, ``z``, ``flags``, ``wave``/``flux``/``ivar``/``mask`` (N, M) and
+    ``lsf_sigma`` when present, with units. The format follows the file name (``.fits``,
+    ``.ecsv``). DESI resolution matrices and photometry are not written (use the FITS files).
+    """
+    n, m = spectra.flux.shape
+    # INSTRUME: the standard FITS keyword (8 characters, so no HIERARCH card)
+    table = Table(meta={"INSTRUME": str(spectra.meta.get("instrument", "table"))})
+    table["id"] = spectra.ids
+    table["z"] = spectra.z
+    table["flags"] = spectra.flags
+    table["wave"] = np.broadcast_to(spectra.wave, (n, m)) * u.AA
+    table["flux"] = spectra.flux * FLUX_UNIT
+    table["ivar"] = spectra.ivar * FLUX_UNIT**-2
+    table["mask"] = spectra.mask
+    if spectra.lsf_sigma is not None:
+        table["lsf_sigma"] = spectra.lsf_sigma * u.AA
+    table.write(Path(path), overwrite=overwrite)

@@ -1,0 +1,369 @@
+"""The PROVABGS SED model on the BC03+MILES grid, batched and differentiable in torch.
+
+theta (B, 12) and z (B,) -> rest-frame L_lambda (B, L) in L_sun/A on the raw grid wavelengths.
+
+How a spectrum is made (one matrix product per population):
+
+1. The SFH is sum_i beta_i B_i(t), the 4 piecewise-linear NMF bases, integrated exactly over the
+   PROVABGS lookback bins, cut at the age of the universe t_U(z) and normalised to unit mass;
+   a fraction f_burst of the mass goes into a burst at t_burst (dropped, with its mass returned
+   to the NMF part, when t_burst >= t_U(z)).
+2. Within a bin the SFR is constant; the bin spectrum is the time-averaged SSP (exact under
+   bagpipes' convention of piecewise-constant raw SSP cells). The bin straddling 10 Myr is split
+   there (birth clouds). The bin cut by t_U(z) uses a table of partial integrals
+   P_b(t) = int_{lo_b}^{t} SSP dt, which is linear between raw cell edges, so the cut is exact
+   too and costs a sparse look-up (4 rows) rather than a dense column per raw cell.
+3. Z(t) = gamma_1 ZB_1(t) + gamma_2 ZB_2(t) at bin centres, clipped to the grid, with linear
+   interpolation in log Z between the 7 grid metallicities.
+4. L = [L_young T_BC + L_old + L_burst] T_ISM, times 10^logM*; young = younger than 10 Myr.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..physics.cosmology import age_of_universe_gyr
+from .dust import CharlotFallKriekConroy
+from .provabgs import BIN_EDGES_GYR, T_BC_GYR, PROVABGSPrior, check_support, load_nmf_bases
+from .ssp import load_ssp_grid
+
+Z_MIN_SUPPORTED = 0.0
+DEFAULT_Z_MAX = 1.0  # t_U(1) = 5.9 Gyr; partial-bin tables are built from there to 13.8 Gyr
+
+
+@dataclass
+class History:
+    """Star-formation and metallicity history of one batch, per unit formed mass."""
+
+    bin_mass: torch.Tensor  # (B, nbins) NMF mass per PROVABGS bin (burst excluded)
+    bin_z: torch.Tensor  # (B, nbins) metallicity per bin, clipped to the grid
+    bin_hi_gyr: torch.Tensor  # (B, nbins) upper bin edge after the cut at t_U(z)
+    cut_bin: torch.Tensor  # (B,) index of the bin containing t_U(z)
+    burst_mass: torch.Tensor  # (B,) mass fraction in the burst (0 when dropped)
+    burst_age_gyr: torch.Tensor  # (B,)
+    burst_z: torch.Tensor  # (B,) burst metallicity, clipped to the grid
+    t_univ_gyr: torch.Tensor  # (B,)
+
+
+def _interp_weights(grid: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index and weight for linear interpolation of x (clamped) on an increasing grid."""
+    x = x.clamp(grid[0], grid[-1])
+    idx = torch.searchsorted(grid, x.detach().contiguous(), right=True) - 1
+    idx = idx.clamp(0, len(grid) - 2)
+    w = (x - grid[idx]) / (grid[idx + 1] - grid[idx])
+    return idx, w
+
+
+class SEDModel(torch.nn.Module):
+    """PROVABGS SED model on BC03+MILES (see the module docstring).
+
+    Parameters
+    ----------
+    wave_min, wave_max : rest-frame wavelength range kept from the grid, Angstrom.
+    z_max : largest supported redshift (z in [0, z_max]).
+    dtype : float32 (default) or float64; ``.to(torch.float64)`` also works.
+    """
+
+    def __init__(
+        self,
+        wave_min: float = 1000.0,
+        wave_max: float = 60000.0,
+        z_max: float = DEFAULT_Z_MAX,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if not 0 < z_max <= 10:
+            raise ValueError(f"z_max must lie in (0, 10]; got {z_max}")
+        self.z_max = float(z_max)
+        self.prior = PROVABGSPrior()
+        grid = load_ssp_grid(wave_min, wave_max)
+        n_wave, n_z = len(grid.wave), len(grid.zmet)
+        self.n_ages = len(grid.ages_yr)
+        edges = BIN_EDGES_GYR
+        self.n_bins = len(edges) - 1
+
+        # dense segments: the bins, with the one straddling 10 Myr split there
+        seg_edges = np.unique(np.concatenate([edges, [T_BC_GYR]]))
+        seg_lum, seg_live = grid.time_average(seg_edges * 1e9)  # (S, Z, L), (S, Z)
+        seg_bin = np.searchsorted(edges, 0.5 * (seg_edges[1:] + seg_edges[:-1])) - 1
+        self.n_young = int(np.sum(seg_edges[1:] <= T_BC_GYR * (1 + 1e-9)))
+
+        # partial integrals P_b(t) (Gyr * L_sun/A / M_sun) at the raw cell edges of every bin
+        # that t_U(z) can cut, plus the bin's own edges; linear in t between consecutive nodes
+        t_min = float(age_of_universe_gyr(torch.tensor(self.z_max, dtype=torch.float64)))
+        cells = grid.cell_edges_yr / 1e9
+        first_cut = int(np.searchsorted(edges, t_min, side="right") - 1)
+        node_t, node_bin = [], []
+        for b in range(first_cut, self.n_bins):
+            inner = cells[(cells > edges[b]) & (cells < edges[b + 1])]
+            t_nodes = np.concatenate([[edges[b]], inner, [edges[b + 1]]])
+            node_t.append(t_nodes)
+            node_bin.append(np.full(len(t_nodes), b))
+        node_t, node_bin = np.concatenate(node_t), np.concatenate(node_bin)
+        part_lum = np.zeros((len(node_t), n_z, n_wave))
+        part_live = np.zeros((len(node_t), n_z))
+        for j in range(len(node_t)):
+            lo = edges[node_bin[j]]
+            if node_t[j] > lo:
+                lum, live = grid.time_average(np.array([lo, node_t[j]]) * 1e9)
+                part_lum[j], part_live[j] = lum[0] * (node_t[j] - lo), live[0] * (node_t[j] - lo)
+        self.first_cut_bin = first_cut
+
+        self.register_buffer("wave", torch.as_tensor(grid.wave, dtype=torch.float64))
+        self.register_buffer("bin_edges", torch.as_tensor(edges, dtype=dtype))
+        self.register_buffer("seg_edges", torch.as_tensor(seg_edges, dtype=dtype))
+        self.register_buffer("seg_bin", torch.as_tensor(seg_bin, dtype=torch.long))
+        self.register_buffer("seg_live", torch.as_tensor(seg_live, dtype=dtype))
+        self.register_buffer(
+            "seg_lum_young",
+            torch.as_tensor(seg_lum[: self.n_young].reshape(-1, n_wave), dtype=dtype),
+        )
+        self.register_buffer(
+            "seg_lum_old", torch.as_tensor(seg_lum[self.n_young :].reshape(-1, n_wave), dtype=dtype)
+        )
+        # one sparse table for look-ups: raw SSPs (Z*A rows, for the burst), then P_b (N*Z rows)
+        self.part_offset = n_z * self.n_ages
+        table = np.concatenate([grid.lum.reshape(-1, n_wave), part_lum.reshape(-1, n_wave)], 0)
+        self.register_buffer("sparse_lum", torch.as_tensor(table, dtype=dtype))
+        live_table = np.concatenate([grid.live_frac.reshape(-1), part_live.reshape(-1)])
+        self.register_buffer("sparse_live", torch.as_tensor(live_table, dtype=dtype))
+        # (bin, t) search keys for the nodes: bins are < 100 and t < 100 Gyr
+        self.register_buffer(
+            "node_key", torch.as_tensor(node_bin * 100.0 + node_t, dtype=torch.float64)
+        )
+        self.register_buffer("node_t", torch.as_tensor(node_t, dtype=dtype))
+        node_first = np.array(
+            [np.argmax(node_bin == b) if b >= first_cut else 0 for b in range(self.n_bins)]
+        )
+        node_last = np.array(
+            [
+                len(node_bin) - 1 - np.argmax(node_bin[::-1] == b) if b >= first_cut else 1
+                for b in range(self.n_bins)
+            ]
+        )
+        self.register_buffer("node_first", torch.as_tensor(node_first, dtype=torch.long))
+        self.register_buffer("node_last", torch.as_tensor(node_last, dtype=torch.long))
+        self.register_buffer(
+            "raw_log_age", torch.as_tensor(np.log10(grid.ages_yr[1:] / 1e9), dtype=dtype)
+        )
+        self.register_buffer("log_zgrid", torch.as_tensor(np.log10(grid.zmet), dtype=dtype))
+
+        nmf = load_nmf_bases()
+        t = nmf.t_gyr
+        trapz = 0.5 * (nmf.sfh[:, 1:] + nmf.sfh[:, :-1]) * np.diff(t)
+        cum = np.concatenate([np.zeros((4, 1)), np.cumsum(trapz, -1)], -1)
+        self.register_buffer("nmf_t", torch.as_tensor(t, dtype=dtype))
+        self.register_buffer("nmf_sfh", torch.as_tensor(nmf.sfh, dtype=dtype))
+        self.register_buffer("nmf_cum", torch.as_tensor(cum, dtype=dtype))
+        self.register_buffer("nmf_zh", torch.as_tensor(nmf.zh, dtype=dtype))
+        self.dust = CharlotFallKriekConroy(grid.wave, dtype=dtype)
+
+    # ---- inputs ---------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.seg_lum_old.dtype
+
+    @property
+    def n_wave(self) -> int:
+        return self.wave.shape[0]
+
+    def check_inputs(self, theta: torch.Tensor, z) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate (theta, z) and cast them to the model dtype; ValueError names the problem."""
+        check_support(theta)
+        z = torch.as_tensor(z, device=theta.device)
+        if z.ndim == 0:
+            z = z.expand(theta.shape[0])
+        if z.shape != theta.shape[:1]:
+            raise ValueError(f"z must have shape ({theta.shape[0]},); got {tuple(z.shape)}")
+        if not torch.isfinite(z).all():
+            raise ValueError("z has NaN/inf values")
+        if (z < Z_MIN_SUPPORTED).any() or (z > self.z_max).any():
+            raise ValueError(
+                f"z must lie in [{Z_MIN_SUPPORTED}, {self.z_max}]; got "
+                f"{z.min().item():.4g}..{z.max().item():.4g}"
+            )
+        return theta.to(self.dtype), z.to(self.dtype)
+
+    # ---- histories --------------------------------------------------------------------------
+    def _nmf_cumulative(self, t: torch.Tensor) -> torch.Tensor:
+        """Exact integral from 0 to t (Gyr) of each piecewise-linear NMF SFH basis: (..., 4)."""
+        t = t.clamp(self.nmf_t[0], self.nmf_t[-1])
+        idx, _ = _interp_weights(self.nmf_t, t)
+        dt = t - self.nmf_t[idx]
+        b0, b1 = self.nmf_sfh[:, idx], self.nmf_sfh[:, idx + 1]
+        slope = (b1 - b0) / (self.nmf_t[idx + 1] - self.nmf_t[idx])
+        return (self.nmf_cum[:, idx] + b0 * dt + 0.5 * slope * dt**2).movedim(0, -1)
+
+    def _nmf_zh(self, t: torch.Tensor) -> torch.Tensor:
+        """The 2 NMF metallicity bases at lookback time t (Gyr): (..., 2)."""
+        idx, w = _interp_weights(self.nmf_t, t)
+        return (self.nmf_zh[:, idx] * (1 - w) + self.nmf_zh[:, idx + 1] * w).movedim(0, -1)
+
+    def _zweights(self, zmet: torch.Tensor) -> torch.Tensor:
+        """Linear-in-log-Z interpolation weights (..., Z) on the grid (two non-zeros)."""
+        idx, w = _interp_weights(self.log_zgrid, torch.log10(zmet))
+        n = len(self.log_zgrid)
+        lo = F.one_hot(idx, n).to(zmet.dtype)
+        return lo * (1 - w)[..., None] + F.one_hot(idx + 1, n).to(zmet.dtype) * w[..., None]
+
+    def history(self, theta: torch.Tensor, z: torch.Tensor) -> History:
+        """SFH and metallicity history per unit formed mass, for validated inputs."""
+        t_u = age_of_universe_gyr(z).to(self.dtype)
+        lo = self.bin_edges[:-1]
+        hi = torch.maximum(torch.minimum(self.bin_edges[1:][None], t_u[:, None]), lo[None])
+        cum = self._nmf_cumulative(hi) - self._nmf_cumulative(lo)[None]  # (B, nbins, 4)
+        bin_mass = (cum * theta[:, None, 1:5]).sum(-1).clamp_min(0.0)
+        bin_mass = bin_mass / bin_mass.sum(-1, keepdim=True).clamp_min(1e-30)
+
+        t_burst = theta[:, 6]
+        f_burst = theta[:, 5] * (t_burst < t_u).to(theta.dtype)
+        zmin, zmax = 10 ** self.log_zgrid[0], 10 ** self.log_zgrid[-1]
+        gamma = theta[:, 7:9]
+        bin_z = (self._nmf_zh(0.5 * (lo[None] + hi)) * gamma[:, None]).sum(-1).clamp(zmin, zmax)
+        cut_bin = (torch.searchsorted(self.bin_edges, t_u.detach().contiguous()) - 1).clamp(
+            self.first_cut_bin, self.n_bins - 1
+        )
+        return History(
+            bin_mass=bin_mass * (1 - f_burst)[:, None],
+            bin_z=bin_z,
+            bin_hi_gyr=hi,
+            cut_bin=cut_bin,
+            burst_mass=f_burst,
+            burst_age_gyr=t_burst,
+            burst_z=(self._nmf_zh(t_burst) * gamma).sum(-1).clamp(zmin, zmax),
+            t_univ_gyr=t_u,
+        )
+
+    def _dense_weights(self, h: History) -> torch.Tensor:
+        """(B, S, Z) mass per dense segment and metallicity; the cut bin is left to the
+        sparse look-up, so it is zero here."""
+        lo = self.bin_edges[:-1]
+        keep = torch.ones_like(h.bin_mass).scatter_(1, h.cut_bin[:, None], 0.0)
+        s_lo, s_hi = self.seg_edges[:-1], self.seg_edges[1:]
+        # segments inside one bin share its mass in proportion to their duration
+        frac = (s_hi - s_lo) / (self.bin_edges[1:] - lo)[self.seg_bin]
+        mass = (h.bin_mass * keep)[:, self.seg_bin] * frac
+        return mass[..., None] * self._zweights(h.bin_z)[:, self.seg_bin]
+
+    def _sparse_rows(self, h: History) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the sparse tables and their weights, (B, 8): the cut bin's partial integral
+        (2 nodes x 2 Z) and the burst SSP (2 ages x 2 Z, log-age interpolation)."""
+        n_z = len(self.log_zgrid)
+        rows, weights = [], []
+        # cut bin: mass m over [lo, t_U] -> m / (t_U - lo) * P_b(t_U)
+        b = h.cut_bin
+        key = b.to(torch.float64) * 100.0 + h.t_univ_gyr.detach().to(torch.float64)
+        j = torch.searchsorted(self.node_key, key.contiguous(), right=True) - 1
+        j = torch.minimum(torch.maximum(j, self.node_first[b]), self.node_last[b] - 1)
+        t0, t1 = self.node_t[j], self.node_t[j + 1]
+        w_t = ((h.t_univ_gyr - t0) / (t1 - t0)).clamp(0.0, 1.0)
+        lo = self.bin_edges[b]
+        m = h.bin_mass.gather(1, b[:, None])[:, 0] / (h.t_univ_gyr - lo).clamp_min(1e-12)
+        zw_idx, zw = _interp_weights(
+            self.log_zgrid, torch.log10(h.bin_z.gather(1, b[:, None])[:, 0])
+        )
+        for dz, wz in ((0, 1 - zw), (1, zw)):
+            for dj, wt in ((0, 1 - w_t), (1, w_t)):
+                rows.append(self.part_offset + (j + dj) * n_z + zw_idx + dz)
+                weights.append(m * wz * wt)
+        # burst: SSP at t_burst, raw ages skip the age-0 row
+        a_idx, a_w = _interp_weights(self.raw_log_age, torch.log10(h.burst_age_gyr))
+        z_idx, z_w = _interp_weights(self.log_zgrid, torch.log10(h.burst_z))
+        for dz, wz in ((0, 1 - z_w), (1, z_w)):
+            for da, wa in ((0, 1 - a_w), (1, a_w)):
+                rows.append((z_idx + dz) * self.n_ages + a_idx + 1 + da)
+                weights.append(h.burst_mass * wz * wa)
+        return torch.stack(rows, -1), torch.stack(weights, -1)
+
+    # ---- spectra ----------------------------------------------------------------------------
+    def components(
+        self, h: History, mass: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unattenuated young (< 10 Myr) and old (incl. burst) spectra of a history, each
+        (B, L) in L_sun/A, scaled by ``mass`` (B,) M_sun (default: unit formed mass)."""
+        B = h.bin_mass.shape[0]
+        scale = torch.ones_like(h.burst_mass) if mass is None else mass.to(self.dtype)
+        dense = self._dense_weights(h) * scale[:, None, None]
+        lum_young = dense[:, : self.n_young].reshape(B, -1) @ self.seg_lum_young
+        rows, weights = self._sparse_rows(h)
+        sparse = F.embedding_bag(
+            rows, self.sparse_lum, per_sample_weights=weights * scale[:, None], mode="sum"
+        )
+        lum_old = torch.addmm(sparse, dense[:, self.n_young :].reshape(B, -1), self.seg_lum_old)
+        return lum_young, lum_old
+
+    def spectrum_from_history(
+        self, h: History, dust: torch.Tensor, mass: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attenuated rest-frame spectrum (B, L), L_sun/A, of an explicit history.
+
+        ``dust`` (B, 3) holds (tau_BC, tau_ISM, n_dust); ``mass`` (B,) the formed mass in M_sun.
+        Used by ``forward`` and by tests that impose a history (e.g. a constant metallicity).
+        """
+        lum_young, lum_old = self.components(h, mass)
+        t_bc, t_ism = self.dust.transmission(dust[:, 0], dust[:, 1], dust[:, 2])
+        return torch.addcmul(lum_old, lum_young, t_bc) * t_ism
+
+    def forward(self, theta: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Rest-frame L_lambda (B, L) in L_sun/A for parameters theta (B, 12) at redshift z (B,)."""
+        theta, z = self.check_inputs(theta, z)
+        return self.spectrum_from_history(self.history(theta, z), theta[:, 9:12], 10 ** theta[:, 0])
+
+    # ---- derived properties ---------------------------------------------------------------
+    def derived(self, theta: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Derived properties, each (B,):
+
+        ``logmstar_surv``: log10 surviving stellar mass (M_sun); ``sfr_100myr``, ``sfr_1gyr``:
+        mean SFR over the last 100 Myr and 1 Gyr (M_sun/yr); ``z_mw``: formed-mass-weighted
+        metallicity (absolute Z, clipped to the grid as in the spectrum); ``t_mw_gyr``:
+        formed-mass-weighted lookback age (Gyr).
+        """
+        theta, z = self.check_inputs(theta, z)
+        h = self.history(theta, z)
+        mass = 10 ** theta[:, 0]
+        dense = self._dense_weights(h)
+        rows, weights = self._sparse_rows(h)
+        live = (dense * self.seg_live).sum((-1, -2)) + (self.sparse_live[rows] * weights).sum(-1)
+
+        lo = self.bin_edges[:-1]
+
+        def formed_within(t_gyr: float) -> torch.Tensor:
+            inside = (torch.clamp(h.bin_hi_gyr, max=t_gyr) - lo).clamp_min(0.0)
+            frac = inside / (h.bin_hi_gyr - lo).clamp_min(1e-12)
+            burst = (h.burst_age_gyr < t_gyr).to(theta.dtype) * h.burst_mass
+            return (h.bin_mass * frac).sum(-1) + burst
+
+        t_mid = 0.5 * (lo + h.bin_hi_gyr)
+        z_mw = (h.bin_mass * h.bin_z).sum(-1) + h.burst_mass * h.burst_z
+        t_mw = (h.bin_mass * t_mid).sum(-1) + h.burst_mass * h.burst_age_gyr
+        return {
+            "logmstar_surv": torch.log10(mass * live),
+            "sfr_100myr": mass * formed_within(0.1) / 1e8,
+            "sfr_1gyr": mass * formed_within(1.0) / 1e9,
+            "z_mw": z_mw,
+            "t_mw_gyr": t_mw,
+        }
+
+    def sfh(self, theta: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Binned histories for plots: lookback bin edges (Gyr; upper edges cut at t_U(z)),
+        SFR per bin (M_sun/yr, burst excluded), Z per bin, the burst mass (M_sun) and age."""
+        theta, z = self.check_inputs(theta, z)
+        h = self.history(theta, z)
+        mass = 10 ** theta[:, :1]
+        width_yr = (h.bin_hi_gyr - self.bin_edges[:-1]) * 1e9
+        sfr = torch.where(width_yr > 0, mass * h.bin_mass / width_yr.clamp_min(1.0), 0.0)
+        return {
+            "bin_lo_gyr": self.bin_edges[:-1].expand_as(sfr),
+            "bin_hi_gyr": h.bin_hi_gyr,
+            "sfr": sfr,
+            "zmet": h.bin_z,
+            "burst_mass": mass[:, 0] * h.burst_mass,
+            "burst_age_gyr": h.burst_age_gyr,
+        }
+
+
+__all__ = ["SEDModel", "History"]
