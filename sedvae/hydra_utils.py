@@ -1,0 +1,41 @@
+"""Small helpers shared by the Hydra entry points (train.py, evaluate.py, simulate)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def instantiate_collection(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a mapping of configs (callbacks, loggers)."""
+    import hydra
+
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    """The run's output folder (Hydra's run dir unless ``paths.output_dir`` is given)."""
+    path = Path(cfg.paths.output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON through a temporary file and an atomic rename: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, path)
