@@ -1,0 +1,13 @@
+"""Catalog-scale inference: sharded Lightning ``predict`` with an atomic, resumable writer."""
+
+from .module import CatalogModule
+from .shards import ShardDataset, ShardWriter, finished_shards, merge_shards, write_shard
+
+__all__ = [
+    "CatalogModule",
+    "ShardDataset",
+    "ShardWriter",
+    "finished_shards",
+    "merge_shards",
+    "write_shard",
+]
