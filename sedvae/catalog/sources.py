@@ -1,0 +1,140 @@
+"""Survey files as a source of model-ready batches, loaded shard by shard.
+
+``SpectraSource(kind, paths)`` indexes every galaxy of the files (``kind`` in desi, sdss, table;
+``paths`` a file, a glob or a list) without loading their spectra, then ``source(start, stop)``
+reads the galaxies of one shard and returns the batch dict the networks take::
+
+    flux, ivar (n, M) float32 1e-17 erg/s/cm^2/A; mask (n, M) bool (True = bad); z (n,);
+    photometry, photometry_ivar (n, nb) nanomaggies; flags (n,) int (sedvae.io.SpecFlag bits);
+    ids (n,) TARGETID or name; plus ``resolution`` (n, 11, M) for DESI.
+
+A bad galaxy (NaN flux, no valid pixel, redshift outside the supported range, ZWARN) is flagged
+by ``Spectra.validate`` and passed on with its flag, so one bad spectrum never stops a batch.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..io import read_spectra
+
+
+def expand_paths(paths: str | os.PathLike | list) -> list[Path]:
+    """A file, a glob pattern or a list of either -> sorted existing files (clear error if none)."""
+    items = paths if isinstance(paths, list | tuple) else [paths]
+    out: list[Path] = []
+    for item in items:
+        matches = (
+            sorted(glob.glob(str(item))) if any(c in str(item) for c in "*?[") else [str(item)]
+        )
+        if not matches:
+            raise FileNotFoundError(f"no file matches {item}")
+        for m in matches:
+            if not Path(m).is_file():
+                raise FileNotFoundError(f"{m}: no such file")
+            out.append(Path(m))
+    return out
+
+
+def _count_rows(kind: str, path: Path) -> int:
+    from astropy.io import fits
+
+    if kind == "sdss":
+        return 1
+    if kind == "desi":
+        with fits.open(path, memmap=True) as hdul:
+            if "FIBERMAP" not in hdul:
+                from ..io import MissingHDUError
+
+                raise MissingHDUError(f"{path}: HDU FIBERMAP missing")
+            return len(hdul["FIBERMAP"].data)
+    return len(read_spectra("table", path, validate=False).z)
+
+
+class SpectraSource:
+    """Index of the galaxies in survey files; ``__call__(start, stop)`` loads a shard.
+
+    Parameters
+    ----------
+    kind : ``desi``, ``sdss`` or ``table`` (see ``sedvae.io.read_spectra``).
+    paths : file, glob pattern or list of them.
+    z_range : redshifts outside it are flagged (the model's supported range).
+    **reader_kwargs : passed to the reader (e.g. ``redrock=...`` or ``z=...`` for DESI).
+    """
+
+    def __init__(
+        self, kind: str, paths, z_range: tuple[float, float] = (0.01, 0.6), **reader_kwargs
+    ):
+        self.kind = kind
+        self.files = expand_paths(paths)
+        self.z_range = tuple(z_range)
+        self.reader_kwargs = reader_kwargs
+        counts = [_count_rows(kind, p) for p in self.files]
+        self.file_of = np.repeat(np.arange(len(self.files)), counts)
+        self.row_of = np.concatenate([np.arange(c) for c in counts]) if counts else np.zeros(0, int)
+        self._cache: tuple[int, Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.file_of)
+
+    def _read(self, file_index: int):
+        if self._cache is None or self._cache[0] != file_index:
+            path = self.files[file_index]
+            kwargs = dict(self.reader_kwargs)
+            if self.kind == "desi" and kwargs.get("redrock") == "auto":
+                kwargs["redrock"] = _redrock_beside(path)
+            spectra = read_spectra(self.kind, path, z_range=self.z_range, **kwargs)
+            self._cache = (file_index, spectra)
+        return self._cache[1]
+
+    def spectra(self, start: int, stop: int):
+        """The ``sedvae.io.Spectra`` of galaxies [start, stop) (one per file they span)."""
+        parts = []
+        for f in np.unique(self.file_of[start:stop]):
+            rows = self.row_of[start:stop][self.file_of[start:stop] == f]
+            parts.append(self._read(int(f)).select(rows))
+        return parts
+
+    def __call__(self, start: int, stop: int) -> dict[str, Any]:
+        batches = [to_batch(s) for s in self.spectra(start, stop)]
+        return {k: _concat([b[k] for b in batches]) for k in batches[0]}
+
+
+def _redrock_beside(path: Path) -> Path | None:
+    candidate = path.with_name(path.name.replace("coadd-", "redrock-", 1))
+    return candidate if candidate != path and candidate.is_file() else None
+
+
+def _concat(values: list):
+    if isinstance(values[0], torch.Tensor):
+        return torch.cat(values)
+    return np.concatenate(values)
+
+
+def to_batch(spectra) -> dict[str, Any]:
+    """A validated ``Spectra`` -> the batch dict of the networks (see the module docstring)."""
+    t = spectra.to_torch(dtype=torch.float32)
+    n = len(spectra.z)
+    batch = {
+        "flux": t["flux"],
+        "ivar": t["ivar"],
+        "mask": t["mask"].bool(),
+        "z": t["z"],
+        "flags": torch.as_tensor(np.asarray(spectra.flags), dtype=torch.int64),
+        "ids": np.asarray(spectra.ids),
+    }
+    if spectra.photometry is not None:
+        batch["photometry"] = t["photometry"]
+        batch["photometry_ivar"] = t["photometry_ivar"]
+    if spectra.resolution is not None:
+        res = t["resolution"]
+        batch["resolution"] = torch.cat(list(res), -1) if isinstance(res, list) else res
+        if batch["resolution"].shape[0] != n:
+            raise ValueError("resolution rows do not match the galaxies")
+    return batch
