@@ -46,6 +46,13 @@ def test_agrees_with_bagpipes_model_galaxy(sed_model, zmet):
         assert np.percentile(d, 99) <= 2e-2, (name, np.percentile(d, 99))
 
 
+def test_wavelengths_stay_float64_under_dtype_casts(sed_model):
+    wave = sed_model.wave.clone()
+    sed_model.to(torch.float64).to(torch.float32)
+    assert sed_model.wave.dtype == torch.float64 and torch.equal(sed_model.wave, wave)
+    assert sed_model.seg_lum_old.dtype == torch.float32
+
+
 def test_binned_sfh_integrates_to_formed_mass(sed_model64):
     prior = PROVABGSPrior()
     theta = prior.sample(64, torch.Generator().manual_seed(1), dtype=torch.float64)

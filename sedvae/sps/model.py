@@ -203,6 +203,19 @@ class SEDModel(torch.nn.Module):
             ),
         )
 
+    # wavelengths stay float64 whatever dtype the model is cast to (float32 would round 0.5 A
+    # pixels at 10^4 A and break flux-conserving resampling)
+    _FLOAT64_BUFFERS = ("wave", "wave_air", "line_wavelengths")
+
+    def _apply(self, fn, recurse=True):
+        keep = {
+            k: v for k, v in self._buffers.items() if k in self._FLOAT64_BUFFERS and v is not None
+        }
+        super()._apply(fn, recurse)
+        for k, v in keep.items():
+            self._buffers[k] = v.to(device=self._buffers[k].device)
+        return self
+
     # ---- inputs ---------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
