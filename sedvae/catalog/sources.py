@@ -1,7 +1,7 @@
 """Survey files as a source of model-ready batches, loaded shard by shard.
 
-``SpectraSource(kind, paths)`` indexes every galaxy of the files (``kind`` in desi, sdss, table;
-``paths`` a file, a glob or a list) without loading their spectra, then ``source(start, stop)``
+``SpectraSource(kind, path)`` indexes every galaxy of the files (``kind`` in desi, sdss, table;
+``path`` a file, a glob or a list) without loading their spectra, then ``source(start, stop)``
 reads the galaxies of one shard and returns the batch dict the networks take::
 
     flux, ivar (n, M) float32 1e-17 erg/s/cm^2/A; mask (n, M) bool (True = bad); z (n,);
@@ -63,16 +63,16 @@ class SpectraSource:
     Parameters
     ----------
     kind : ``desi``, ``sdss`` or ``table`` (see ``sedvae.io.read_spectra``).
-    paths : file, glob pattern or list of them.
+    path : file, glob pattern or list of them.
     z_range : redshifts outside it are flagged (the model's supported range).
     **reader_kwargs : passed to the reader (e.g. ``redrock=...`` or ``z=...`` for DESI).
     """
 
     def __init__(
-        self, kind: str, paths, z_range: tuple[float, float] = (0.01, 0.6), **reader_kwargs
+        self, kind: str, path, z_range: tuple[float, float] = (0.01, 0.6), **reader_kwargs
     ):
         self.kind = kind
-        self.files = expand_paths(paths)
+        self.files = expand_paths(path)
         self.z_range = tuple(z_range)
         self.reader_kwargs = reader_kwargs
         counts = [_count_rows(kind, p) for p in self.files]
@@ -138,3 +138,32 @@ def to_batch(spectra) -> dict[str, Any]:
         if batch["resolution"].shape[0] != n:
             raise ValueError("resolution rows do not match the galaxies")
     return batch
+
+
+class MockSource:
+    """Mock DESI BGS galaxies (``sedvae.data.mocks.write_mocks`` files) as a catalog source, with
+    noise fixed by ``noise_seed`` and the truth (``theta``) in every batch, for coverage and
+    recovery plots. A missing file is written first (``n`` galaxies from ``seed``)."""
+
+    kind = "mock"
+
+    def __init__(self, path, n: int = 256, seed: int = 3, noise_seed: int = 0):
+        from ..data.mocks import MockDataset, desi_noise_model, write_mocks
+
+        path = Path(path)
+        if not path.is_file():
+            write_mocks(path, n=n, seed=seed)
+        self.dataset = MockDataset(
+            path, desi_noise_model(), fixed_noise_seed=noise_seed, truth=True
+        )
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __call__(self, start: int, stop: int) -> dict[str, Any]:
+        items = [self.dataset[i] for i in range(start, stop)]
+        batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        batch["mask"] = batch["mask"].bool()
+        batch["flags"] = torch.zeros(stop - start, dtype=torch.int64)
+        batch["ids"] = np.arange(start, stop)
+        return batch

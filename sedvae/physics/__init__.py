@@ -2,8 +2,10 @@
 
 rest-frame L_lambda --redshift_spectrum--> f_lambda --instrument (resample, LSF)--> pixels
                                                     \\--Photometry--> nanomaggies
+pixels --SmoothCalibration (optional nuisance)--> model; mocks: --SpectralNoiseModel--> data
 """
 
+from sedvae.physics.calibration import SmoothCalibration, milky_way_transmission
 from sedvae.physics.instruments import DESIInstrument, GenericInstrument, SDSSInstrument
 from sedvae.physics.lsf import (
     GaussianLSF,
@@ -11,6 +13,7 @@ from sedvae.physics.lsf import (
     apply_resolution,
     gaussian_resolution_diagonals,
 )
+from sedvae.physics.noise import SpectralNoiseModel
 from sedvae.physics.photometry import LS_NORTH, LS_SOUTH, Photometry
 from sedvae.physics.redshift import redshift_spectrum, redshift_wavelength
 from sedvae.physics.resample import integrate_bins, pixel_edges, resample
@@ -24,9 +27,12 @@ __all__ = [
     "Photometry",
     "ResolutionMatrix",
     "SDSSInstrument",
+    "SmoothCalibration",
+    "SpectralNoiseModel",
     "apply_resolution",
     "gaussian_resolution_diagonals",
     "integrate_bins",
+    "milky_way_transmission",
     "pixel_edges",
     "redshift_spectrum",
     "redshift_wavelength",

@@ -1,0 +1,221 @@
+"""Calibration, recovery and speed of the SBI head on held-out mock DESI BGS spectra.
+
+    python bench/posterior.py [--checkpoint data/posterior/posterior.pt] [--n-samples 1000]
+                              [--figures outputs/bench_posterior]
+
+Held-out set: the test file of ``experiment=posterior``'s data module
+(``cache/mocks/mocks_test_n2000_seed13.h5``: prior draws never used in training, nebular
+emission, the DESI instrument, BGS-like noise with the data module's fixed test-noise seed).
+It is written on first use (~1 min) when missing.
+
+- Calibration: TARP expected coverage in the standardised unconstrained space (references:
+  prior draws; ``tarp_max_dev`` = max |ECP - alpha| over 101 levels; the same with sbi's
+  ``_run_tarp`` as a cross-check); SBC ranks of the 12 physical parameters with a KS test each.
+  With 12 tests, min p < 0.01 happens by chance 11 % of the time for a calibrated posterior, so
+  ``sbc_min_ks_p_bonferroni`` (12 x min p) is also given.
+- Recovery: posterior medians against the truth, in dex: logM* (formed mass), surviving mass,
+  SFR over 100 Myr (star-forming galaxies, true sSFR > 1e-11/yr) and Z_MW.
+- Speed: wall time of ``Posterior.sample(batch, 1000)`` for a batch of 1000 galaxies (one
+  thread, everything included: rest-frame binning, embedding, flow, mapping to physical
+  units), per galaxy; derived properties timed separately; with ``--compile`` also the
+  ``torch.compile``d sampler. The load average is recorded: on a shared machine the same
+  code is several times slower.
+
+Last line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sedvae.posterior import load_posterior
+from sedvae.posterior.diagnostics import (
+    recovery,
+    sbc_ks_pvalues,
+    sbc_ranks,
+    tarp_coverage,
+    tarp_max_deviation,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_batch(cache: Path, n_test: int, seed: int) -> dict[str, torch.Tensor]:
+    """The data module's held-out test set with its fixed noise, as one batch."""
+    from sedvae.data import MockDataModule, MockDataset, desi_noise_model, write_mocks
+
+    dm = MockDataModule(cache_dir=str(cache), n_test=n_test, seed=seed)
+    path = dm.path("test")
+    if not path.exists():
+        write_mocks(path, n_test, seed + 2, dm.generator)
+    # the data module's test noise: same model (conf/data/mocks.yaml = the defaults), same seed
+    ds = MockDataset(path, desi_noise_model(), fixed_noise_seed=seed + 102, truth=True)
+    items = [ds[i] for i in range(len(ds))]
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", default=str(REPO / "data/posterior/posterior.pt"))
+    parser.add_argument("--cache", default=str(REPO / "cache/mocks"))
+    parser.add_argument("--n-test", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=11, help="the data module's base seed")
+    parser.add_argument("--n-samples", type=int, default=1000)
+    parser.add_argument("--speed-galaxies", type=int, default=1000)
+    parser.add_argument("--figures", default=str(REPO / "outputs/bench_posterior"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="also time the compiled sampler")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+
+    post = load_posterior(args.checkpoint)
+    batch = test_batch(Path(args.cache), args.n_test, args.seed)
+    n_gal = batch["z"].shape[0]
+    result: dict = {"n_test": n_gal, "n_samples": args.n_samples}
+
+    # ---- speed ----------------------------------------------------------------------------
+    m = min(args.speed_galaxies, n_gal)
+    sub = {k: v[:m] for k, v in batch.items()}
+    post.sample({k: v[:4] for k, v in batch.items()}, 10, gen)  # warm-up
+    t0 = time.perf_counter()
+    theta_speed = post.sample(sub, args.n_samples, gen)
+    t_sample = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    post.derived(theta_speed, sub["z"])
+    t_derived = time.perf_counter() - t0
+    result["ms_per_galaxy"] = 1e3 * t_sample / m
+    if args.compile:
+        from sedvae.posterior import Posterior
+
+        fast = Posterior(post.net, compile=True)
+        t0 = time.perf_counter()
+        fast.sample({k: v[:4] for k, v in batch.items()}, args.n_samples, gen)  # compiles
+        result["compile_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fast.sample(sub, args.n_samples, gen)
+        result["ms_per_galaxy_compiled"] = 1e3 * (time.perf_counter() - t0) / m
+    result["ms_per_galaxy_derived"] = 1e3 * t_derived / m
+    result["load_average"] = os.getloadavg()[0]
+    result["speed_batch"] = m
+    result["speedup_vs_0.2s"] = 200.0 / result["ms_per_galaxy"]
+    print(
+        f"sampling: {result['ms_per_galaxy']:.2f} ms/galaxy ({m} galaxies x {args.n_samples} "
+        f"samples); derived: {result['ms_per_galaxy_derived']:.2f} ms/galaxy"
+    )
+    del theta_speed
+
+    # ---- calibration ----------------------------------------------------------------------
+    res = post.sample(batch, args.n_samples, gen, return_flags=True)
+    theta, flags = res.samples, res.flags
+    ok = flags == 0
+    result["n_flagged"] = int((~ok).sum())
+    truth = batch["theta"].double()
+    prior = post.prior
+    loc, scale = post.net.flow.u_loc.double(), post.net.flow.u_scale.double()
+
+    def standard_u(th: torch.Tensor) -> torch.Tensor:
+        shape = th.shape[:-1]
+        u = prior.to_unconstrained(th.reshape(-1, th.shape[-1]).double())
+        return ((u - loc) / scale).reshape(*shape, -1)
+
+    u_samples = standard_u(theta[:, ok])
+    u_truth = standard_u(truth[ok])
+    refs = standard_u(prior.sample(int(ok.sum()), torch.Generator().manual_seed(1)))
+    ecp, alpha, _ = tarp_coverage(u_samples, u_truth, refs)
+    result["tarp_max_dev"] = tarp_max_deviation(ecp, alpha)
+    try:  # cross-check against sbi's implementation (private in sbi 0.27)
+        from sbi.diagnostics.tarp import _run_tarp
+
+        ecp_sbi, alpha_sbi = _run_tarp(u_samples.float(), u_truth.float(), refs.float(),
+                                       num_bins=100)  # fmt: skip
+        result["tarp_max_dev_sbi"] = float((ecp_sbi - alpha_sbi).abs().max())
+    except ImportError:
+        pass
+    ranks = sbc_ranks(theta[:, ok].double(), truth[ok])
+    pvals = sbc_ks_pvalues(ranks, args.n_samples)
+    result["sbc_ks_p"] = {n: round(float(p), 4) for n, p in zip(post.names, pvals, strict=True)}
+    result["sbc_min_ks_p"] = float(pvals.min())
+    result["sbc_min_ks_p_bonferroni"] = float(min(1.0, len(pvals) * pvals.min()))
+
+    # ---- recovery -------------------------------------------------------------------------
+    z = batch["z"]
+    d_true = post.derived(truth.float()[None], z)
+    d_post = post.derived(theta, z)
+    med = {k: v.nanmedian(0).values for k, v in d_post.items()}
+    theta_med = theta.nanmedian(0).values
+    rec = {"logmstar": recovery(theta_med[ok, 0], truth[ok, 0].float())}
+    rec["logmstar_surv"] = recovery(med["logmstar_surv"][ok], d_true["logmstar_surv"][0, ok])
+    sf = ok & (d_true["sfr_100myr"][0] / 10 ** d_true["logmstar_surv"][0] > 1e-11)
+    rec["log_sfr100_sf"] = recovery(
+        torch.log10(d_post["sfr_100myr"].clamp_min(1e-6)).nanmedian(0).values[sf],
+        torch.log10(d_true["sfr_100myr"][0, sf]),
+    )
+    rec["log_zmw"] = recovery(torch.log10(med["z_mw"][ok]), torch.log10(d_true["z_mw"][0, ok]))
+
+    # posterior widths (half the 16-84 % range, median over galaxies): a calibrated posterior's
+    # median-vs-truth scatter cannot be much below its own width
+    def width(x: torch.Tensor) -> float:
+        q = torch.nanquantile(x, torch.tensor([0.16, 0.84], dtype=x.dtype), dim=0)
+        return float((0.5 * (q[1] - q[0])).nanmedian())
+
+    widths = {
+        "logmstar": width(theta[:, ok, 0].double()),
+        "logmstar_surv": width(d_post["logmstar_surv"][:, ok].double()),
+        "log_sfr100_sf": width(torch.log10(d_post["sfr_100myr"][:, sf].clamp_min(1e-6)).double()),
+        "log_zmw": width(torch.log10(d_post["z_mw"][:, ok]).double()),
+    }
+    for key, r in rec.items():
+        result[f"{key}_post_sigma"] = widths[key]
+        result[f"{key}_bias"] = r["bias"]
+        result[f"{key}_scatter"] = r["scatter"]
+        result[f"{key}_nmad"] = r["nmad"]
+    result["n_star_forming"] = int(sf.sum())
+
+    # ---- figures --------------------------------------------------------------------------
+    if args.figures:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from sedvae.plotting.posterior import (
+            plot_corner,
+            plot_sbc_ranks,
+            plot_sfh_bands,
+            plot_tarp,
+        )
+
+        out = Path(args.figures)
+        out.mkdir(parents=True, exist_ok=True)
+        fig, _ = plot_corner(theta[:, 0], truth[0])
+        fig.savefig(out / "corner_galaxy0.png", dpi=80)
+        bands = post.sfh_bands(theta[:, :1], z[:1])
+        true_bands = post.sfh_bands(truth[:1].float()[None], z[:1], quantiles=(0.5,))
+        fig2, _ = plot_sfh_bands(bands, 0, {"sfr": true_bands["sfr"][0, 0],
+                                            "zmet": true_bands["zmet"][0, 0]})  # fmt: skip
+        fig2.savefig(out / "sfh_galaxy0.png", dpi=80)
+        fig3, _ = plot_tarp(ecp, alpha)
+        fig3.savefig(out / "tarp.png", dpi=80)
+        fig4, _ = plot_sbc_ranks(ranks, args.n_samples, post.names, pvalues=pvals)
+        fig4.savefig(out / "sbc_ranks.png", dpi=80)
+        for f in (fig, fig2, fig3, fig4):
+            plt.close(f)
+        np.savez(out / "tarp.npz", ecp=ecp.numpy(), alpha=alpha.numpy())
+        result["figures"] = str(out)
+
+    for key, value in result.items():
+        if isinstance(value, float):
+            result[key] = round(value, 4)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""``evaluation=catalog``: survey files -> posterior catalog, with Lightning predict.
+
+Writes into ``output_dir``: ``shards/`` (one FITS table per finished shard, the resume state),
+``catalog.fits`` (one row per galaxy), optionally ``samples.h5`` (posterior samples), and
+``plots/`` (posterior corner plots and SFH bands for the first galaxies). Returns the metrics
+that ``evaluate.py`` writes to ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from astropy.table import Table
+from torch.utils.data import DataLoader
+
+from .module import CatalogModule
+from .shards import ShardDataset, ShardWriter, finished_shards, merge_shards
+
+log = logging.getLogger(__name__)
+
+
+def run_catalog(
+    source,
+    fitter: torch.nn.Module,
+    output_dir: str | os.PathLike,
+    shard_size: int = 64,
+    accelerator: str = "cpu",
+    devices: int | str = 1,
+    strategy: str = "auto",
+    num_nodes: int = 1,
+    write_samples: bool = False,
+    n_plots: int = 3,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the fitter over every galaxy of ``source`` and write the catalog (module docstring).
+
+    Parameters
+    ----------
+    source : callable(start, stop) -> batch dict, with ``len()`` (e.g. ``SpectraSource``).
+    fitter : module returning per-galaxy columns (e.g. ``PosteriorFitter``).
+    shard_size : galaxies per shard (inference batch and resume unit).
+    accelerator, devices, strategy, num_nodes : Lightning's; ``strategy=ddp devices=N`` (or a
+        Hydra launcher, e.g. SLURM) spreads the shards over processes, GPUs and nodes.
+    write_samples : also keep the posterior samples in ``samples.h5``.
+    """
+    out = Path(output_dir)
+    shard_dir = out / "shards"
+    if write_samples:
+        fitter.keep_samples = True
+    done = finished_shards(shard_dir)
+    dataset = ShardDataset(len(source), source, shard_size, skip=done)
+    if done:
+        log.info("resuming: %d of %d shards already written", len(done), dataset.n_shards)
+    t0 = time.perf_counter()
+    if len(dataset):
+        trainer = pl.Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            strategy=strategy,
+            num_nodes=num_nodes,
+            logger=False,
+            enable_progress_bar=progress,
+            inference_mode=False,  # the autoencoder's refinement needs autograd; no_grad elsewhere
+            callbacks=[ShardWriter(shard_dir)],
+        )
+        loader = DataLoader(dataset, batch_size=None, shuffle=False)
+        trainer.predict(CatalogModule(fitter), loader, return_predictions=False)
+        if trainer.global_rank != 0:
+            return {}
+    elapsed = time.perf_counter() - t0
+    table = merge_shards(shard_dir, dataset.n_shards, out / ".catalog_with_samples.fits")
+    os.remove(out / ".catalog_with_samples.fits")
+    if "samples" in table.colnames:
+        _write_samples(out / "samples.h5", table)
+        table.remove_column("samples")
+    _write_catalog(out / "catalog.fits", table, source)
+    metrics = _metrics(table, len(dataset) * shard_size, elapsed)
+    if n_plots:
+        _plots(out / "plots", source, fitter, table, n_plots)
+    return metrics
+
+
+def _write_catalog(path: Path, table: Table, source) -> None:
+    table = table.copy()
+    if "ids" in table.colnames:
+        table.rename_column("ids", "TARGETID" if getattr(source, "kind", "") == "desi" else "ID")
+    table.meta["NSAMPLE"] = "posterior percentiles p16/p50/p84 from the sedvae SBI head"
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    table.write(tmp, format="fits", overwrite=True)
+    os.replace(tmp, path)
+
+
+def _write_samples(path: Path, table: Table) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("samples", data=np.asarray(table["samples"], dtype=np.float32))
+        f.create_dataset("index", data=np.asarray(table["index"]))
+        f.attrs["layout"] = "samples (galaxy, draw, 12) in sedvae.sps.PARAM_NAMES order"
+    os.replace(tmp, path)
+
+
+def _metrics(table: Table, n_run: int, elapsed: float) -> dict[str, Any]:
+    flags = np.asarray(table["flags"])
+    rchi2 = (
+        np.asarray(table["rchi2"], dtype=float) if "rchi2" in table.colnames else np.array([np.nan])
+    )
+    good = np.isfinite(np.asarray(table["logmstar_p50"], dtype=float))
+    return {
+        "n_galaxies": len(table),
+        "n_flagged": int((flags != 0).sum()),
+        "n_without_posterior": int((~good).sum()),
+        "median_rchi2": float(np.nanmedian(rchi2)) if np.isfinite(rchi2).any() else None,
+        "median_logmstar": float(np.nanmedian(np.asarray(table["logmstar_p50"], float)[good]))
+        if good.any()
+        else None,
+        "inference_seconds": round(elapsed, 3),
+        "galaxies_per_s_this_run": round(n_run / elapsed, 3) if elapsed > 0 and n_run else None,
+    }
+
+
+def _plots(folder: Path, source, fitter, table: Table, n_plots: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..plotting.posterior import plot_corner, plot_sfh_bands
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n = min(n_plots, len(source))
+    batch = source(0, n)
+    posterior = fitter.posterior
+    gen = torch.Generator().manual_seed(0)
+    samples, flags = posterior.sample(batch, fitter.n_samples, gen, return_flags=True)
+    bands = posterior.sfh_bands(samples, batch["z"])
+    ids = table["ids"] if "ids" in table.colnames else np.arange(n)
+    recon = None
+    if getattr(fitter, "autoencoder", None) is not None:
+        from ..plotting.reconstruction import plot_reconstruction
+
+        recon = plot_reconstruction
+    for i in range(n):
+        if recon is not None and not int(flags[i]) & 2:
+            fig, _ = recon(fitter.autoencoder, batch, index=i)
+            fig.savefig(folder / f"reconstruction_{ids[i]}.png", dpi=90)
+            plt.close(fig)
+        if not torch.isfinite(samples[:, i]).all():
+            continue
+        truth = batch["theta"][i] if "theta" in batch else None
+        fig, _ = plot_corner(samples[:, i], truth=truth)
+        fig.savefig(folder / f"corner_{ids[i]}.png", dpi=90)
+        plt.close(fig)
+        fig, _ = plot_sfh_bands(bands, index=i)
+        fig.savefig(folder / f"sfh_{ids[i]}.png", dpi=90)
+        plt.close(fig)

@@ -1,0 +1,5 @@
+"""Thin LightningModules: optimisation and logging around the nets' own ``loss``."""
+
+from .autoencoder import AutoencoderModule
+
+__all__ = ["AutoencoderModule"]

@@ -1,0 +1,112 @@
+"""Autoencoder reconstruction figures: observed frame (data, model, stellar continuum, residual
+component, normalised residuals) and the rest-frame model at the decoder's full resolution."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _runs(mask: np.ndarray) -> np.ndarray:
+    """Float copy with NaN where masked, so lines break across gaps."""
+    return np.where(mask, np.nan, 1.0)
+
+
+@torch.no_grad()
+def plot_reconstruction(net, batch: dict, index: int = 0, output: dict | None = None,
+                        smooth: int = 5, zooms=((4800.0, 5050.0), (6500.0, 6780.0))):  # fmt: skip
+    """Reconstruction of galaxy ``index`` of a batch.
+
+    Parameters
+    ----------
+    net : sedvae.nets.SpectrumAutoencoder
+    batch : dict
+        A batch as for ``net.loss`` (flux, ivar, mask, z, ...).
+    index : int
+    output : dict, optional
+        ``net(batch, components=True)`` if already computed.
+    smooth : int
+        Boxcar (pixels) applied to the displayed data only (the model is shown as is).
+    zooms : sequence of (float, float)
+        Rest-frame windows (Angstrom) shown at full resolution (default H-beta/[O III], H-alpha).
+
+    Returns
+    -------
+    fig, axes
+        axes[0]: observed frame; axes[1]: (data - model) / sigma; axes[2]: rest frame;
+        axes[3:]: rest-frame zooms.
+    """
+    import matplotlib.pyplot as plt
+
+    if output is None:
+        output = net(batch, components=True)
+    b, model, latents = output["batch"], output["model"], output["latents"]
+    i = index
+    wave = net.decoder.instrument.wave.cpu().numpy()
+    arm = getattr(net.decoder.instrument, "arm", torch.zeros(len(wave), dtype=torch.long))
+    arm = arm.cpu().numpy()
+    flux = b["flux"][i].cpu().numpy()
+    ivar = b["ivar"][i].cpu().numpy()
+    bad = b["mask"][i].cpu().numpy() | ~model["coverage"][i].cpu().numpy()
+    mflux = model["flux"][i].cpu().numpy()
+    cont = model.get("flux_continuum", model["flux"])[i].cpu().numpy()
+    z = float(b["z"][i])
+    resid = (flux - mflux) * np.sqrt(ivar)
+    chi2 = float(np.sum(resid[~bad] ** 2) / max(1, np.sum(~bad)))
+
+    n_zoom = len(zooms)
+    fig = plt.figure(figsize=(12, 9.5), layout="constrained")
+    gs = fig.add_gridspec(4, max(1, n_zoom), height_ratios=[3, 1, 2.5, 2])
+    axes = [fig.add_subplot(gs[0, :])]
+    axes.append(fig.add_subplot(gs[1, :], sharex=axes[0]))
+    axes.append(fig.add_subplot(gs[2, :]))
+    axes += [fig.add_subplot(gs[3, k]) for k in range(n_zoom)]
+
+    kernel = np.ones(smooth) / smooth
+    for a in np.unique(arm):
+        sel = arm == a
+        gap = _runs(bad[sel])
+        shown = np.convolve(flux[sel], kernel, mode="same") if smooth > 1 else flux[sel]
+        axes[0].plot(wave[sel], shown * gap, color="0.6", lw=0.6, label="data" if a == 0 else None)
+        axes[0].plot(wave[sel], mflux[sel], color="C3", lw=0.8, label="model" if a == 0 else None)
+        axes[0].plot(wave[sel], cont[sel], color="C0", lw=0.8,
+                     label="stellar continuum (SPS)" if a == 0 else None)  # fmt: skip
+        axes[0].plot(wave[sel], mflux[sel] - cont[sel], color="C2", lw=0.8,
+                     label="residual component" if a == 0 else None)  # fmt: skip
+        axes[1].plot(wave[sel], resid[sel] * gap, color="k", lw=0.4)
+    lo, hi = np.nanpercentile(np.where(bad, np.nan, flux), [0.5, 99.5])
+    axes[0].set_ylim(min(lo, 0) - 0.1 * (hi - lo), hi + 0.25 * (hi - lo))
+    axes[0].set_ylabel(r"$f_\lambda$ [$10^{-17}$ erg s$^{-1}$ cm$^{-2}$ $\AA^{-1}$]")
+    theta = latents["theta"][i]
+    axes[0].set_title(
+        f"z = {z:.4f}   reduced $\\chi^2$ = {chi2:.3f}   log M* = {float(theta[0]):.2f}   "
+        f"$\\sigma_*$ = {float(latents['sigma_star'][i]):.0f} km/s"
+    )
+    axes[0].legend(loc="upper right", fontsize=8, ncol=4)
+    axes[1].axhline(0, color="C3", lw=0.8)
+    axes[1].set_ylim(-5, 5)
+    axes[1].set_ylabel(r"$\Delta/\sigma$")
+    axes[1].set_xlabel(r"observed wavelength [$\AA$]")
+
+    rest = model["rest"]
+    grid = net.decoder.grid.wave.cpu().numpy()
+    n = net.decoder.grid.n_fine
+    seen = (grid[:n] * (1 + z) >= wave.min()) & (grid[:n] * (1 + z) <= wave.max())
+    comps = {
+        "total": ("C3", rest["total"][i]),
+        "stellar continuum": ("C0", rest["continuum"][i]),
+        "lines": ("C2", rest["lines"][i]),
+        "smooth residual": ("C1", rest["smooth"][i] + rest["free"][i]),
+    }
+    for label, (color, y) in comps.items():
+        axes[2].plot(grid[:n][seen], y[:n].cpu().numpy()[seen], color=color, lw=0.6, label=label)
+    axes[2].set_ylabel(r"$L_\lambda$ [$L_\odot\,\AA^{-1}$]")
+    axes[2].set_xlabel(r"rest-frame wavelength [$\AA$] (decoder grid)")
+    axes[2].legend(loc="upper right", fontsize=8, ncol=4)
+    for ax, (w0, w1) in zip(axes[3:], zooms, strict=True):
+        sel = (grid[:n] >= w0) & (grid[:n] <= w1)
+        for _label, (color, y) in comps.items():
+            ax.plot(grid[:n][sel], y[:n].cpu().numpy()[sel], color=color, lw=0.8)
+        ax.set_xlim(w0, w1)
+        ax.set_xlabel(r"rest $\lambda$ [$\AA$]")
+    return fig, axes

@@ -1,0 +1,38 @@
+"""SBI head: amortised neural posterior estimation of the PROVABGS parameters.
+
+``SpectrumEmbedding`` (summary of spectrum, ivar, mask, z, photometry) -> ``PosteriorFlow``
+(zuko coupling flow over the unconstrained R^11) = ``NeuralPosterior`` (owns the NPE loss);
+``Posterior`` is the user API (samples in physical units, flags, derived properties, history
+bands); ``diagnostics`` has TARP, SBC and recovery statistics.
+"""
+
+from .api import FATAL, Posterior, PosteriorFlag, PosteriorSamples, load_posterior
+from .checkpoint import (
+    ExportPosterior,
+    PosteriorCheckpointError,
+    export_posterior,
+    load_posterior_net,
+    save_posterior,
+)
+from .embedding import AutoencoderEmbedding, ConvTrunk, MLPTrunk, SpectrumEmbedding
+from .flow import PosteriorFlow
+from .model import NeuralPosterior
+
+__all__ = [
+    "FATAL",
+    "AutoencoderEmbedding",
+    "ConvTrunk",
+    "ExportPosterior",
+    "MLPTrunk",
+    "NeuralPosterior",
+    "Posterior",
+    "PosteriorCheckpointError",
+    "PosteriorFlag",
+    "PosteriorFlow",
+    "PosteriorSamples",
+    "SpectrumEmbedding",
+    "export_posterior",
+    "load_posterior",
+    "load_posterior_net",
+    "save_posterior",
+]

@@ -1,0 +1,436 @@
+"""SBI head: flow accuracy on a toy with a known posterior, support, shapes, bad inputs,
+checkpoints, diagnostics and plots."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sedvae.posterior import (
+    MLPTrunk,
+    NeuralPosterior,
+    Posterior,
+    PosteriorCheckpointError,
+    PosteriorFlag,
+    PosteriorFlow,
+    SpectrumEmbedding,
+    load_posterior,
+    save_posterior,
+)
+from sedvae.posterior.diagnostics import (
+    recovery,
+    sbc_ks_pvalues,
+    sbc_ranks,
+    tarp_coverage,
+    tarp_max_deviation,
+)
+from sedvae.sps.provabgs import check_support
+
+N_BINS = 64
+
+
+def arm_waves(npix_per_arm: int = 150) -> list[list[float]]:
+    """Three overlapping arms like DESI's, with few (coarse) pixels: fast."""
+    return [
+        np.linspace(lo, hi, npix_per_arm).tolist()
+        for lo, hi in ((3600, 5930), (5660, 7720), (7520, 9824))
+    ]
+
+
+def fake_instrument(npix_per_arm: int = 150):
+    from sedvae.physics import DESIInstrument
+
+    return DESIInstrument(waves=arm_waves(npix_per_arm))
+
+
+def net_config(npix_per_arm: int = 150, hidden=(32,)) -> dict:
+    """A Hydra config of a tiny NeuralPosterior on the fake instrument."""
+    return {
+        "_target_": "sedvae.posterior.NeuralPosterior",
+        "embedding": {
+            "_target_": "sedvae.posterior.SpectrumEmbedding",
+            "instrument": {
+                "_target_": "sedvae.physics.DESIInstrument",
+                "waves": arm_waves(npix_per_arm),
+            },  # fmt: skip
+            "n_bins": N_BINS,
+            "head": [32],
+            "n_out": 16,
+            "trunk": {
+                "_target_": "sedvae.posterior.MLPTrunk",
+                "n_bins": N_BINS,
+                "hidden": [32],
+                "n_out": 32,
+            },  # fmt: skip
+        },
+        "flow": {
+            "_target_": "sedvae.posterior.PosteriorFlow",
+            "context": 16,
+            "transforms": 3,
+            "hidden": list(hidden),
+            "bins": 4,
+        },  # fmt: skip
+    }
+
+
+def tiny_net(bins: int | None = 4) -> NeuralPosterior:
+    inst = fake_instrument()
+    emb = SpectrumEmbedding(inst, MLPTrunk(N_BINS, (32,), 32), n_bins=N_BINS, head=(32,), n_out=16)
+    return NeuralPosterior(emb, PosteriorFlow(16, transforms=3, hidden=(32,), bins=bins))
+
+
+def fake_batch(b: int = 5, npix: int = 450, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    wave = fake_instrument().wave.float()
+    flux = (1 + 0.2 * torch.sin(wave / 300))[None] * (1 + torch.rand(b, 1, generator=g))
+    return {
+        "flux": flux + 0.05 * torch.randn(b, npix, generator=g),
+        "ivar": torch.full((b, npix), 400.0),
+        "mask": torch.zeros(b, npix, dtype=torch.bool),
+        "z": 0.05 + 0.4 * torch.rand(b, generator=g),
+        "photometry": 10 + torch.rand(b, 5, generator=g),
+        "photometry_ivar": torch.full((b, 5), 100.0),
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One thread: the test machine's cores are shared (and tiny ops gain nothing)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def posterior() -> Posterior:
+    return Posterior(tiny_net())
+
+
+# ---- the flow recovers an analytically known posterior ---------------------------------------
+def test_flow_recovers_truncated_gaussian_posterior():
+    """theta ~ U(0, 1)^2, x = theta + N(0, 0.1^2): the posterior is a product of normals
+    N(x, 0.1^2) truncated to [0, 1]. The flow models u = logit(theta), so every sample is in
+    the support; its moments must match the truncated normal's, also near an edge."""
+    from scipy.stats import truncnorm
+
+    sigma = 0.1
+    steps = 600
+    flow = PosteriorFlow(context=2, transforms=4, hidden=(32, 32), bins=4, features=2)
+    opt = torch.optim.Adam(flow.parameters(), lr=5e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
+        theta = torch.rand(256, 2).clamp(1e-6, 1 - 1e-6)
+        x = theta + sigma * torch.randn(256, 2)
+        u = torch.log(theta) - torch.log1p(-theta)
+        loss = -flow.log_prob(u, x).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    x_obs = torch.tensor([[0.5, 0.3], [0.04, 0.97]])
+    with torch.no_grad():
+        theta_s = torch.sigmoid(flow.sample(x_obs, 20000, torch.Generator().manual_seed(1)))
+    assert ((theta_s > 0) & (theta_s < 1)).all()
+    for i in range(2):
+        for d in range(2):
+            loc = float(x_obs[i, d])
+            a, b = (0 - loc) / sigma, (1 - loc) / sigma
+            mean, var = truncnorm.stats(a, b, loc=loc, scale=sigma, moments="mv")
+            assert abs(float(theta_s[:, i, d].mean()) - mean) < 0.015
+            assert abs(float(theta_s[:, i, d].std()) - math.sqrt(var)) < 0.015
+
+
+def test_context_coupling_matches_zuko():
+    """The per-galaxy context split gives zuko's own coupling transform, to round-off."""
+    from zuko.flows.coupling import GeneralCouplingTransform
+
+    flow = PosteriorFlow(context=5, transforms=2, hidden=(16,), bins=4)
+    c, x = torch.randn(4, 5), torch.randn(3, 4, 11)
+    for layer in flow.flow.transform.transforms:
+        ours, ref = layer(c)(x), GeneralCouplingTransform.forward(layer, c)(x)
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_spline_matches_zuko():
+    from zuko.transforms import MonotonicRQSTransform
+
+    from sedvae.posterior.flow import FastRQSTransform
+
+    w, h, d = 3 * torch.randn(10, 8), 3 * torch.randn(10, 8), torch.randn(10, 7)
+    x = 4 * torch.randn(10)
+    ours, ref = FastRQSTransform(w, h, d), MonotonicRQSTransform(w, h, d)
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.inv(ref(x)), x, atol=1e-4, rtol=1e-4)
+
+
+# ---- support and shapes ------------------------------------------------------------------------
+def test_samples_in_prior_support_and_shapes(posterior):
+    batch = fake_batch(5)
+    theta = posterior.sample(batch, 200, torch.Generator().manual_seed(0))
+    assert theta.shape == (200, 5, 12)
+    assert torch.isfinite(theta).all()
+    check_support(theta.reshape(-1, 12))  # raises if any sample leaves the support
+    torch.testing.assert_close(theta[..., 1:5].sum(-1), torch.ones(200, 5))
+    logp = posterior.log_prob(theta[:3], batch)
+    assert logp.shape == (3, 5) and torch.isfinite(logp).all()
+
+
+def test_sampling_is_reproducible(posterior):
+    batch = fake_batch(3)
+    a = posterior.sample(batch, 10, torch.Generator().manual_seed(3))
+    b = posterior.sample(batch, 10, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b)
+
+
+def test_derived_and_history_bands_shapes(posterior):
+    batch = fake_batch(3)
+    theta = posterior.sample(batch, 50, torch.Generator().manual_seed(0))
+    props = posterior.derived(theta, batch["z"])
+    assert set(props) == {"logmstar_surv", "sfr_100myr", "sfr_1gyr", "z_mw", "t_mw_gyr"}
+    for v in props.values():
+        assert v.shape == (50, 3) and torch.isfinite(v).all()
+    # surviving mass is below the formed mass
+    assert (props["logmstar_surv"] <= theta[..., 0] + 1e-5).all()
+    bands = posterior.sfh_bands(theta, batch["z"])
+    assert bands["sfr"].shape == (3, 3, 42) and bands["zmet"].shape == (3, 3, 42)
+    assert (bands["sfr"][0] <= bands["sfr"][2] + 1e-12).all()
+
+
+# ---- bad inputs --------------------------------------------------------------------------------
+def test_bad_spectra_are_flagged_and_the_rest_is_valid(posterior):
+    batch = fake_batch(6)
+    batch["mask"][1] = True  # every pixel masked
+    batch["flux"][2] = torch.nan  # NaN spectrum
+    batch["z"][3] = 1.5  # outside the trained redshifts
+    batch["flux"][4, :10] = torch.nan  # a few NaN pixels: usable
+    batch["photometry_ivar"][5] = 0.0  # no photometry: usable, flagged
+    res = posterior.sample(batch, 100, torch.Generator().manual_seed(0), return_flags=True)
+    flags = res.flags.tolist()
+    assert flags[0] == 0
+    assert flags[1] & PosteriorFlag.ALL_MASKED
+    assert flags[2] & PosteriorFlag.ALL_MASKED and flags[2] & PosteriorFlag.NONFINITE
+    assert flags[3] == PosteriorFlag.BAD_Z
+    assert flags[4] == PosteriorFlag.NONFINITE
+    assert flags[5] == PosteriorFlag.NO_PHOTOMETRY
+    fatal = torch.tensor([False, True, True, True, False, False])
+    assert torch.isnan(res.samples[:, fatal]).all()
+    good = res.samples[:, ~fatal]
+    assert torch.isfinite(good).all()
+    check_support(good.reshape(-1, 12))
+    # the good galaxies' summaries do not depend on their bad neighbours
+    clean_all, _ = posterior.check(batch)
+    clean_good, _ = posterior.check({k: v[~fatal] for k, v in batch.items()})
+    with torch.no_grad():
+        ctx_all, shift_all = posterior.net.embed(clean_all)
+        ctx_good, shift_good = posterior.net.embed(clean_good)
+    torch.testing.assert_close(ctx_all[~fatal], ctx_good)
+    torch.testing.assert_close(shift_all[~fatal], shift_good)
+    props = posterior.derived(res.samples, batch["z"])
+    assert torch.isnan(props["z_mw"][:, fatal]).all()
+    assert torch.isfinite(props["z_mw"][:, ~fatal]).all()
+    assert PosteriorFlag.describe(flags[2]) == "NONFINITE|ALL_MASKED"
+
+
+def test_a_batch_of_only_bad_spectra_returns_nan(posterior):
+    batch = fake_batch(2)
+    batch["mask"][:] = True
+    theta = posterior.sample(batch, 5)
+    assert theta.shape == (5, 2, 12) and torch.isnan(theta).all()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("flux", torch.zeros(2, 10), r"flux must have shape \(B, 450\)"),
+        ("ivar", torch.zeros(2, 450), r"ivar must have shape \(3, 450\)"),
+        ("z", torch.zeros(3, 1), r"z must have shape \(3,\)"),
+        ("photometry", torch.zeros(3, 4), "photometry and photometry_ivar must have shape"),
+    ],
+)
+def test_wrong_shapes_raise_with_expected_and_got(posterior, key, value, match):
+    batch = fake_batch(3)
+    batch[key] = value
+    with pytest.raises(ValueError, match=match):
+        posterior.sample(batch, 2)
+
+
+def test_mismatched_embedding_and_flow_raise():
+    emb = SpectrumEmbedding(fake_instrument(), MLPTrunk(N_BINS), n_bins=N_BINS, n_out=16)
+    with pytest.raises(ValueError, match="must equal flow.context"):
+        NeuralPosterior(emb, PosteriorFlow(8))
+    with pytest.raises(ValueError, match="trunk expects"):
+        SpectrumEmbedding(fake_instrument(), MLPTrunk(32), n_bins=N_BINS)
+
+
+# ---- training loss, checkpoints ----------------------------------------------------------------
+def test_loss_is_finite_and_decreases():
+    from sedvae.sps import PROVABGSPrior
+
+    net = tiny_net()
+    batch = fake_batch(16)
+    batch["theta"] = PROVABGSPrior().sample(16, torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss, metrics = net.loss(net.augment(batch))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    assert set(metrics) == {"nll_u", "nll_theta"}
+
+
+def test_checkpoint_roundtrip_and_mismatch(tmp_path):
+    import hydra
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(net_config())
+    net = hydra.utils.instantiate(cfg)
+    path = save_posterior(tmp_path / "post.pt", net, cfg, {"note": "test"})
+    post = load_posterior(path)
+    assert post.meta == {"note": "test"}
+    batch = fake_batch(2)
+    a = Posterior(net).sample(batch, 4, torch.Generator().manual_seed(0))
+    b = post.sample(batch, 4, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+
+    # a config that no longer matches the weights
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["flow"]["hidden"] = [64]
+    torch.save(payload, tmp_path / "edited.pt")
+    with pytest.raises(PosteriorCheckpointError, match="config/version mismatch"):
+        load_posterior(tmp_path / "edited.pt")
+    # another pixel grid than the one trained on
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["embedding"]["instrument"]["waves"] = arm_waves(100)
+    torch.save(payload, tmp_path / "grid.pt")
+    with pytest.raises(PosteriorCheckpointError, match="wave_obs"):
+        load_posterior(tmp_path / "grid.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["input_fingerprint"][0] += 1.0  # as if the rest-frame binning had changed
+    torch.save(payload, tmp_path / "binning.pt")
+    with pytest.raises(PosteriorCheckpointError, match="prepares spectra"):
+        load_posterior(tmp_path / "binning.pt")
+    payload["format_version"] = 99
+    torch.save(payload, tmp_path / "future.pt")
+    with pytest.raises(PosteriorCheckpointError, match="format version 99"):
+        load_posterior(tmp_path / "future.pt")
+    torch.save({"state_dict": {}, "pytorch-lightning_version": "2"}, tmp_path / "pl.ckpt")
+    with pytest.raises(PosteriorCheckpointError, match="export_posterior"):
+        load_posterior(tmp_path / "pl.ckpt")
+    with pytest.raises(FileNotFoundError):
+        load_posterior(tmp_path / "missing.pt")
+
+
+# ---- diagnostics -------------------------------------------------------------------------------
+def _gaussian_problem(n_sims=1000, n_samples=500, width=1.0, seed=0):
+    """Truth and posterior samples of a 3-d Gaussian problem; width 1 is calibrated."""
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(n_sims, 3, generator=g)  # posterior means
+    truth = mu + torch.randn(n_sims, 3, generator=g)  # truth ~ posterior
+    samples = mu + width * torch.randn(n_samples, n_sims, 3, generator=g)
+    refs = 3 * torch.randn(n_sims, 3, generator=g)
+    return samples, truth, refs
+
+
+def test_tarp_detects_calibration_and_agrees_with_sbi():
+    samples, truth, refs = _gaussian_problem()
+    ecp, alpha, f = tarp_coverage(samples, truth, refs)
+    assert tarp_max_deviation(ecp, alpha) < 0.05
+    assert f.shape == (1000,)
+    narrow = _gaussian_problem(width=0.5)
+    ecp_n, alpha_n, _ = tarp_coverage(*narrow)
+    assert tarp_max_deviation(ecp_n, alpha_n) > 0.1
+    from sbi.diagnostics.tarp import _run_tarp
+
+    ecp_sbi, alpha_sbi = _run_tarp(samples, truth, refs, num_bins=100)
+    ours = np.interp(alpha_sbi.numpy(), alpha.numpy(), ecp.numpy())
+    assert np.abs(ours - ecp_sbi.numpy()).max() < 0.02
+
+
+def test_sbc_ranks_and_ks():
+    samples, truth, _ = _gaussian_problem()
+    ranks = sbc_ranks(samples, truth)
+    assert ranks.shape == (1000, 3) and ranks.min() >= 0 and ranks.max() <= 500
+    assert sbc_ks_pvalues(ranks, 500).min() > 0.01
+    narrow, truth_n, _ = _gaussian_problem(width=0.5)
+    assert sbc_ks_pvalues(sbc_ranks(narrow, truth_n), 500).max() < 1e-6
+
+
+def test_recovery_statistics():
+    est = torch.tensor([1.0, 2.0, 3.0, float("nan")])
+    r = recovery(est, torch.tensor([1.1, 2.1, 3.1, 0.0]))
+    assert r["n"] == 3 and abs(r["bias"] + 0.1) < 1e-6 and r["scatter"] < 1e-6
+
+
+# ---- plots -------------------------------------------------------------------------------------
+def test_plots_return_figures(posterior):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sedvae.plotting.posterior import plot_corner, plot_sbc_ranks, plot_sfh_bands, plot_tarp
+
+    batch = fake_batch(2)
+    theta = posterior.sample(batch, 300, torch.Generator().manual_seed(0))
+    fig, axes = plot_corner(theta[:, 0], theta[0, 0])
+    assert axes.shape == (11, 11)
+    plt.close(fig)
+    fig, axes = plot_sfh_bands(posterior.sfh_bands(theta, batch["z"]), 1)
+    assert len(axes) == 2
+    plt.close(fig)
+    samples, truth, refs = _gaussian_problem(200, 100)
+    fig, ax = plot_tarp(*tarp_coverage(samples, truth, refs)[:2])
+    assert ax.get_xlabel().startswith("credibility")
+    plt.close(fig)
+    fig, axes = plot_sbc_ranks(sbc_ranks(samples, truth), 100, ["a", "b", "c"], pvalues=[1, 1, 1])
+    assert axes.shape == (1, 4)
+    plt.close(fig)
+
+
+# ---- the Hydra/Lightning path ------------------------------------------------------------------
+def test_train_posterior_fast_dev_run(tmp_path):
+    """python train.py experiment=posterior debug=fdr on tiny mock files, end to end."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sedvae.paths import config_dir
+    from sedvae.train import train
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=posterior", "debug=fdr", f"paths.output_dir={tmp_path}",
+            f"data.cache_dir={tmp_path}/mocks", "data.n_train=16", "data.train_seeds=[1]",
+            "data.n_val=8", "data.n_test=8", "data.batch_size=8",
+        ])  # fmt: skip
+        metrics = train(cfg)
+    GlobalHydra.instance().clear()
+    assert np.isfinite(metrics["train/loss"])
+
+
+def test_autoencoder_encoder_as_embedding():
+    """The adapter runs the autoencoder's encoder (frozen) under the flow."""
+    from sedvae.nets import LatentMap, SpectrumEncoder
+    from sedvae.posterior import AutoencoderEmbedding
+
+    enc = SpectrumEncoder(LatentMap(), n_bins=N_BINS, channels=(4, 8), kernels=(3, 5),
+                          pools=(2,), mlp=(16,))  # fmt: skip
+    emb = AutoencoderEmbedding(encoder=enc, instrument=fake_instrument(), head=(16,), n_out=16)
+    net = NeuralPosterior(emb, PosteriorFlow(16, transforms=2, hidden=(16,), bins=4))
+    batch = fake_batch(3)
+    theta = Posterior(net).sample(batch, 7)
+    assert theta.shape == (7, 3, 12) and torch.isfinite(theta).all()
+    from sedvae.sps import PROVABGSPrior
+
+    batch["theta"] = PROVABGSPrior().sample(3, torch.Generator().manual_seed(0))
+    net.train()
+    net.loss(batch)[0].backward()
+    assert all(p.grad is None for p in enc.parameters())
+    assert all(p.grad is not None for p in emb.head.parameters())
