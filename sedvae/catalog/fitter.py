@@ -23,7 +23,7 @@ QUANTILES = (16, 50, 84)
 def default_posterior_path() -> Path:
     from ..paths import data_dir
 
-    return data_dir() / "posterior" / "posterior_desi_bgs.pt"
+    return data_dir() / "posterior" / "posterior.pt"
 
 
 class PosteriorFitter(torch.nn.Module):
