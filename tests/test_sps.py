@@ -233,6 +233,11 @@ def test_prior_samples_lie_in_support():
     assert abs(logt.mean().item() - 0.5 * (math.log(0.01) + math.log(13.27))) < 0.05
 
 
+def test_log_prob_finite_at_float32_box_edges():
+    theta = torch.tensor([_theta([0.25] * 4, tb=0.01, gamma=(2e-5, 2e-2), tau_ism=3.0, n=1.0)])
+    assert torch.isfinite(PROVABGSPrior().log_prob(theta)).all()
+
+
 def test_bijection_round_trips_and_lands_in_support():
     prior = PROVABGSPrior()
     theta = prior.sample(1000, torch.Generator().manual_seed(6), dtype=torch.float64)

@@ -185,7 +185,9 @@ class PROVABGSPrior:
         inside = torch.ones(theta.shape[:1], dtype=torch.bool, device=theta.device)
         for i, lo, hi, is_log in self._boxes:
             x = theta[:, i]
-            inside &= (x >= lo) & (x <= hi)
+            # the same float32 round-off tolerance at the box edges as check_support
+            eps = 1e-6 * max(abs(lo), abs(hi), 1.0)
+            inside &= (x >= lo - eps) & (x <= hi + eps)
             if is_log:
                 lp = lp - torch.log(x.clamp_min(lo)) - math.log(math.log(hi / lo))
             else:
