@@ -8,7 +8,7 @@ Held-out set: the test file of ``experiment=posterior``'s data module
 emission, the DESI instrument, BGS-like noise with the data module's fixed test-noise seed).
 It is written on first use (~1 min) when missing.
 
-- Calibration: TARP expected coverage in the standardised unconstrained space (references:
+- Calibration: TARP expected coverage in the flow's standardised coordinates (references:
   prior draws; ``tarp_max_dev`` = max |ECP - alpha| over 101 levels; the same with sbi's
   ``_run_tarp`` as a cross-check); SBC ranks of the 12 physical parameters with a KS test each.
   With 12 tests, min p < 0.01 happens by chance 11 % of the time for a calibrated posterior, so
@@ -122,9 +122,12 @@ def main() -> None:
     loc, scale = post.net.flow.u_loc.double(), post.net.flow.u_scale.double()
 
     def standard_u(th: torch.Tensor) -> torch.Tensor:
+        """The flow's own (standardised) coordinates: references and distances in a space
+        where the prior has unit scale in every direction."""
         shape = th.shape[:-1]
         u = prior.to_unconstrained(th.reshape(-1, th.shape[-1]).double())
-        return ((u - loc) / scale).reshape(*shape, -1)
+        y = post.net.flow_coordinates(u)[0].double()
+        return ((y - loc) / scale).reshape(*shape, -1)
 
     u_samples = standard_u(theta[:, ok])
     u_truth = standard_u(truth[ok])

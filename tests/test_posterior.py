@@ -280,7 +280,7 @@ def test_loss_is_finite_and_decreases():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     assert set(metrics) == {"nll_u", "nll_theta"}
 
@@ -434,3 +434,67 @@ def test_autoencoder_encoder_as_embedding():
     net.loss(batch)[0].backward()
     assert all(p.grad is None for p in enc.parameters())
     assert all(p.grad is not None for p in emb.head.parameters())
+
+
+@pytest.mark.parametrize("experiment", ["posterior", "posterior_gpu"])
+def test_posterior_experiments_build(experiment, tmp_path):
+    """The model configs of both experiments instantiate (not only compose)."""
+    import hydra
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sedvae.paths import config_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}",
+                                          f"paths.output_dir={tmp_path}"])  # fmt: skip
+    GlobalHydra.instance().clear()
+    net = hydra.utils.instantiate(cfg.model.net)
+    assert isinstance(net, NeuralPosterior)
+    assert net.embedding.n_out == net.flow.context
+
+
+@pytest.mark.parametrize("gaussianize", [False, True])
+def test_mass_anchor_and_coordinates_are_consistent(gaussianize):
+    """Samples and densities refer to the same u, with the mass anchor and in either of the
+    flow's coordinate systems: log q(u) of samples = base log density - inverse log-Jacobian."""
+    from sedvae.posterior.model import w_to_u
+
+    inst = fake_instrument()
+    emb = SpectrumEmbedding(inst, MLPTrunk(N_BINS, (32,), 32), n_bins=N_BINS, head=(32,), n_out=16)
+    net = NeuralPosterior(emb, PosteriorFlow(16, 4, (32,), bins=4), mass_anchor=True,
+                          gaussianize_prior=gaussianize).eval()  # fmt: skip
+    batch = fake_batch(4)
+    with torch.no_grad():
+        context, shift = net.embed(batch)
+        assert (shift[:, 1:] == 0).all() and (shift[:, 0] != 0).all()
+        y, log_q = net.flow.sample_and_log_prob(context, 50, torch.Generator().manual_seed(0))
+        y = y + shift
+        u = w_to_u(y)[0].float() if gaussianize else y
+        log_q_u = log_q - (w_to_u(y)[1].float() if gaussianize else 0.0)
+        torch.testing.assert_close(net.log_prob_u(u, batch), log_q_u, atol=2e-3, rtol=1e-4)
+        torch.testing.assert_close(
+            net.sample_u(batch, 50, torch.Generator().manual_seed(0)), u, atol=1e-4, rtol=1e-4
+        )
+
+
+def test_gaussianised_prior_coordinates():
+    """w = Phi^-1(F_prior(u)): exactly N(0, I) under the prior, invertible, exact Jacobian."""
+    from scipy.stats import kstest
+
+    from sedvae.posterior.model import u_to_w, w_to_u
+    from sedvae.sps import PROVABGSPrior
+
+    prior = PROVABGSPrior()
+    u = prior.to_unconstrained(prior.sample(20000, torch.Generator().manual_seed(0), torch.float64))
+    w = u_to_w(u)
+    for d in range(11):
+        assert kstest(w[:, d].numpy(), "norm").pvalue > 1e-3
+    u_back, ladj = w_to_u(w)
+    torch.testing.assert_close(u_back, u, atol=1e-6, rtol=1e-6)
+    w0 = torch.randn(6, 11, dtype=torch.float64) * 2
+    jac = torch.autograd.functional.jacobian(lambda x: w_to_u(x)[0], w0[0])
+    torch.testing.assert_close(w_to_u(w0[:1])[1][0], torch.logdet(jac).double())
+    extreme = torch.tensor([[-30.0] * 11, [30.0] * 11], dtype=torch.float64)
+    assert torch.isfinite(u_to_w(extreme)).all()

@@ -166,12 +166,14 @@ class PosteriorFlow(nn.Module):
             shapes = [(bins,), (bins,), (bins - 1,)]
         layers = []
         for i in range(transforms):
-            # alternate halves of a fresh random permutation: every pair of coordinates
-            # conditions on each other within a few layers
-            perm = torch.randperm(self.features, generator=gen)
-            mask = torch.zeros(self.features, dtype=torch.bool)
-            n_a = self.features // 2 if i % 2 == 0 else (self.features + 1) // 2
-            mask[perm[:n_a]] = True
+            # pairs of complementary masks over a fresh random permutation: every coordinate
+            # is transformed once per pair (transforms / 2 times in all) and conditions on a
+            # different half each time. Masks are buffers, so saved files keep theirs.
+            if i % 2 == 0:
+                perm = torch.randperm(self.features, generator=gen)
+                first = torch.zeros(self.features, dtype=torch.bool)
+                first[perm[: self.features // 2]] = True
+            mask = first.clone() if i % 2 == 0 else ~first
             layers.append(
                 ContextCoupling(
                     features=self.features,
@@ -191,10 +193,6 @@ class PosteriorFlow(nn.Module):
         )
         self.flow = Flow(layers, base)
         self.bins = None if bins is None else int(bins)
-        # (layer, idx_a, idx_b) for the lean inverse; the masks are the layers' own buffers
-        self._layer_index = [
-            (t, t.mask.nonzero().squeeze(-1), (~t.mask).nonzero().squeeze(-1)) for t in layers
-        ]
         self._sampler = self._inverse_lean
         if self.features == N_FREE:
             loc, scale = prior_standardisation()
@@ -245,7 +243,9 @@ class PosteriorFlow(nn.Module):
 
     def _inverse_lean(self, eps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         y = eps
-        for layer, idx_a, idx_b in reversed(self._layer_index):
+        for layer in reversed(self.flow.transform.transforms):
+            # from the mask buffers as loaded (a file's masks replace the initial ones)
+            idx_a, idx_b = layer.mask.nonzero().squeeze(-1), (~layer.mask).nonzero().squeeze(-1)
             first = layer.hyper[0]
             n_a = idx_a.shape[0]
             h = F.linear(context, first.weight[:, n_a:], first.bias)  # (B, H) per galaxy
@@ -272,8 +272,8 @@ class PosteriorFlow(nn.Module):
             n, context.shape[0], self.features, generator=generator, dtype=context.dtype
         ).to(context.device)
         dist = self.flow(context)
-        v, ladj = dist.transform.inv.call_and_ladj(eps)
-        log_q = dist.base.log_prob(eps) + ladj - torch.log(self.u_scale).sum()
+        v, ladj = dist.transform.inv.call_and_ladj(eps)  # ladj of the inverse map eps -> v
+        log_q = dist.base.log_prob(eps) - ladj - torch.log(self.u_scale).sum()
         return v * self.u_scale + self.u_loc, log_q
 
 
