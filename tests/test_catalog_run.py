@@ -38,7 +38,10 @@ class OneBad:
 
 def test_catalog_of_mocks_fills_every_column(tmp_path, mocks):
     fitter = PosteriorFitter(n_samples=300, seed=1)
-    run_catalog(OneBad(mocks, 4), fitter, tmp_path, shard_size=4, n_plots=1, progress=False)
+    metrics = run_catalog(
+        OneBad(mocks, 4), fitter, tmp_path, shard_size=4, n_plots=1, progress=False,
+        write_samples=True,
+    )  # fmt: skip
     table = Table.read(tmp_path / "catalog.fits")
     assert len(table) == 6 and list(table["index"]) == list(range(6))
     good = np.arange(6) != 4
@@ -56,6 +59,41 @@ def test_catalog_of_mocks_fills_every_column(tmp_path, mocks):
     assert (table["logmstar_surv_p50"][good] < table["logmstar_p50"][good]).all()
     # accuracy and calibration against the truth are measured by bench/posterior.py
     assert (tmp_path / "plots").is_dir()
+
+    # mocks carry the truth: _true columns equal it, _rank is the truth's posterior quantile
+    truth = mocks(0, 6)["theta"].numpy()
+    for j, name in enumerate(PARAM_NAMES):
+        assert np.allclose(table[f"{name}_true"], truth[:, j], rtol=1e-6), name
+    import h5py
+
+    with h5py.File(tmp_path / "samples.h5") as f:
+        samples = f["samples"][:]  # (galaxy, draw, 12)
+    for j, name in enumerate(PARAM_NAMES):
+        expected = (samples[good, :, j] < truth[good, j, None]).mean(1)
+        assert np.allclose(np.asarray(table[f"{name}_rank"])[good], expected, atol=1e-6), name
+    assert np.isnan(np.asarray(table["logmstar_rank"], float)[4])
+    rank = np.asarray(table["logmstar_surv_rank"])[good]
+    assert ((rank >= 0) & (rank <= 1)).all()
+    # surviving mass of the truth: below the formed mass by the returned fraction (~0.1-0.3 dex)
+    loss = np.asarray(table["logmstar_true"] - table["logmstar_surv_true"])
+    assert ((loss > 0.02) & (loss < 0.5)).all()
+    assert set(metrics["coverage_68"]) >= set(PARAM_NAMES)
+    assert {"logmstar_bias", "logmstar_scatter", "coverage_max_dev_all"} <= set(metrics)
+    assert (tmp_path / "plots" / "coverage.png").is_file()
+    assert (tmp_path / "plots" / "recovery.png").is_file()
+
+
+def test_marginal_coverage_of_calibrated_and_wrong_posteriors():
+    from sedvae.plotting.posterior import marginal_coverage
+
+    rng = np.random.default_rng(0)
+    levels = np.linspace(0, 1, 11)
+    calibrated = marginal_coverage(rng.uniform(size=20000), levels)
+    assert np.abs(calibrated - levels).max() < 0.015
+    # too wide: the truth always sits at the posterior median, inside every interval
+    assert (marginal_coverage(np.full(100, 0.5), levels[1:]) == 1).all()
+    # too narrow: the truth always in the far tail
+    assert (marginal_coverage(np.full(100, 0.999), levels[:-1]) == 0).all()
 
 
 def test_catalog_of_the_bundled_desi_spectrum(tmp_path):

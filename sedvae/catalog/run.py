@@ -2,8 +2,11 @@
 
 Writes into ``output_dir``: ``shards/`` (one FITS table per finished shard, the resume state),
 ``catalog.fits`` (one row per galaxy), optionally ``samples.h5`` (posterior samples), and
-``plots/`` (posterior corner plots and SFH bands for the first galaxies). Returns the metrics
-that ``evaluate.py`` writes to ``metrics.json``.
+``plots/`` (reconstructions, posterior corner plots and SFH bands for the first galaxies; for
+sources with the truth, i.e. mocks, ``coverage.png`` and ``recovery.png`` over the whole
+catalog). Returns the metrics that ``evaluate.py`` writes to ``metrics.json`` (with the truth:
+68 % coverage of every quantity, the largest coverage deviation, and the bias and scatter of
+the posterior medians of the headline properties).
 """
 
 from __future__ import annotations
@@ -83,6 +86,9 @@ def run_catalog(
         table.remove_column("samples")
     _write_catalog(out / "catalog.fits", table, source)
     metrics = _metrics(table, len(dataset) * shard_size, elapsed)
+    if any(c.endswith("_rank") for c in table.colnames):
+        metrics.update(truth_metrics(table))
+        _truth_plots(out / "plots", table)
     if n_plots:
         _plots(out / "plots", source, fitter, table, n_plots)
     return metrics
@@ -124,6 +130,55 @@ def _metrics(table: Table, n_run: int, elapsed: float) -> dict[str, Any]:
         "inference_seconds": round(elapsed, 3),
         "galaxies_per_s_this_run": round(n_run / elapsed, 3) if elapsed > 0 and n_run else None,
     }
+
+
+HEADLINE = ("logmstar", "logmstar_surv", "log_sfr_100myr", "log_z_mw", "t_mw_gyr", "tau_ism")
+
+
+def truth_metrics(table: Table) -> dict[str, Any]:
+    """Calibration and recovery from the ``_rank`` / ``_true`` columns of a mock catalog."""
+    from ..plotting.posterior import marginal_coverage
+
+    levels = np.linspace(0, 1, 21)
+    names = [c.removesuffix("_rank") for c in table.colnames if c.endswith("_rank")]
+    cov68, worst = {}, {}
+    for name in names:
+        r = np.asarray(table[f"{name}_rank"], float)
+        cov68[name] = round(float(marginal_coverage(r, [0.68])[0]), 4)
+        worst[name] = round(float(np.nanmax(np.abs(marginal_coverage(r, levels) - levels))), 4)
+    out: dict[str, Any] = {
+        "coverage_68": cov68,
+        "coverage_max_dev": worst,
+        "coverage_max_dev_all": max(worst.values()) if worst else None,
+    }
+    for name in HEADLINE:
+        if f"{name}_true" not in table.colnames:
+            continue
+        t = np.asarray(table[f"{name}_true"], float)
+        d = np.asarray(table[f"{name}_p50"], float) - t
+        ok = np.isfinite(d) & (t > -6 if name.startswith("log_sfr") else True)
+        if ok.sum() > 1:
+            out[f"{name}_bias"] = round(float(np.mean(d[ok])), 4)
+            out[f"{name}_scatter"] = round(float(np.std(d[ok])), 4)
+    return out
+
+
+def _truth_plots(folder: Path, table: Table) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..plotting.posterior import plot_coverage, plot_recovery
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ranks = {c.removesuffix("_rank"): table[c] for c in table.colnames if c.endswith("_rank")}
+    fig, _ = plot_coverage(ranks)
+    fig.savefig(folder / "coverage.png", dpi=110)
+    plt.close(fig)
+    fig, _ = plot_recovery(table, [n for n in HEADLINE if f"{n}_true" in table.colnames])
+    fig.savefig(folder / "recovery.png", dpi=110)
+    plt.close(fig)
 
 
 def _plots(folder: Path, source, fitter, table: Table, n_plots: int) -> None:

@@ -25,6 +25,11 @@ LABELS = {
     "tau_bc": r"$\tau_{\rm BC}$",
     "tau_ism": r"$\tau_{\rm ISM}$",
     "n_dust": r"$n_{\rm dust}$",
+    "logmstar_surv": r"$\log M_\star^{\rm surv}$",
+    "log_sfr_100myr": r"$\log {\rm SFR}_{100\,{\rm Myr}}$",
+    "log_sfr_1gyr": r"$\log {\rm SFR}_{1\,{\rm Gyr}}$",
+    "log_z_mw": r"$\log Z_{\rm MW}$",
+    "t_mw_gyr": r"$t_{\rm MW}$ [Gyr]",
 }
 
 
@@ -187,4 +192,91 @@ def plot_sbc_ranks(ranks, n_samples: int, names: Sequence[str] = PARAM_NAMES, bi
     return fig, axes
 
 
-__all__ = ["plot_corner", "plot_sbc_ranks", "plot_sfh_bands", "plot_tarp"]
+def marginal_coverage(rank, levels) -> np.ndarray:
+    """Empirical coverage of central credible intervals from posterior quantiles of the truth.
+
+    ``rank`` (N,) is the fraction of posterior samples below the truth; the truth lies in the
+    central interval of credibility ``alpha`` when |2 rank - 1| <= alpha. NaNs are dropped.
+    """
+    r = _np(rank).astype(float)
+    r = r[np.isfinite(r)]
+    dist = np.abs(2 * r - 1)
+    return np.array([(dist <= a).mean() if len(r) else np.nan for a in _np(levels)])
+
+
+def plot_coverage(ranks: dict, levels=None):
+    """Coverage of central credible intervals per quantity (``{name: rank (N,)}``), with the
+    diagonal and the 95 % binomial band of a calibrated posterior.
+
+    Returns
+    -------
+    fig, ax
+    """
+    import matplotlib.pyplot as plt
+    from scipy.stats import binom
+
+    a = np.linspace(0, 1, 51) if levels is None else _np(levels)
+    fig, ax = plt.subplots(figsize=(5.2, 4.6), layout="constrained")
+    n = max(int(np.isfinite(_np(r)).sum()) for r in ranks.values())
+    if n:
+        lo, hi = binom.ppf(0.025, n, a) / n, binom.ppf(0.975, n, a) / n
+        ax.fill_between(a, lo, hi, color="0.85", label=f"95 % band, N = {n}")
+    ax.plot([0, 1], [0, 1], color="k", ls="--", lw=1)
+    for i, (name, r) in enumerate(ranks.items()):
+        ax.plot(a, marginal_coverage(r, a), color=f"C{i % 10}", lw=1.2,
+                ls="-" if i < 10 else ":", label=LABELS.get(name, name))  # fmt: skip
+    ax.set_xlabel("credibility level of the central interval")
+    ax.set_ylabel("fraction of truths inside")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", fontsize=6, ncol=2)
+    return fig, ax
+
+
+def plot_recovery(table, names: Sequence[str]):
+    """Posterior medians (with 16-84 % bars) against the truth, one panel per quantity, from
+    catalog columns ``<name>_p16/_p50/_p84/_true``; bias and scatter of the median in each.
+
+    Returns
+    -------
+    fig, axes
+    """
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(names))
+    rows = int(np.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), layout="constrained",
+                             squeeze=False)  # fmt: skip
+    for ax, name in zip(axes.flat, names, strict=False):
+        t = np.asarray(table[f"{name}_true"], float)
+        med = np.asarray(table[f"{name}_p50"], float)
+        lo, hi = np.asarray(table[f"{name}_p16"], float), np.asarray(table[f"{name}_p84"], float)
+        ok = np.isfinite(t) & np.isfinite(med)
+        if name.startswith("log_sfr"):
+            ok &= t > -6  # quenched galaxies: log SFR -> -30 by construction
+        if not ok.any():
+            ax.set_visible(False)
+            continue
+        t, med, lo, hi = t[ok], med[ok], lo[ok], hi[ok]
+        ax.errorbar(t, med, yerr=[med - lo, hi - med], fmt=".", ms=3, lw=0.5, alpha=0.6)
+        span = [min(t.min(), med.min()), max(t.max(), med.max())]
+        ax.plot(span, span, color="k", ls="--", lw=1)
+        d = med - t
+        ax.set_title(f"{LABELS.get(name, name)}: bias {np.mean(d):+.3f}, scatter {np.std(d):.3f}",
+                     fontsize=8)  # fmt: skip
+        ax.set_xlabel("truth")
+        ax.set_ylabel("posterior median")
+    for ax in list(axes.flat)[len(names) :]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+__all__ = [
+    "marginal_coverage",
+    "plot_corner",
+    "plot_coverage",
+    "plot_recovery",
+    "plot_sbc_ranks",
+    "plot_sfh_bands",
+    "plot_tarp",
+]
