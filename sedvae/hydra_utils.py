@@ -39,3 +39,16 @@ def save_config(cfg: DictConfig, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     os.replace(tmp, path)
+
+
+def net_from_lightning_checkpoint(checkpoint: str | os.PathLike, run_config: str | os.PathLike):
+    """The ``model.net`` of a training run, rebuilt from its ``config.yaml`` with the weights of
+    a Lightning checkpoint (whose module keeps it as ``net``); returns ``(net, net_config)``."""
+    import hydra
+    import torch
+
+    net_cfg = OmegaConf.load(run_config).model.net
+    net = hydra.utils.instantiate(net_cfg)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()})
+    return net, net_cfg

@@ -113,6 +113,9 @@ def test_catalog_of_the_bundled_desi_spectrum(tmp_path):
     assert 8.5 < table["logmstar_p50"][0] < 12.0  # an r ~ 19.6 BGS galaxy at z = 0.37
     assert np.isfinite(table["rchi2"][0]) and table["rchi2"][0] > 0
     assert metrics["n_galaxies"] == 1
+    # the rate counts galaxies, not shard slots (one galaxy in a shard of 64)
+    rate = metrics["galaxies_per_s_this_run"]
+    assert rate == pytest.approx(1 / metrics["inference_seconds"], rel=0.02)
     import h5py
 
     with h5py.File(tmp_path / "samples.h5") as f:

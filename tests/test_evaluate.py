@@ -80,3 +80,20 @@ def test_multirun_through_a_submitit_launcher(tmp_path):
         assert metrics["n_galaxies"] == 4
         assert (tmp_path / name).is_file()
         assert (sweep / str(job) / "catalog.fits").is_file()
+
+
+def test_main_job_default_is_the_catalog_of_the_bundled_desi_spectrum(tmp_path):
+    """`python evaluate.py` with no argument (the README's main job), as configured."""
+    from astropy.table import Table
+
+    from sedvae.evaluate import evaluate
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"paths.output_dir={tmp_path}"])
+    assert cfg.evaluation._target_ == "sedvae.catalog.run.run_catalog"
+    metrics = evaluate(cfg)
+    table = Table.read(tmp_path / "catalog.fits")
+    assert list(table["TARGETID"]) == [39633345008634465] and table["flags"][0] == 0
+    assert metrics["n_flagged"] == 0 and 0 < metrics["median_rchi2"] < 20
+    plots = {p.name.split("_")[0] for p in (tmp_path / "plots").glob("*.png")}
+    assert plots == {"reconstruction", "corner", "sfh"}

@@ -85,7 +85,7 @@ def run_catalog(
         _write_samples(out / "samples.h5", table)
         table.remove_column("samples")
     _write_catalog(out / "catalog.fits", table, source)
-    metrics = _metrics(table, len(dataset) * shard_size, elapsed)
+    metrics = _metrics(table, dataset.n_galaxies_todo, elapsed)
     if any(c.endswith("_rank") for c in table.colnames):
         metrics.update(truth_metrics(table))
         _truth_plots(out / "plots", table)

