@@ -78,9 +78,7 @@ class ShardDataset(Dataset):
     @property
     def n_galaxies_todo(self) -> int:
         """Galaxies in the shards still to run (the last shard may be short)."""
-        return sum(
-            min(self.shard_size, self.n_items - s * self.shard_size) for s in self.todo
-        )
+        return sum(min(self.shard_size, self.n_items - s * self.shard_size) for s in self.todo)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         shard = self.todo[i]
