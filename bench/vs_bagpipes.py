@@ -3,7 +3,7 @@
     python bench/vs_bagpipes.py [--n-galaxies 3] [--checkpoint data/posterior/posterior.pt]
                                 [--out outputs/vs_bagpipes] [--phase all|bagpipes|sedvae]
 
-Slow by nature (bagpipes: tens of minutes per spectrum on one core), so not a test. Each
+Slow by nature (bagpipes: hours per spectrum on one core here), so not a test. Each
 bagpipes fit is saved to ``<out>/bagpipes_<i>.json`` as soon as it finishes and skipped when
 rerun, so the script resumes; ``--phase bagpipes`` only fits, ``--phase sedvae`` only compares
 the fits already done. Last line: JSON.
@@ -171,6 +171,36 @@ def fit_instructions(z: float, r_curve: np.ndarray | None) -> dict:
     return instructions
 
 
+def set_aside_broken_checkpoint(path: Path) -> bool:
+    """nautilus resumes from its checkpoint file; a run killed while writing it leaves a file
+    it cannot read ('bad local heap signature'). Move such a file aside and start afresh.
+    Returns whether a readable checkpoint is there to resume from."""
+    import h5py
+
+    if not path.exists():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            f["sampler"].attrs.keys()
+    except (OSError, KeyError) as err:
+        broken = path.with_suffix(".h5.broken")
+        os.replace(path, broken)
+        print(f"{path}: unreadable checkpoint ({err}); moved to {broken.name}, starting afresh")
+        return False
+    print(f"resuming nautilus from {path}", flush=True)
+    return True
+
+
+def previous_progress(progress: Path) -> tuple[int, float]:
+    """(likelihood calls, seconds) on the last line of a fit's progress file, else (0, 0)."""
+    if not progress.exists():
+        return 0, 0.0
+    lines = progress.read_text().split("\n")
+    last = [ln for ln in lines if ln.strip()][-1:] or ["0 calls 0 s"]
+    parts = last[0].split()
+    return int(parts[0]), float(parts[2])
+
+
 def run_bagpipes(mocks: dict, i: int, out: Path, filters: list[str], r_curve: bool) -> dict:
     """Fit mock i with bagpipes' nested sampling; returns medians, sigmas and wall time."""
     from sedvae.sps.reference import import_bagpipes
@@ -199,6 +229,11 @@ def run_bagpipes(mocks: dict, i: int, out: Path, filters: list[str], r_curve: bo
     z = float(mocks["z"][i])
     instructions = fit_instructions(z, curve if r_curve else None)
     progress = out / f"bagpipes_{i}.progress"
+    resumed = set_aside_broken_checkpoint(
+        out / "pipes" / "posterior" / "vs_sedvae" / f"mock{i}_.h5"
+    )
+    # a resumed fit counts the calls and seconds of its earlier runs (last progress line)
+    calls0, secs0 = previous_progress(progress) if resumed else (0, 0.0)
     cwd = Path.cwd()
     os.chdir(out)  # bagpipes writes pipes/ into the working directory it saw at import
     pipes.utils.working_dir = str(out)
@@ -212,19 +247,19 @@ def run_bagpipes(mocks: dict, i: int, out: Path, filters: list[str], r_curve: bo
                 phot_units="mujy",
             )
             fit = pipes.fit(galaxy, instructions, run="vs_sedvae", n_posterior=1000)
-            lnlike, calls = fit.fitted_model.lnlike, [0]
+            lnlike, calls = fit.fitted_model.lnlike, [calls0]
 
             def counted(*a, **k):
                 calls[0] += 1
                 if calls[0] % 2000 == 0:  # a record of the rate if the fit never finishes
                     with open(progress, "a") as fh:
-                        fh.write(f"{calls[0]} calls {time.perf_counter() - t0:.0f} s\n")
+                        fh.write(f"{calls[0]} calls {secs0 + time.perf_counter() - t0:.0f} s\n")
                 return lnlike(*a, **k)
 
             fit.fitted_model.lnlike = counted  # fit() hands the sampler this attribute
             t0 = time.perf_counter()
             fit.fit()  # the defaults: multinest, else nautilus
-            wall = time.perf_counter() - t0
+            wall = secs0 + time.perf_counter() - t0
     finally:
         os.chdir(cwd)
     samples = fit.posterior.samples
@@ -329,6 +364,15 @@ def main() -> None:
     bag = {i: json.loads((out / f"bagpipes_{i}.json").read_text()) for i in done}
     if bag:
         result["bagpipes_s_per_galaxy"] = float(np.mean([b["wall_s"] for b in bag.values()]))
+    # fits still running or interrupted: calls and seconds so far (a lower bound on their cost)
+    unfinished = {
+        i: previous_progress(out / f"bagpipes_{i}.progress")
+        for i in range(args.n_galaxies)
+        if i not in bag and (out / f"bagpipes_{i}.progress").exists()
+    }
+    if unfinished:
+        result["bagpipes_unfinished"] = {str(i): {"calls": c, "s": s} for i, (c, s) in
+                                         unfinished.items()}  # fmt: skip
     if args.phase in ("all", "sedvae") and Path(args.checkpoint).exists():
         indices = done or list(range(args.n_galaxies))
         ours = run_sedvae(mocks, indices, Path(args.checkpoint), args.n_samples)
