@@ -332,6 +332,10 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1, help="torch/BLAS threads")
     parser.add_argument("--r-curve", action="store_true", help="pass bagpipes the DESI LSF")
+    parser.add_argument(
+        "--only", type=int, nargs="*", default=None,
+        help="fit only these galaxies (e.g. one process per core: --only 0, --only 1, ...)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
@@ -348,7 +352,7 @@ def main() -> None:
         filters = write_filters(out / "filters")
         for i in range(args.n_galaxies):
             path = out / f"bagpipes_{i}.json"
-            if path.exists():
+            if path.exists() or (args.only is not None and i not in args.only):
                 continue
             t0 = time.perf_counter()
             row = run_bagpipes(mocks, i, out, filters, args.r_curve)

@@ -141,7 +141,7 @@ def test_shipped_posterior_recovers_and_covers_the_truth(tmp_path_factory):
     # the median error: the mean is pulled up by galaxies near the prior's lower edge (7), whose
     # posterior medians shrink inward (+0.11 dex below logM* = 9 on 256 mocks), as they should
     assert abs(float(err.median())) < 0.1, "logM* biased"
-    assert float(err.abs().median()) < 0.3, "logM* medians too far from the truth"
+    assert float(err.abs().median()) < 0.2, "logM* medians too far from the truth"  # 0.095
     rank = sbc_ranks(samples, truth).numpy() / 500  # (96, 12) posterior quantiles of the truth
     inside = (np.abs(2 * rank - 1) <= 0.68).mean(0)
     assert 0.52 <= inside.mean() <= 0.84, inside
