@@ -392,6 +392,16 @@ def main() -> None:
                 ]  # fmt: skip
                 result[f"{key}_dmed_over_sigma_bagpipes"] = [round(x, 3) for x in d]
                 result[f"{key}_max_abs_dmed_over_sigma"] = float(np.max(np.abs(d)))
+                # each method's error against the truth, in dex / mag, and its own sigma
+                result[f"{key}_per_galaxy"] = [
+                    {
+                        "truth": round(r["truth"][key], 3),
+                        "bagpipes": [round(bag[r["index"]][key]["median"], 3),
+                                     round(bag[r["index"]][key]["sigma"], 4)],
+                        "sedvae": [round(r[key]["median"], 3), round(r[key]["sigma"], 4)],
+                    }
+                    for r in ours if r["index"] in bag
+                ]  # fmt: skip
             truth = mocks["theta"]
             for i in done:
                 b = bag[i]["logmstar"]
