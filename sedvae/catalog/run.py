@@ -137,7 +137,7 @@ HEADLINE = ("logmstar", "logmstar_surv", "log_sfr_100myr", "log_z_mw", "t_mw_gyr
 
 def truth_metrics(table: Table) -> dict[str, Any]:
     """Calibration and recovery from the ``_rank`` / ``_true`` columns of a mock catalog."""
-    from ..plotting.posterior import marginal_coverage
+    from ..plotting.posterior import marginal_coverage, recovery_columns
 
     levels = np.linspace(0, 1, 21)
     names = [c.removesuffix("_rank") for c in table.colnames if c.endswith("_rank")]
@@ -154,12 +154,11 @@ def truth_metrics(table: Table) -> dict[str, Any]:
     for name in HEADLINE:
         if f"{name}_true" not in table.colnames:
             continue
-        t = np.asarray(table[f"{name}_true"], float)
-        d = np.asarray(table[f"{name}_p50"], float) - t
-        ok = np.isfinite(d) & (t > -6 if name.startswith("log_sfr") else True)
-        if ok.sum() > 1:
-            out[f"{name}_bias"] = round(float(np.mean(d[ok])), 4)
-            out[f"{name}_scatter"] = round(float(np.std(d[ok])), 4)
+        c = recovery_columns(table, name)
+        d = c["p50"] - c["truth"]
+        if len(d) > 1:
+            out[f"{name}_bias"] = round(float(np.mean(d)), 4)
+            out[f"{name}_scatter"] = round(float(np.std(d)), 4)
     return out
 
 

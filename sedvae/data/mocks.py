@@ -419,14 +419,16 @@ class MockDataModule(pl.LightningDataModule):
                 seed = self.seed + ("train", "val", "test").index(split)
                 write_mocks(path, self.n[split], seed, self.generator, simulation=sim)
 
+    def train_dataset(self, noise: SpectralNoiseModel) -> Dataset:
+        """The training set (subclasses change this, not :meth:`setup`)."""
+        if self.on_the_fly:
+            return OnTheFlyMocks(self.generator, self.n["train"], seed=None)
+        return MockDataset(self.path("train"), noise)
+
     def setup(self, stage: str | None = None) -> None:
         noise = self.generator.noise
         if "train" not in self.datasets:
-            self.datasets["train"] = (
-                OnTheFlyMocks(self.generator, self.n["train"], seed=None)
-                if self.on_the_fly
-                else MockDataset(self.path("train"), noise)
-            )
+            self.datasets["train"] = self.train_dataset(noise)
         for split, offset in (("val", 1), ("test", 2)):
             if split not in self.datasets and self.path(split).exists():
                 self.datasets[split] = MockDataset(

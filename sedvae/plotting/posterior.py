@@ -233,6 +233,18 @@ def plot_coverage(ranks: dict, levels=None):
     return fig, ax
 
 
+def recovery_columns(table, name: str) -> dict[str, np.ndarray]:
+    """``truth``, ``p16``, ``p50``, ``p84`` of ``name`` from a mock catalog, for the galaxies
+    where the comparison means something: finite values, and for log SFR a truth above -6
+    (quenched galaxies have log SFR -> -30 by construction)."""
+    t = np.asarray(table[f"{name}_true"], float)
+    cols = {p: np.asarray(table[f"{name}_{p}"], float) for p in ("p16", "p50", "p84")}
+    ok = np.isfinite(t) & np.isfinite(cols["p50"])
+    if name.startswith("log_sfr"):
+        ok &= t > -6
+    return {"truth": t[ok], **{k: v[ok] for k, v in cols.items()}}
+
+
 def plot_recovery(table, names: Sequence[str]):
     """Posterior medians (with 16-84 % bars) against the truth, one panel per quantity, from
     catalog columns ``<name>_p16/_p50/_p84/_true``; bias and scatter of the median in each.
@@ -248,16 +260,11 @@ def plot_recovery(table, names: Sequence[str]):
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), layout="constrained",
                              squeeze=False)  # fmt: skip
     for ax, name in zip(axes.flat, names, strict=False):
-        t = np.asarray(table[f"{name}_true"], float)
-        med = np.asarray(table[f"{name}_p50"], float)
-        lo, hi = np.asarray(table[f"{name}_p16"], float), np.asarray(table[f"{name}_p84"], float)
-        ok = np.isfinite(t) & np.isfinite(med)
-        if name.startswith("log_sfr"):
-            ok &= t > -6  # quenched galaxies: log SFR -> -30 by construction
-        if not ok.any():
+        c = recovery_columns(table, name)
+        t, med, lo, hi = c["truth"], c["p50"], c["p16"], c["p84"]
+        if not len(t):
             ax.set_visible(False)
             continue
-        t, med, lo, hi = t[ok], med[ok], lo[ok], hi[ok]
         ax.errorbar(t, med, yerr=[med - lo, hi - med], fmt=".", ms=3, lw=0.5, alpha=0.6)
         span = [min(t.min(), med.min()), max(t.max(), med.max())]
         ax.plot(span, span, color="k", ls="--", lw=1)
@@ -279,4 +286,5 @@ __all__ = [
     "plot_sbc_ranks",
     "plot_sfh_bands",
     "plot_tarp",
+    "recovery_columns",
 ]

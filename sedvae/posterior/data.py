@@ -21,7 +21,7 @@ import h5py
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data import MockDataModule, MockDataset, write_mocks
+from ..data import MockDataModule, write_mocks
 
 log = logging.getLogger(__name__)
 
@@ -128,17 +128,8 @@ class PosteriorMockDataModule(MockDataModule):
                 log.info("writing %s", path)
                 write_mocks(path, self.n["train"], seed, self.generator, simulation=self.simulation)
 
-    def setup(self, stage: str | None = None) -> None:
-        noise = self.generator.noise
-        if "train" not in self.datasets:
-            paths = [self.train_path(s) for s in self.train_seeds]
-            self.datasets["train"] = BatchNoiseMocks(paths, noise)
-        for split, offset in (("val", 1), ("test", 2)):
-            if split not in self.datasets and self.path(split).exists():
-                self.datasets[split] = MockDataset(
-                    self.path(split), noise, fixed_noise_seed=self.seed + 100 + offset,
-                    truth=split == "test",
-                )  # fmt: skip
+    def train_dataset(self, noise) -> BatchNoiseMocks:
+        return BatchNoiseMocks([self.train_path(s) for s in self.train_seeds], noise)
 
     def train_dataloader(self) -> DataLoader:
         data = self.datasets["train"]
