@@ -415,6 +415,33 @@ def test_train_posterior_fast_dev_run(tmp_path):
     assert np.isfinite(metrics["train/loss"])
 
 
+def test_init_from_copies_weights_and_refuses_another_network(tmp_path):
+    """model.init_from starts a run from a posterior file's weights (same density); a file of
+    another architecture is refused with the differing tensors named."""
+    import hydra
+
+    from sedvae.lightning.posterior import PosteriorModule
+
+    torch.manual_seed(0)
+    src = hydra.utils.instantiate(net_config()).eval()
+    path = save_posterior(tmp_path / "p.pt", src, net_config())
+    torch.manual_seed(1)
+    dst = hydra.utils.instantiate(net_config()).eval()
+    batch = fake_batch(3)
+    from sedvae.sps import PROVABGSPrior
+
+    batch["theta"] = PROVABGSPrior().sample(3, torch.Generator().manual_seed(0))
+    before = dst.loss(batch)[0].item()
+    module = PosteriorModule(dst, optimizer=torch.optim.Adam, init_from=str(path))
+    module.net.eval()
+    with torch.no_grad():
+        assert module.net.loss(batch)[0].item() == pytest.approx(src.loss(batch)[0].item())
+        assert module.net.loss(batch)[0].item() != pytest.approx(before)
+    other = hydra.utils.instantiate(net_config(hidden=(24,)))
+    with pytest.raises(PosteriorCheckpointError, match="differs from the configured one.*flow"):
+        PosteriorModule(other, optimizer=torch.optim.Adam, init_from=str(path))
+
+
 def test_autoencoder_encoder_as_embedding():
     """The adapter runs the autoencoder's encoder (frozen) under the flow."""
     from sedvae.nets import LatentMap, SpectrumEncoder

@@ -5,7 +5,25 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
+from ..posterior.checkpoint import PosteriorCheckpointError, load_posterior_net
 from ..posterior.model import NeuralPosterior
+
+
+def init_weights(net: NeuralPosterior, path) -> None:
+    """Copy the weights of the posterior file ``path`` into ``net`` (same architecture)."""
+    src = load_posterior_net(path).state_dict()
+    dst = net.state_dict()
+    bad = sorted(set(src) ^ set(dst)) + [
+        f"{k}: {tuple(src[k].shape)} in the file, {tuple(v.shape)} here"
+        for k, v in dst.items()
+        if k in src and src[k].shape != v.shape
+    ]
+    if bad:
+        raise PosteriorCheckpointError(
+            f"init_from={path}: its network differs from the configured one; start from a file "
+            "trained with the same model.net config. Differences: " + "; ".join(bad[:8])
+        )
+    net.load_state_dict(src)
 
 
 class PosteriorModule(pl.LightningModule):
@@ -14,10 +32,18 @@ class PosteriorModule(pl.LightningModule):
     net : NeuralPosterior
     optimizer : callable(params) -> torch.optim.Optimizer (a Hydra ``_partial_``)
     scheduler : callable(optimizer) -> LR scheduler, optional (stepped per epoch)
+    init_from : str, optional
+        A posterior file (``sedvae.posterior.save_posterior``, e.g. a previous run's
+        ``posterior.pt``) whose weights start this run: fine-tuning, or a second cosine cycle
+        with fresh optimiser state. Its network must be the one ``net`` is (same config); a
+        different one is refused with the mismatch spelled out. Unlike ``ckpt_path`` (which
+        resumes a run where it stopped, schedule included), only the weights are taken.
     """
 
-    def __init__(self, net: NeuralPosterior, optimizer, scheduler=None) -> None:
+    def __init__(self, net: NeuralPosterior, optimizer, scheduler=None, init_from=None) -> None:
         super().__init__()
+        if init_from:
+            init_weights(net, init_from)
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
