@@ -402,6 +402,11 @@ def main() -> None:
                     }
                     for r in ours if r["index"] in bag
                 ]  # fmt: skip
+                # (median - truth) / own sigma: how far each posterior puts the truth
+                for name in ("bagpipes", "sedvae"):
+                    pulls = [(g[name][0] - g["truth"]) / g[name][1]
+                             for g in result[f"{key}_per_galaxy"]]  # fmt: skip
+                    result[f"{key}_truth_pull_{name}"] = [round(x, 2) for x in pulls]
             truth = mocks["theta"]
             for i in done:
                 b = bag[i]["logmstar"]
