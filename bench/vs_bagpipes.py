@@ -404,9 +404,13 @@ def main() -> None:
                 ]  # fmt: skip
                 # (median - truth) / own sigma: how far each posterior puts the truth
                 for name in ("bagpipes", "sedvae"):
-                    pulls = [(g[name][0] - g["truth"]) / g[name][1]
-                             for g in result[f"{key}_per_galaxy"]]  # fmt: skip
-                    result[f"{key}_truth_pull_{name}"] = [round(x, 2) for x in pulls]
+                    fits = [(bag[r["index"]] if name == "bagpipes" else r)[key] for r in ours
+                            if r["index"] in bag]  # fmt: skip
+                    truths = [r["truth"][key] for r in ours if r["index"] in bag]
+                    result[f"{key}_truth_pull_{name}"] = [
+                        round((f["median"] - t) / f["sigma"], 2)
+                        for f, t in zip(fits, truths, strict=True)
+                    ]
             truth = mocks["theta"]
             for i in done:
                 b = bag[i]["logmstar"]

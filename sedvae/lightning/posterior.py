@@ -11,19 +11,13 @@ from ..posterior.model import NeuralPosterior
 
 def init_weights(net: NeuralPosterior, path) -> None:
     """Copy the weights of the posterior file ``path`` into ``net`` (same architecture)."""
-    src = load_posterior_net(path).state_dict()
-    dst = net.state_dict()
-    bad = sorted(set(src) ^ set(dst)) + [
-        f"{k}: {tuple(src[k].shape)} in the file, {tuple(v.shape)} here"
-        for k, v in dst.items()
-        if k in src and src[k].shape != v.shape
-    ]
-    if bad:
+    try:
+        net.load_state_dict(load_posterior_net(path).state_dict())
+    except RuntimeError as err:  # torch lists the missing, unexpected and mis-shaped tensors
         raise PosteriorCheckpointError(
             f"init_from={path}: its network differs from the configured one; start from a file "
-            "trained with the same model.net config. Differences: " + "; ".join(bad[:8])
-        )
-    net.load_state_dict(src)
+            "trained with the same model.net config. " + " ".join(str(err).split())
+        ) from err
 
 
 class PosteriorModule(pl.LightningModule):
