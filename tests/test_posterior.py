@@ -415,6 +415,20 @@ def test_train_posterior_fast_dev_run(tmp_path):
     assert np.isfinite(metrics["train/loss"])
 
 
+def test_exported_file_names_its_checkpoint_without_the_machine_path(tmp_path, monkeypatch):
+    """Shipped posterior files must not carry the directory they were trained in."""
+    import sedvae.hydra_utils
+    from sedvae.posterior import export_posterior
+
+    monkeypatch.setattr(sedvae.hydra_utils, "net_from_lightning_checkpoint",
+                        lambda ckpt, cfg: (tiny_net(), net_config()))  # fmt: skip
+    ckpt = tmp_path / "outputs" / "run" / "checkpoints" / "epoch007.ckpt"
+    out = export_posterior(ckpt, tmp_path / "config.yaml", tmp_path / "posterior.pt", epochs=8)
+    meta = load_posterior(out).meta
+    assert meta["lightning_checkpoint"] == "epoch007.ckpt"
+    assert meta["epochs"] == 8
+
+
 def test_init_from_copies_weights_and_refuses_another_network(tmp_path):
     """model.init_from starts a run from a posterior file's weights (same density); a file of
     another architecture is refused with the differing tensors named."""

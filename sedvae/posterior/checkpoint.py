@@ -111,7 +111,8 @@ def export_posterior(
     from ..hydra_utils import net_from_lightning_checkpoint
 
     net, net_cfg = net_from_lightning_checkpoint(checkpoint, run_config)
-    meta.setdefault("lightning_checkpoint", str(checkpoint))
+    # the file name only: a shipped file must not carry the path of the machine it was made on
+    meta.setdefault("lightning_checkpoint", Path(checkpoint).name)
     return save_posterior(out, net, net_cfg, meta)
 
 
