@@ -3,7 +3,8 @@
 ``SpectrumEmbedding`` (summary of spectrum, ivar, mask, z, photometry) -> ``PosteriorFlow``
 (zuko coupling flow over the unconstrained R^11) = ``NeuralPosterior`` (owns the NPE loss);
 ``Posterior`` is the user API (samples in physical units, flags, derived properties, history
-bands); ``diagnostics`` has TARP, SBC and recovery statistics.
+bands); ``diagnostics`` has TARP, SBC and recovery statistics; ``exact`` samples the exact
+posterior of a mock under the simulator itself (MCMC), to measure how far the flow is from it.
 """
 
 from .api import FATAL, Posterior, PosteriorFlag, PosteriorSamples, load_posterior
