@@ -5,8 +5,8 @@ Writes into ``output_dir``: ``shards/`` (one FITS table per finished shard, the 
 ``plots/`` (reconstructions, posterior corner plots and SFH bands for the first galaxies; for
 sources with the truth, i.e. mocks, ``coverage.png`` and ``recovery.png`` over the whole
 catalog). Returns the metrics that ``evaluate.py`` writes to ``metrics.json`` (with the truth:
-68 % coverage of every quantity, the largest coverage deviation, and the bias and scatter of
-the posterior medians of the headline properties).
+68 % coverage of every quantity, the largest coverage deviation, and the bias (median), scatter
+(standard deviation) and NMAD of the posterior medians of the headline properties).
 """
 
 from __future__ import annotations
@@ -138,6 +138,7 @@ HEADLINE = ("logmstar", "logmstar_surv", "log_sfr_100myr", "log_z_mw", "t_mw_gyr
 def truth_metrics(table: Table) -> dict[str, Any]:
     """Calibration and recovery from the ``_rank`` / ``_true`` columns of a mock catalog."""
     from ..plotting.posterior import marginal_coverage, recovery_columns
+    from ..posterior.diagnostics import recovery
 
     levels = np.linspace(0, 1, 21)
     names = [c.removesuffix("_rank") for c in table.colnames if c.endswith("_rank")]
@@ -155,10 +156,12 @@ def truth_metrics(table: Table) -> dict[str, Any]:
         if f"{name}_true" not in table.colnames:
             continue
         c = recovery_columns(table, name)
-        d = c["p50"] - c["truth"]
-        if len(d) > 1:
-            out[f"{name}_bias"] = round(float(np.mean(d)), 4)
-            out[f"{name}_scatter"] = round(float(np.std(d)), 4)
+        if len(c["p50"]) > 1:
+            # the same statistics as bench/posterior.py (median bias, standard deviation, NMAD)
+            rec = recovery(torch.as_tensor(np.asarray(c["p50"], float)),
+                           torch.as_tensor(np.asarray(c["truth"], float)))  # fmt: skip
+            for key in ("bias", "scatter", "nmad"):
+                out[f"{name}_{key}"] = round(rec[key], 4)
     return out
 
 
