@@ -191,9 +191,8 @@ def main() -> None:
             # the MAP of the mode the truth lies in (fit started at the true theta, logU,
             # sigma_v): if it fits as well as the MCMC's mode but sits far from it, the data
             # cannot tell the two apart (a degenerate second mode)
-            v_true = torch.cat([post.prior.to_unconstrained(truth_theta[i : i + 1])[0],
-                                coords.nuisance_to_v(batch["logU"][i : i + 1],
-                                                     batch["sigma_v"][i : i + 1])[0]])  # fmt: skip
+            v_true = coords.to_v(truth_theta[i : i + 1], batch["logU"][i : i + 1],
+                                 batch["sigma_v"][i : i + 1])[0]  # fmt: skip
             fit = laplace_fit(likelihood, coords, obs, float(batch["z"][i]), v_true)
             theta_fit = coords.split(fit.v[None])[0][0]
             append_line(truth_fits, {"index": i, "logmstar": float(theta_fit[0]),

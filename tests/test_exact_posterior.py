@@ -91,12 +91,7 @@ def test_laplace_fit_recovers_the_truth_at_the_noise_level(generator, mock):
     from sedvae.sps.provabgs import PROVABGSPrior
 
     coords = JointCoordinates(PROVABGSPrior(), generator.logu_range, generator.sigma_v_range)
-    v_true = torch.cat(
-        [
-            coords.prior.to_unconstrained(truth["theta"].double()[None])[0],
-            coords.nuisance_to_v(truth["logU"][None], truth["sigma_v"][None])[0],
-        ]
-    )
+    v_true = coords.to_v(truth["theta"][None], truth["logU"][None], truth["sigma_v"][None])[0]
     # the coordinates map back to the truth
     theta, logu, sig = coords.split(v_true[None])
     assert torch.allclose(theta[0], truth["theta"].double(), atol=1e-6)

@@ -175,12 +175,8 @@ class MockGenerator(torch.nn.Module):
         logu, sigma_v = params["logU"].to(dt), params["sigma_v"].to(dt)
         if lum_rest is None:
             lum_rest = self.sps.simulate(theta, z, logu, sigma_v)
-        wave = self.sps.wave
-        flux = self.instrument(wave, lum_rest, z) * params["aperture"].to(dt)[:, None]
-        from ..physics import redshift_spectrum
-
-        wave_obs, f_obs = redshift_spectrum(wave, lum_rest, z)
-        phot = self.photometry(wave_obs, f_obs)
+        flux, phot = self.observe(lum_rest, z)
+        flux = flux * params["aperture"].to(dt)[:, None]
         lines = self.sps.line_luminosities(theta, z, logu)
         return {
             "flux_true": flux.float(),
@@ -188,6 +184,16 @@ class MockGenerator(torch.nn.Module):
             "line_lum": (lines @ self.line_select.T.to(lines.dtype)).float(),
             "line_lum_all": lines.float(),
         }
+
+    @torch.no_grad()
+    def observe(self, lum_rest: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rest-frame spectra (B, L) on ``sps.wave`` at redshifts z (B,) -> the noiseless DESI
+        spectra at aperture 1 (B, M) and the photometry of the whole galaxy (B, nb)."""
+        from ..physics import redshift_spectrum
+
+        flux = self.instrument(self.sps.wave, lum_rest, z)
+        wave_obs, f_obs = redshift_spectrum(self.sps.wave, lum_rest, z)
+        return flux, self.photometry(wave_obs, f_obs)
 
     def noisy(self, flux_true, photometry_true, generator=None) -> dict:
         """Noise, ivar and masks (see :class:`SpectralNoiseModel`)."""

@@ -58,9 +58,8 @@ class MockLikelihood:
         self, theta: torch.Tensor, z: float, logu: torch.Tensor, sigma_v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Noiseless spectra at aperture 1 (n, M) and photometry (n, nb), float64, for theta
-        (n, 12) and per-row logU, sigma_v (n,) at redshift z."""
-        from ..physics import redshift_spectrum
-
+        (n, 12) and per-row logU, sigma_v (n,) at redshift z (``MockGenerator.observe`` of
+        ``sps.simulate``, in chunks)."""
         g = self.generator
         dt = g.sps.dtype
         flux, phot = [], []
@@ -69,9 +68,9 @@ class MockLikelihood:
             th = theta[sl].to(dt)
             zz = torch.full((th.shape[0],), float(z), dtype=dt)
             lum = g.sps.simulate(th, zz, logu[sl].to(dt), sigma_v[sl].to(dt))
-            flux.append(g.instrument(g.sps.wave, lum, zz).double())
-            wave_obs, f_obs = redshift_spectrum(g.sps.wave, lum, zz)
-            phot.append(g.photometry(wave_obs, f_obs).double())
+            f, p = g.observe(lum, zz)
+            flux.append(f.double())
+            phot.append(p.double())
         return torch.cat(flux), torch.cat(phot)
 
     @staticmethod
@@ -90,6 +89,12 @@ class MockLikelihood:
             out["photometry"] = torch.where(good, p, 0.0)
             out["photometry_ivar"] = torch.where(good, piv, 0.0)
         return out
+
+    @staticmethod
+    def aperture_coefficients(x: dict, flux_m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A = sum ivar s^2 and B = sum ivar d s (n,) of model spectra s (n, M) and a clean
+        observation x: the chi^2 of a x s is A a^2 - 2 B a + const, best at a = B / A."""
+        return (x["ivar"] * flux_m * flux_m).sum(-1), (x["ivar"] * x["flux"] * flux_m).sum(-1)
 
     def log_aperture_marginal(self, a_coef: torch.Tensor, b_coef: torch.Tensor) -> torch.Tensor:
         """log of  int p(a) exp(-(A a^2 - 2 B a) / 2) da  over the LogU(lo, hi) prior, for
@@ -126,9 +131,7 @@ class MockLikelihood:
             raise ValueError(f"theta must have shape (n, {N_THETA}); got {tuple(theta.shape)}")
         x = self.clean(obs)
         flux_m, phot_m = self.model(theta, z, logu, sigma_v)
-        a_coef = (x["ivar"] * flux_m * flux_m).sum(1)
-        b_coef = (x["ivar"] * x["flux"] * flux_m).sum(1)
-        log_l = self.log_aperture_marginal(a_coef, b_coef)
+        log_l = self.log_aperture_marginal(*self.aperture_coefficients(x, flux_m))
         if "photometry" in x:
             r = x["photometry"] - phot_m
             log_l = log_l - 0.5 * (x["photometry_ivar"] * r * r).sum(1)
@@ -156,13 +159,14 @@ class JointCoordinates:
                 enumerate(self.boxes)]  # fmt: skip
         return theta, nuis[0], nuis[1]
 
-    def nuisance_to_v(self, logu: torch.Tensor, sigma_v: torch.Tensor) -> torch.Tensor:
-        """The two nuisance coordinates (n, 2) of logU, sigma_v (n,)."""
-        out = []
+    def to_v(self, theta: torch.Tensor, logu: torch.Tensor, sigma_v: torch.Tensor) -> torch.Tensor:
+        """v (n, 13) of theta (n, 12) in the support and logU, sigma_v (n,): the inverse of
+        :meth:`split`."""
+        out = [self.prior.to_unconstrained(theta.double())]
         for x, (lo, hi) in zip((logu, sigma_v), self.boxes, strict=True):
             p = ((x.double() - lo) / (hi - lo)).clamp(1e-12, 1 - 1e-12)
-            out.append(torch.log(p) - torch.log1p(-p))
-        return torch.stack(out, -1)
+            out.append((torch.log(p) - torch.log1p(-p))[:, None])
+        return torch.cat(out, -1)
 
     def log_prior(self, v: torch.Tensor) -> torch.Tensor:
         """log prior density (n,) with respect to Lebesgue measure on v."""
@@ -229,8 +233,7 @@ def laplace_fit(
         return 0.5 * float((r * r).sum()) + float(neg_log_prior(v))
 
     def best_aperture(s):
-        a_c = (x["ivar"] * s * s).sum()
-        b_c = (x["ivar"] * x["flux"] * s).sum()
+        a_c, b_c = likelihood.aperture_coefficients(x, s)
         return float((b_c / a_c.clamp_min(1e-300)).clamp(lo, hi))
 
     v = v0.double().clone()
@@ -342,8 +345,9 @@ def exact_posterior(
     theta_f = posterior.sample(batch, n_flow, gen)[:, 0].double()
     if not bool(torch.isfinite(theta_f).all()):
         raise ValueError("the posterior flagged this galaxy as unusable")
-    p = torch.rand(n_flow, 2, generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
-    v_f = torch.cat([posterior.prior.to_unconstrained(theta_f), torch.log(p) - torch.log1p(-p)], 1)
+    nuis = [lo + (hi - lo) * torch.rand(n_flow, generator=gen, dtype=torch.float64)
+            for lo, hi in coords.boxes]  # fmt: skip
+    v_f = coords.to_v(theta_f, *nuis)
 
     def log_target(v: torch.Tensor) -> torch.Tensor:
         theta, logu, sig = coords.split(v)
@@ -356,9 +360,8 @@ def exact_posterior(
     lt_f = log_target(v_f)
     fits = [laplace_fit(likelihood, coords, obs, z, v_f[int(j)])
             for j in torch.argsort(lt_f, descending=True)[:n_starts]]  # fmt: skip
-    best = min(f.objective for f in fits)
-    kept = [f for f in fits if f.objective < best + 10.0]
     fit = min(fits, key=lambda f: f.objective)
+    kept = [f for f in fits if f.objective < fit.objective + 10.0]
     start = torch.cat([
         kf.v + torch.randn(n_walkers, coords.n, generator=gen, dtype=torch.float64)
         @ torch.linalg.cholesky(kf.cov).T
