@@ -3,6 +3,7 @@ mocks, side by side with the flow, galaxy by galaxy.
 
     python bench/posterior_exact.py [--checkpoint data/posterior/posterior.pt] [--n-galaxies 64]
                                     [--start 0] [--out outputs/bench_posterior_exact]
+                                    [--sampler mcmc|nested]
 
 For each of the first ``--n-galaxies`` mocks of ``bench/posterior.py``'s held-out test set
 (prior draws with nebular emission, the DESI instrument and BGS-like noise), the exact
@@ -27,6 +28,14 @@ medians use nothing but the data and the true model, so their scatter bounds fro
 the data allow for the recovery goals of ``bench/posterior.py``; the flow's excess over it is
 an amortisation gap. (The MCMC can stay in one of several modes, so its own intervals may be
 too narrow: see its 68 % coverage and ``n_degenerate_modes``.)
+
+``--sampler nested`` checks the MCMC with nested sampling from the prior alone
+(``sedvae.posterior.exact.nested_posterior``, nautilus: no flow, no local fits, so separated
+modes and long tails are found), into ``<out>/nested.jsonl``; the summary's ``nested`` entry
+sets flow, MCMC and nested sampling side by side on the galaxies that have all three
+(~30,000 simulations, ~3-6 min per galaxy on one core). Its RMS posterior sigma,
+sqrt(mean sigma^2), is the Bayes risk of the posterior mean: the smallest RMS error any
+estimator of these galaxies can reach in expectation.
 
 Per-galaxy results are appended to ``<out>/galaxies.jsonl`` as they finish (one complete
 line each), so an interrupted run resumes where it stopped and several ``--start`` shards
@@ -92,20 +101,55 @@ def append_line(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def method_columns(records: list[dict], method: str, quantities=QUANTITIES) -> dict:
+    """Recovery (median bias, scatter, NMAD) and calibration of one method's posteriors:
+    median and RMS posterior sigma (half the 16-84 % width; the RMS is the Bayes risk of the
+    posterior mean, so for exact posteriors sqrt(mean sigma^2) is the smallest RMS error any
+    estimator can reach in expectation) and the fraction of truths inside the 68 % interval."""
+    out = {}
+    for q in quantities:
+        lo, med, hi = (torch.tensor([r[method][q][j] for r in records]) for j in range(3))
+        truth = torch.tensor([r["truth"][q] for r in records])
+        rec = recovery(med, truth)
+        key = f"{q}_{method}"
+        sigma = 0.5 * (hi - lo)
+        out[f"{key}_bias"] = rec["bias"]
+        out[f"{key}_scatter"] = rec["scatter"]
+        out[f"{key}_nmad"] = rec["nmad"]
+        out[f"{key}_post_sigma"] = float(sigma.median())
+        out[f"{key}_rms_sigma"] = float(sigma.double().pow(2).mean().sqrt())
+        out[f"{key}_coverage68"] = float(((truth >= lo) & (truth <= hi)).double().mean())
+    return out
+
+
+def summarise_nested(records: list[dict], nested: list[dict]) -> dict:
+    """flow, MCMC and nested sampling side by side on the galaxies that have all three."""
+    by_index = {r["index"]: r for r in records}
+    both = []
+    for n in nested:
+        if n["index"] in by_index:
+            both.append({**by_index[n["index"]], "nested": n["nested"]})
+    out: dict = {"n_galaxies": len(both)}
+    if not both:
+        return out
+    for method in ("flow", "exact", "nested"):
+        out.update(method_columns(both, method, ("logmstar", "logmstar_surv")))
+    shift = [abs(r["exact"]["logmstar"][1] - r["nested"]["logmstar"][1]) for r in both]
+    out["logmstar_mcmc_minus_nested_median_abs"] = float(np.median(shift))
+    out["logmstar_mcmc_minus_nested_max_abs"] = float(np.max(shift))
+    out["s_per_galaxy"] = float(np.mean([n["nested_s"] for n in nested]))
+    out["sims_per_galaxy"] = float(np.mean([n["n_sims"] for n in nested]))
+    for key, value in out.items():
+        if isinstance(value, float):
+            out[key] = round(value, 4)
+    return out
+
+
 def summarise(records: list[dict]) -> dict:
     """Recovery and calibration of flow vs exact posterior over the galaxies in the file."""
     out: dict = {"n_galaxies": len(records)}
     for method in ("flow", "exact"):
-        for q in QUANTITIES:
-            lo, med, hi = (torch.tensor([r[method][q][j] for r in records]) for j in range(3))
-            truth = torch.tensor([r["truth"][q] for r in records])
-            rec = recovery(med, truth)
-            key = f"{q}_{method}"
-            out[f"{key}_bias"] = rec["bias"]
-            out[f"{key}_scatter"] = rec["scatter"]
-            out[f"{key}_nmad"] = rec["nmad"]
-            out[f"{key}_post_sigma"] = float((0.5 * (hi - lo)).median())
-            out[f"{key}_coverage68"] = float(((truth >= lo) & (truth <= hi)).double().mean())
+        out.update(method_columns(records, method))
     for q in QUANTITIES:
         out[f"{q}_scatter_ratio_flow_over_exact"] = out[f"{q}_flow_scatter"] / max(
             out[f"{q}_exact_scatter"], 1e-12
@@ -145,6 +189,28 @@ def summarise(records: list[dict]) -> dict:
     return out
 
 
+def run_nested(path: Path, i: int, post, likelihood, obs: dict, nested_posterior) -> None:
+    """Nested sampling of galaxy i, one line appended to ``path`` (an error line if it fails)."""
+    t0 = time.perf_counter()
+    try:
+        res = nested_posterior(post.prior, likelihood, obs, seed=i)
+    except (ValueError, RuntimeError) as err:
+        append_line(path, {"index": i, "error": str(err)})
+        print(f"galaxy {i}: skipped ({err})", flush=True)
+        return
+    record = {
+        "index": i,
+        "nested": summaries(post, res.theta, obs["z"].reshape(1)),
+        "log_z": round(res.log_z, 3),
+        "n_eff": round(res.n_eff, 1),
+        "n_sims": res.n_sims,
+        "nested_s": round(time.perf_counter() - t0, 2),
+    }
+    append_line(path, record)
+    print(f"galaxy {i}: nested {record['nested']['logmstar']} ({record['nested_s']:.0f} s)",
+          flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default=str(REPO / "data/posterior/posterior.pt"))
@@ -156,6 +222,11 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=1000, help="flow samples per galaxy")
     parser.add_argument("--out", default=str(REPO / "outputs/bench_posterior_exact"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--sampler", choices=("mcmc", "nested"), default="mcmc",
+        help="nested: nested sampling from the prior (nautilus) into <out>/nested.jsonl, a "
+        "check of the MCMC's intervals on the galaxies that have both (~5x its cost)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger().setLevel(logging.ERROR)  # emcee's autocorrelation-length warnings
@@ -169,12 +240,14 @@ def main() -> None:
         MockLikelihood,
         exact_posterior,
         laplace_fit,
+        nested_posterior,
     )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "galaxies.jsonl"
     truth_fits = out / "truth_fits.jsonl"
+    nested_path = out / "nested.jsonl"
     post = load_posterior(args.checkpoint)
     batch = test_batch(Path(args.cache), args.n_test, args.seed)
     likelihood = MockLikelihood(MockGenerator())
@@ -182,11 +255,16 @@ def main() -> None:
     d_true = post.derived(truth_theta.float()[None], batch["z"])
     done = {r["index"] for r in read_records(results)}
     fits_done = {r["index"] for r in read_records(truth_fits)}
+    nested_done = {r["index"] for r in read_records(nested_path)}
     coords = JointCoordinates(post.prior, likelihood.generator.logu_range,
                               likelihood.generator.sigma_v_range)  # fmt: skip
     stop = min(args.start + args.n_galaxies, batch["z"].shape[0])
     for i in range(args.start, stop):
         obs = {k: batch[k][i] for k in OBS_KEYS}
+        if args.sampler == "nested":
+            if i not in nested_done:
+                run_nested(nested_path, i, post, likelihood, obs, nested_posterior)
+            continue
         if i not in fits_done:
             # the MAP of the mode the truth lies in (fit started at the true theta, logU,
             # sigma_v): if it fits as well as the MCMC's mode but sits far from it, the data
@@ -253,6 +331,9 @@ def main() -> None:
     for key, value in result.items():
         if isinstance(value, float):
             result[key] = round(value, 4)
+    nested = [r for r in read_records(nested_path) if "error" not in r]
+    if nested:
+        result["nested"] = summarise_nested(records, nested)
     print(json.dumps(result))
 
 

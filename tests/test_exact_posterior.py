@@ -1,5 +1,6 @@
 """Exact posteriors of mocks under the real simulator (sedvae.posterior.exact): the
-aperture integral, the likelihood's peak, the Laplace fit, and the MCMC's coverage of the truth."""
+aperture integral, the likelihood's peak, the Laplace fit, the MCMC's coverage of the truth,
+and nested sampling's prior transform and its posterior and evidence on an analytic case."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from sedvae.posterior.exact import (
     MockLikelihood,
     exact_posterior,
     laplace_fit,
+    nested_posterior,
 )
-from sedvae.sps.provabgs import check_support
+from sedvae.sps.provabgs import LOGM_RANGE, PROVABGSPrior, check_support
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "data/posterior/posterior.pt"
 OBS_KEYS = ("flux", "ivar", "mask", "z", "photometry", "photometry_ivar")
@@ -127,3 +129,66 @@ def test_exact_posterior_is_in_the_support_and_covers_the_truth(generator, mock)
     assert res.n_sims > 28 * 60
     q = np.quantile(res.theta[:, 0].numpy(), [0.001, 0.999])
     assert q[0] - 0.05 < float(truth["theta"][0]) < q[1] + 0.05
+
+
+def test_unit_cube_transform_draws_the_prior():
+    """Nested sampling's prior transform: uniform points of the unit cube map to the PROVABGS
+    prior (KS of every theta against direct prior draws) and uniform logU, sigma_v boxes."""
+    from scipy.stats import ks_2samp
+
+    prior = PROVABGSPrior()
+    coords = JointCoordinates(prior, (-4.0, -1.0), (30.0, 300.0))
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    theta, logu, sig = coords.split(coords.from_unit(torch.rand(n, 13, generator=g,
+                                                                dtype=torch.float64)))  # fmt: skip
+    check_support(theta)
+    ref = prior.sample(n, g, dtype=torch.float64)
+    for d in range(12):
+        assert ks_2samp(theta[:, d].numpy(), ref[:, d].numpy()).pvalue > 1e-3, prior.names[d]
+    assert abs(float(logu.mean()) + 2.5) < 0.03 and abs(float(sig.mean()) - 165.0) < 2.0
+    # and it is the inverse CDF: the cube's corners go to the prior's edges
+    edge = coords.split(coords.from_unit(torch.tensor([[1e-12] * 13, [1 - 1e-12] * 13])))[0]
+    assert float(edge[0, 0]) == pytest.approx(LOGM_RANGE[0], abs=1e-6)
+    assert float(edge[1, 0]) == pytest.approx(LOGM_RANGE[1], abs=1e-6)
+
+
+class _GaussianLikelihood:
+    """A stand-in for MockLikelihood with a known posterior: logM* ~ N(10.3, 0.05) and
+    logU ~ N(-2.5, 0.2) in the likelihood, the other parameters free."""
+
+    class generator:  # noqa: N801 - the attributes nested_posterior reads off MockGenerator
+        logu_range = (-4.0, -1.0)
+        sigma_v_range = (30.0, 300.0)
+
+    clean = staticmethod(MockLikelihood.clean)
+
+    def __call__(self, theta, obs, z, logu, sigma_v):
+        return -0.5 * ((theta[:, 0] - 10.3) / 0.05) ** 2 - 0.5 * ((logu + 2.5) / 0.2) ** 2
+
+
+def test_nested_posterior_recovers_an_analytic_posterior_and_evidence():
+    """With flat priors on logM* and logU the posterior is the likelihood's Gaussians, the
+    unconstrained parameters keep their prior (beta ~ flat Dirichlet, mean 1/4), and the
+    evidence is the Gaussians' integrals over the prior boxes."""
+    obs = {"flux": torch.ones(10), "ivar": torch.ones(10), "z": torch.tensor(0.1)}
+    res = nested_posterior(PROVABGSPrior(), _GaussianLikelihood(), obs, n_live=400,
+                           n_eff=2000, n_samples=4000, seed=1)  # fmt: skip
+    check_support(res.theta)
+    m = res.theta[:, 0].double()
+    assert float(m.mean()) == pytest.approx(10.3, abs=0.01)
+    assert float(m.std()) == pytest.approx(0.05, rel=0.1)
+    assert float(res.logu.double().mean()) == pytest.approx(-2.5, abs=0.03)
+    assert float(res.logu.double().std()) == pytest.approx(0.2, rel=0.1)
+    assert float(res.theta[:, 1:5].double().mean()) == pytest.approx(0.25, abs=0.02)
+    log_z = (math.log(math.sqrt(2 * math.pi) * 0.05 / (LOGM_RANGE[1] - LOGM_RANGE[0]))
+             + math.log(math.sqrt(2 * math.pi) * 0.2 / 3.0))  # fmt: skip
+    assert res.log_z == pytest.approx(log_z, abs=0.15)
+    assert res.n_sims > 2000
+
+
+def test_nested_posterior_refuses_a_spectrum_without_usable_pixels():
+    obs = {"flux": torch.full((10,), float("nan")), "ivar": torch.ones(10),
+           "z": torch.tensor(0.1)}  # fmt: skip
+    with pytest.raises(ValueError, match="no usable spectral pixel"):
+        nested_posterior(PROVABGSPrior(), _GaussianLikelihood(), obs)
