@@ -35,7 +35,7 @@ from torch import nn
 
 from ..physics.cosmology import age_of_universe_gyr
 from ..sps.dust import CharlotFallKriekConroy
-from ..sps.provabgs import PROVABGSPrior, check_support
+from ..sps.provabgs import PROVABGSPrior, check_theta_z
 
 LN10 = math.log(10.0)
 N_INPUTS = 9
@@ -196,20 +196,8 @@ class Speculator(nn.Module):
         Raises ValueError for theta outside the prior support, a z of the wrong shape, NaN, or
         z outside [0, z_max] (the training set's range).
         """
-        check_support(theta)
-        z = torch.as_tensor(z, device=theta.device)
-        if z.ndim == 0:
-            z = z.expand(theta.shape[0])
-        if z.shape != theta.shape[:1]:
-            raise ValueError(f"z must have shape ({theta.shape[0]},); got {tuple(z.shape)}")
-        if not torch.isfinite(z).all():
-            raise ValueError("z has NaN/inf values")
-        z_max = float(self.z_max)
-        if (z < 0).any() or (z > z_max * (1 + 1e-6)).any():
-            raise ValueError(
-                f"z must lie in [0, {z_max:.4g}] (the emulator's training range); got "
-                f"{z.min().item():.4g}..{z.max().item():.4g}"
-            )
+        theta, z = check_theta_z(theta, z, float(self.z_max),
+                                 range_note=" (the emulator's training range)")  # fmt: skip
         return theta.to(self.dtype), z.to(self.dtype)
 
     def features(self, theta: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,13 @@ import torch.nn.functional as F
 from ..physics.cosmology import age_of_universe_gyr
 from .dust import CharlotFallKriekConroy
 from .nebular import line_deposit_matrix, load_nebular_grid
-from .provabgs import BIN_EDGES_GYR, T_BC_GYR, PROVABGSPrior, check_support, load_nmf_bases
+from .provabgs import (
+    BIN_EDGES_GYR,
+    T_BC_GYR,
+    PROVABGSPrior,
+    check_theta_z,
+    load_nmf_bases,
+)
 from .ssp import load_ssp_grid
 
 Z_MIN_SUPPORTED = 0.0
@@ -227,19 +233,7 @@ class SEDModel(torch.nn.Module):
 
     def check_inputs(self, theta: torch.Tensor, z) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate (theta, z) and cast them to the model dtype; ValueError names the problem."""
-        check_support(theta)
-        z = torch.as_tensor(z, device=theta.device)
-        if z.ndim == 0:
-            z = z.expand(theta.shape[0])
-        if z.shape != theta.shape[:1]:
-            raise ValueError(f"z must have shape ({theta.shape[0]},); got {tuple(z.shape)}")
-        if not torch.isfinite(z).all():
-            raise ValueError("z has NaN/inf values")
-        if (z < Z_MIN_SUPPORTED).any() or (z > self.z_max).any():
-            raise ValueError(
-                f"z must lie in [{Z_MIN_SUPPORTED}, {self.z_max}]; got "
-                f"{z.min().item():.4g}..{z.max().item():.4g}"
-            )
+        theta, z = check_theta_z(theta, z, float(self.z_max), Z_MIN_SUPPORTED)
         return theta.to(self.dtype), z.to(self.dtype)
 
     # ---- histories --------------------------------------------------------------------------

@@ -138,6 +138,29 @@ def check_support(theta: torch.Tensor) -> None:
         )
 
 
+def check_theta_z(
+    theta: torch.Tensor, z, z_max: float, z_min: float = 0.0, range_note: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input check of every SED model (``SEDModel``, ``Emulator``): theta inside the prior
+    support and z a finite (B,) tensor (a scalar is broadcast) in [z_min, z_max]. Returns
+    (theta, z) on theta's device, uncast; ValueError names the problem (``range_note`` says
+    where z_max comes from)."""
+    check_support(theta)
+    z = torch.as_tensor(z, device=theta.device)
+    if z.ndim == 0:
+        z = z.expand(theta.shape[0])
+    if z.shape != theta.shape[:1]:
+        raise ValueError(f"z must have shape ({theta.shape[0]},); got {tuple(z.shape)}")
+    if not torch.isfinite(z).all():
+        raise ValueError("z has NaN/inf values")
+    if (z < z_min).any() or (z > z_max * (1 + 1e-6)).any():
+        raise ValueError(
+            f"z must lie in [{z_min:.4g}, {z_max:.4g}]{range_note}; got "
+            f"{z.min().item():.4g}..{z.max().item():.4g}"
+        )
+    return theta, z
+
+
 class PROVABGSPrior:
     """The PROVABGS prior over theta (12 numbers, 11 free), with sampling, log density and a
     bijection to R^11 (stick-breaking for the simplex, logits of the scaled boxes)."""
