@@ -21,8 +21,8 @@ not a survey-scale one.
 
 The MCMC starts from local fits, so it can stay in one mode or miss a long tail. The check is
 :func:`nested_posterior`: nested sampling (nautilus) from the prior alone, through the unit-cube
-transform :meth:`JointCoordinates.from_unit`, with the same likelihood (~31,000 simulations,
-~5 min per galaxy).
+transform :meth:`JointCoordinates.from_unit`, with the same likelihood (30,000-70,000
+simulations, 5-15 min per galaxy).
 """
 
 from __future__ import annotations
@@ -431,8 +431,9 @@ def nested_posterior(
 
     Unlike :func:`exact_posterior` it starts from nothing but the prior (no flow, no local
     fits), so it finds separated modes and the long tails that local MCMC misses, and its
-    intervals are those of the whole posterior. Costs ~1.7x the simulations (~31,000 for a
-    mock at the defaults) and more time (nautilus trains its bounding networks as it goes).
+    intervals are those of the whole posterior. Costs 1.5-4x the simulations (30,000-70,000 for
+    the held-out mocks at the defaults) and more time (nautilus trains its bounding networks as
+    it goes).
     ``n_live`` live points (bagpipes uses 400); the run stops at ``n_eff`` effective samples
     (and nautilus' default evidence tolerance); ``n_samples`` equal-weight samples are drawn
     from the weighted points. ``obs`` as for :func:`exact_posterior`.
