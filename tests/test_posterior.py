@@ -456,6 +456,54 @@ def test_init_from_copies_weights_and_refuses_another_network(tmp_path):
         PosteriorModule(other, optimizer=torch.optim.Adam, init_from=str(path))
 
 
+def test_warmup_ramps_each_step_and_leaves_the_schedule(tmp_path):
+    """model.warmup_steps scales the first steps' lr by (step + 1) / warmup_steps on top of
+    the per-epoch cosine schedule, which itself is left as it would be without warm-up."""
+    from functools import partial
+
+    import pytorch_lightning as pl
+
+    from sedvae.lightning.posterior import PosteriorModule
+    from sedvae.sps import PROVABGSPrior
+
+    seen: list[float] = []
+
+    class RecordingAdam(torch.optim.Adam):
+        def step(self, closure=None):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    batches = []
+    for i in range(3):
+        batch = fake_batch(4, seed=i)
+        batch["theta"] = PROVABGSPrior().sample(4, torch.Generator().manual_seed(i))
+        batches.append(batch)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+
+    def fit(warmup: int) -> list[float]:
+        seen.clear()
+        torch.manual_seed(0)
+        module = PosteriorModule(
+            tiny_net(),
+            optimizer=partial(RecordingAdam, lr=1e-3),
+            scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=2),
+            warmup_steps=warmup,
+        )
+        trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=tmp_path, limit_val_batches=0)  # fmt: skip
+        trainer.fit(module, loader)
+        return list(seen)
+
+    plain, warm = fit(0), fit(5)
+    # cosine over 2 epochs: 1e-3 for the first 3 steps, 5e-4 for the next 3
+    assert plain == pytest.approx([1e-3] * 3 + [5e-4] * 3)
+    factors = [1 / 5, 2 / 5, 3 / 5, 4 / 5, 1.0, 1.0]
+    assert warm == pytest.approx([f * lr for f, lr in zip(factors, plain, strict=True)])
+    with pytest.raises(ValueError, match="warmup_steps"):
+        PosteriorModule(tiny_net(), optimizer=torch.optim.Adam, warmup_steps=-1)
+
+
 def test_autoencoder_encoder_as_embedding():
     """The adapter runs the autoencoder's encoder (frozen) under the flow."""
     from sedvae.nets import LatentMap, SpectrumEncoder

@@ -32,15 +32,26 @@ class PosteriorModule(pl.LightningModule):
         with fresh optimiser state. Its network must be the one ``net`` is (same config); a
         different one is refused with the mismatch spelled out. Unlike ``ckpt_path`` (which
         resumes a run where it stopped, schedule included), only the weights are taken.
+    warmup_steps : int
+        Optimiser steps over which the learning rate ramps linearly from lr / warmup_steps to
+        the scheduler's lr (0: none). For a cycle started from trained weights: fresh AdamW
+        moments take steps of ~lr per weight at once, and a cycle without warm-up first loses
+        ground it then spends epochs regaining. The ramp scales each step only; the
+        scheduler's own lr is left as it set it.
     """
 
-    def __init__(self, net: NeuralPosterior, optimizer, scheduler=None, init_from=None) -> None:
+    def __init__(
+        self, net: NeuralPosterior, optimizer, scheduler=None, init_from=None, warmup_steps=0
+    ) -> None:
         super().__init__()
         if init_from:
             init_weights(net, init_from)
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.warmup_steps = int(warmup_steps)
 
     def _step(self, batch, stage: str):
         loss, metrics = self.net.loss(batch)
@@ -57,6 +68,26 @@ class PosteriorModule(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         return self._step(batch, "test")
+
+    def warmup_factor(self, step: int) -> float:
+        """Learning-rate factor of optimiser step ``step`` (0-based): (step + 1) / warmup_steps
+        during the warm-up, then 1."""
+        if step >= self.warmup_steps:
+            return 1.0
+        return (step + 1) / self.warmup_steps
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        factor = self.warmup_factor(self.trainer.global_step)
+        if factor == 1.0:
+            return optimizer.step(closure=optimizer_closure)
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr * factor
+        try:
+            return optimizer.step(closure=optimizer_closure)
+        finally:  # the scheduler reads and updates the unscaled lr
+            for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.parameters())
