@@ -36,7 +36,15 @@ sets flow, MCMC and nested sampling side by side on the galaxies that have all t
 (30,000-70,000 simulations, 5-15 min per galaxy on one core). Its RMS posterior sigma,
 sqrt(mean sigma^2), is the Bayes risk of the posterior mean: the smallest RMS error any
 estimator of these galaxies can reach in expectation (``logmstar_bayes_risk_rms``, with a
-bootstrap over galaxies, beside the flow's RMS error on the same galaxies).
+bootstrap over galaxies, beside the flow's RMS error on the same galaxies). The exact
+posterior's own medians against the truth (``nested_rms_error``) match the Bayes risk in
+expectation where its intervals are right. Weighted by each sSFR bin's share of the held-out
+set, the bins give whole-prior figures (``logmstar_prior_weighted``), so galaxies may be run
+bin by bin; its ``nested_rms_error_ratio_estimate`` scales each bin's exact-to-flow error ratio
+on the galaxies run by the flow's error over the whole held-out set (the few galaxies run may be
+easier or harder than their bin). ``--n-live N`` reruns nested sampling with N live points into
+``<out>/nested_live<N>.jsonl``; the summary's ``nested_live<N>`` entry sets it beside the
+default run (500 live points) on the galaxies that have both.
 
 Per-galaxy results are appended to ``<out>/galaxies.jsonl`` as they finish (one complete
 line each), so an interrupted run resumes where it stopped and several ``--start`` shards
@@ -49,6 +57,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -64,6 +73,7 @@ REPO = Path(__file__).resolve().parents[1]
 OBS_KEYS = ("flux", "ivar", "mask", "z", "photometry", "photometry_ivar")
 QUANTITIES = ("logmstar", "logmstar_surv", "log_zmw")
 SSFR_BINS = (("lt-11", -99, -11), ("-11_-9", -11, -9), ("gt-9", -9, 99))
+N_LIVE = 500  # nested sampling's live points (nested.jsonl); other values: nested_live<N>.jsonl
 
 
 def summaries(post, theta: torch.Tensor, z: torch.Tensor) -> dict[str, list[float]]:
@@ -123,8 +133,19 @@ def method_columns(records: list[dict], method: str, quantities=QUANTITIES) -> d
     return out
 
 
-def summarise_nested(records: list[dict], nested: list[dict]) -> dict:
-    """flow, MCMC and nested sampling side by side on the galaxies that have all three."""
+def summarise_nested(
+    records: list[dict],
+    nested: list[dict],
+    shares: dict[str, float] | None = None,
+    flow_all: dict[str, float] | None = None,
+) -> dict:
+    """flow, MCMC and nested sampling side by side on the galaxies that have all three.
+
+    ``shares``: each sSFR bin's fraction of the held-out set (a prior draw), to weight the
+    bins' mean squares into whole-prior figures (the galaxies run may over-sample a bin).
+    ``flow_all``: the flow's RMS logM* error in each bin over the whole held-out set, for a
+    ratio estimate of the exact posterior's error there: the few galaxies run may be easier or
+    harder than their bin, and the flow's error on them measures by how much."""
     by_index = {r["index"]: r for r in records}
     both = []
     for n in nested:
@@ -140,6 +161,7 @@ def summarise_nested(records: list[dict], nested: list[dict]) -> dict:
     sigma = np.array([0.5 * (r["nested"]["logmstar"][2] - r["nested"]["logmstar"][0])
                       for r in both])  # fmt: skip
     err = np.array([r["flow"]["logmstar"][1] - r["truth"]["logmstar"] for r in both])
+    err_nested = np.array([r["nested"]["logmstar"][1] - r["truth"]["logmstar"] for r in both])
 
     def rms(a: np.ndarray, axis=None):
         return np.sqrt((a**2).mean(axis))
@@ -164,8 +186,28 @@ def summarise_nested(records: list[dict], nested: list[dict]) -> dict:
                 "n": int(sel.sum()),
                 "bayes_risk_rms": round(float(rms(sigma[sel])), 4),
                 "flow_rms_error": round(float(rms(err[sel])), 4),
+                # the exact posterior's own medians against the truth: equal to the Bayes risk
+                # in expectation if its intervals are right, above it where they are too narrow
+                "nested_rms_error": round(float(rms(err_nested[sel])), 4),
             }
     out["logmstar_by_log_ssfr"] = by_bin
+    if shares and set(by_bin) == {name for name, _, _ in SSFR_BINS}:
+        total = sum(shares[name] for name in by_bin)
+        out["logmstar_prior_weighted"] = {
+            key: round(math.sqrt(sum(shares[b] * by_bin[b][key] ** 2 for b in by_bin) / total), 4)
+            for key in ("bayes_risk_rms", "nested_rms_error", "flow_rms_error")
+        }
+        out["log_ssfr_bin_shares"] = {b: round(shares[b], 4) for b in by_bin}
+        if flow_all:
+            ratio_sq = {b: (by_bin[b]["nested_rms_error"] / by_bin[b]["flow_rms_error"]) ** 2
+                        for b in by_bin}  # fmt: skip
+            out["logmstar_prior_weighted"]["flow_rms_error_all"] = round(
+                math.sqrt(sum(shares[b] * flow_all[b] ** 2 for b in by_bin) / total), 4
+            )
+            out["logmstar_prior_weighted"]["nested_rms_error_ratio_estimate"] = round(
+                math.sqrt(sum(shares[b] * ratio_sq[b] * flow_all[b] ** 2 for b in by_bin) / total),
+                4,
+            )
     shift = [abs(r["exact"]["logmstar"][1] - r["nested"]["logmstar"][1]) for r in both]
     out["logmstar_mcmc_minus_nested_median_abs"] = float(np.median(shift))
     out["logmstar_mcmc_minus_nested_max_abs"] = float(np.max(shift))
@@ -174,6 +216,33 @@ def summarise_nested(records: list[dict], nested: list[dict]) -> dict:
     for key, value in out.items():
         if isinstance(value, float):
             out[key] = round(value, 4)
+    return out
+
+
+def compare_live(nested: list[dict], other: list[dict], truth: dict[int, float]) -> dict:
+    """Nested sampling with more live points against the default run, on the galaxies that
+    have both (logM* 16/50/84 % of each, and the truth): if the default's intervals are right,
+    more live points move nothing."""
+    by_index = {n["index"]: n for n in nested}
+    pairs = [(by_index[o["index"]], o) for o in other if o["index"] in by_index]
+    out: dict = {"n_galaxies": len(pairs), "indices": [o["index"] for _, o in pairs]}
+    if not pairs:
+        return out
+    out["logmstar_truth"] = [round(truth[o["index"]], 4) for _, o in pairs]
+    for label, run in (("default", 0), ("more_live", 1)):
+        q = np.array([p[run]["nested"]["logmstar"] for p in pairs])
+        out[f"logmstar_{label}"] = [[round(float(v), 4) for v in row] for row in q]
+        out[f"logmstar_{label}_rms_sigma"] = round(
+            float(np.sqrt(((0.5 * (q[:, 2] - q[:, 0])) ** 2).mean())), 4
+        )
+        out[f"{label}_sims_per_galaxy"] = float(np.mean([p[run]["n_sims"] for p in pairs]))
+        out[f"{label}_s_per_galaxy"] = round(float(np.mean([p[run]["nested_s"] for p in pairs])), 1)
+        t = np.array(out["logmstar_truth"])
+        out[f"logmstar_{label}_coverage68"] = round(
+            float(((t >= q[:, 0]) & (t <= q[:, 2])).mean()), 4
+        )
+    shift = [abs(a["nested"]["logmstar"][1] - b["nested"]["logmstar"][1]) for a, b in pairs]
+    out["logmstar_median_shift_max_abs"] = round(float(np.max(shift)), 4)
     return out
 
 
@@ -221,11 +290,13 @@ def summarise(records: list[dict]) -> dict:
     return out
 
 
-def run_nested(path: Path, i: int, post, likelihood, obs: dict, nested_posterior) -> None:
+def run_nested(
+    path: Path, i: int, post, likelihood, obs: dict, nested_posterior, n_live: int = N_LIVE
+) -> None:
     """Nested sampling of galaxy i, one line appended to ``path`` (an error line if it fails)."""
     t0 = time.perf_counter()
     try:
-        res = nested_posterior(post.prior, likelihood, obs, seed=i)
+        res = nested_posterior(post.prior, likelihood, obs, n_live=n_live, seed=i)
     except (ValueError, RuntimeError) as err:
         append_line(path, {"index": i, "error": str(err)})
         print(f"galaxy {i}: skipped ({err})", flush=True)
@@ -236,6 +307,7 @@ def run_nested(path: Path, i: int, post, likelihood, obs: dict, nested_posterior
         "log_z": round(res.log_z, 3),
         "n_eff": round(res.n_eff, 1),
         "n_sims": res.n_sims,
+        "n_live": int(n_live),
         "nested_s": round(time.perf_counter() - t0, 2),
     }
     append_line(path, record)
@@ -247,7 +319,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default=str(REPO / "data/posterior/posterior.pt"))
     parser.add_argument("--cache", default=str(REPO / "cache/mocks"))
-    parser.add_argument("--n-test", type=int, default=2000)
+    parser.add_argument(
+        "--n-test", type=int, default=5000,
+        help="held-out file, as bench/posterior.py's (the 2,000- and 5,000-galaxy files hold the "
+        "same first 1,792 galaxies and noise: both are written in seeded chunks)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=11, help="the data module's base seed")
     parser.add_argument("--n-galaxies", type=int, default=64)
     parser.add_argument("--start", type=int, default=0, help="first galaxy of this shard")
@@ -263,6 +339,11 @@ def main() -> None:
         "--sampler", choices=("mcmc", "nested"), default="mcmc",
         help="nested: nested sampling from the prior (nautilus) into <out>/nested.jsonl, a "
         "check of the MCMC's intervals on the galaxies that have both (~5x its time)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--n-live", type=int, default=N_LIVE,
+        help=f"nested sampling's live points; other than {N_LIVE} into <out>/nested_live<N>.jsonl, "
+        "compared with the default run on the galaxies that have both (time ~ n_live)",
     )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -285,6 +366,7 @@ def main() -> None:
     results = out / "galaxies.jsonl"
     truth_fits = out / "truth_fits.jsonl"
     nested_path = out / "nested.jsonl"
+    run_path = nested_path if args.n_live == N_LIVE else out / f"nested_live{args.n_live}.jsonl"
     post = load_posterior(args.checkpoint)
     batch = test_batch(Path(args.cache), args.n_test, args.seed)
     likelihood = MockLikelihood(MockGenerator())
@@ -292,7 +374,7 @@ def main() -> None:
     d_true = post.derived(truth_theta.float()[None], batch["z"])
     done = {r["index"] for r in read_records(results)}
     fits_done = {r["index"] for r in read_records(truth_fits)}
-    nested_done = {r["index"] for r in read_records(nested_path)}
+    nested_done = {r["index"] for r in read_records(run_path)}
     coords = JointCoordinates(post.prior, likelihood.generator.logu_range,
                               likelihood.generator.sigma_v_range)  # fmt: skip
     stop = min(args.start + args.n_galaxies, batch["z"].shape[0])
@@ -306,7 +388,7 @@ def main() -> None:
         obs = {k: batch[k][i] for k in OBS_KEYS}
         if args.sampler == "nested":
             if i not in nested_done:
-                run_nested(nested_path, i, post, likelihood, obs, nested_posterior)
+                run_nested(run_path, i, post, likelihood, obs, nested_posterior, args.n_live)
             continue
         if i not in fits_done:
             # the MAP of the mode the truth lies in (fit started at the true theta, logU,
@@ -376,7 +458,22 @@ def main() -> None:
             result[key] = round(value, 4)
     nested = [r for r in read_records(nested_path) if "error" not in r]
     if nested:
-        result["nested"] = summarise_nested(records, nested)
+        # the sSFR bins' shares of the whole held-out set, a prior draw
+        log_ssfr = (
+            torch.log10(d_true["sfr_100myr"][0].clamp_min(1e-30)) - d_true["logmstar_surv"][0]
+        )
+        shares = {name: float(((log_ssfr >= lo) & (log_ssfr < hi)).double().mean())
+                  for name, lo, hi in SSFR_BINS}  # fmt: skip
+        # the flow's logM* error per bin over the whole held-out set (200 samples each)
+        med = post.sample({k: batch[k] for k in OBS_KEYS}, 200, torch.Generator().manual_seed(0))
+        sq_err = (med[..., 0].double().nanmedian(0).values - truth_theta[:, 0]) ** 2
+        flow_all = {name: float(sq_err[(log_ssfr >= lo) & (log_ssfr < hi)].nanmean().sqrt())
+                    for name, lo, hi in SSFR_BINS}  # fmt: skip
+        result["nested"] = summarise_nested(records, nested, shares, flow_all)
+        truth = {i: float(truth_theta[i, 0]) for i in range(truth_theta.shape[0])}
+        for path in sorted(out.glob("nested_live*.jsonl")):
+            other = [r for r in read_records(path) if "error" not in r]
+            result[path.stem] = compare_live(nested, other, truth)
     print(json.dumps(result))
 
 
