@@ -33,16 +33,18 @@ too narrow: see its 68 % coverage and ``n_degenerate_modes``.)
 (``sedvae.posterior.exact.nested_posterior``, nautilus: no flow, no local fits, so separated
 modes and long tails are found), into ``<out>/nested.jsonl``; the summary's ``nested`` entry
 sets flow, MCMC and nested sampling side by side on the galaxies that have all three
-(30,000-70,000 simulations, 5-15 min per galaxy on one core). Its RMS posterior sigma,
-sqrt(mean sigma^2), is the Bayes risk of the posterior mean: the smallest RMS error any
-estimator of these galaxies can reach in expectation (``logmstar_bayes_risk_rms``, with a
-bootstrap over galaxies, beside the flow's RMS error on the same galaxies). The exact
-posterior's own medians against the truth (``nested_rms_error``) match the Bayes risk in
-expectation where its intervals are right. Weighted by each sSFR bin's share of the held-out
-set, the bins give whole-prior figures (``logmstar_prior_weighted``), so galaxies may be run
-bin by bin; its ``nested_rms_error_ratio_estimate`` scales each bin's exact-to-flow error ratio
-on the galaxies run by the flow's error over the whole held-out set (the few galaxies run may be
-easier or harder than their bin). ``--n-live N`` reruns nested sampling with N live points into
+(30,000-70,000 simulations, 5-15 min per galaxy on one core). Its RMS posterior sigma, sqrt(mean
+sigma^2), is the Bayes risk of the posterior mean: the smallest RMS error any estimator of these
+galaxies can reach in expectation (``logmstar_bayes_risk_rms``, with a bootstrap over galaxies,
+beside the flow's RMS error on the same galaxies). sigma is half the 16-84 % width, which for a
+multimodal posterior can be far below its standard deviation; records written since the mean and
+standard deviation were added give the latter (``logmstar_nested_sd``). The exact posterior's
+own medians against the truth (``nested_rms_error``) match the Bayes risk in expectation where
+its intervals are right. Weighted by each sSFR bin's share of the held-out set, the bins give
+whole-prior figures (``logmstar_prior_weighted``), so galaxies may be run bin by bin; its
+``nested_rms_error_ratio_estimate`` scales each bin's exact-to-flow error ratio on the galaxies
+run by the flow's error over the whole held-out set (the few galaxies run may be easier or
+harder than their bin). ``--n-live N`` reruns nested sampling with N live points into
 ``<out>/nested_live<N>.jsonl``; the summary's ``nested_live<N>`` entry sets it beside the
 default run (500 live points) on the galaxies that have both.
 
@@ -85,7 +87,12 @@ def summaries(post, theta: torch.Tensor, z: torch.Tensor) -> dict[str, list[floa
         "log_zmw": torch.log10(d["z_mw"][:, 0]).double(),
     }
     q = torch.tensor([0.16, 0.5, 0.84], dtype=torch.float64)
-    return {k: [round(float(x), 5) for x in torch.quantile(v, q)] for k, v in values.items()}
+    out = {k: [round(float(x), 5) for x in torch.quantile(v, q)] for k, v in values.items()}
+    # mean and standard deviation too: for a multimodal posterior the 16-84 % half-width can be
+    # far below the standard deviation, and the Bayes risk of the mean is the latter
+    m = values["logmstar"]
+    out["logmstar_mean_sd"] = [round(float(m.mean()), 5), round(float(m.std()), 5)]
+    return out
 
 
 def read_records(path: Path) -> list[dict]:
@@ -208,6 +215,15 @@ def summarise_nested(
                 math.sqrt(sum(shares[b] * ratio_sq[b] * flow_all[b] ** 2 for b in by_bin) / total),
                 4,
             )
+    # where the records have it (runs since the field was added): the RMS posterior standard
+    # deviation, the Bayes risk itself, beside the RMS half-width on the same galaxies
+    with_sd = [r for r in both if "logmstar_mean_sd" in r["nested"]]
+    if with_sd:
+        sd = np.array([r["nested"]["logmstar_mean_sd"][1] for r in with_sd])
+        hw = np.array([0.5 * (r["nested"]["logmstar"][2] - r["nested"]["logmstar"][0])
+                       for r in with_sd])  # fmt: skip
+        out["logmstar_nested_sd"] = {"n": len(with_sd), "rms_sd": round(float(rms(sd)), 4),
+                                     "rms_half_width": round(float(rms(hw)), 4)}  # fmt: skip
     shift = [abs(r["exact"]["logmstar"][1] - r["nested"]["logmstar"][1]) for r in both]
     out["logmstar_mcmc_minus_nested_median_abs"] = float(np.median(shift))
     out["logmstar_mcmc_minus_nested_max_abs"] = float(np.max(shift))
