@@ -96,6 +96,11 @@ def summaries(post, theta: torch.Tensor, z: torch.Tensor) -> dict[str, list[floa
     return out
 
 
+def rms(a: np.ndarray, axis=None):
+    """Root mean square (over ``axis``; all elements by default)."""
+    return np.sqrt((a**2).mean(axis))
+
+
 def read_records(path: Path) -> list[dict]:
     """Galaxies already in the results file (a torn last line, from a killed run, is
     ignored: that galaxy is redone)."""
@@ -171,9 +176,6 @@ def summarise_nested(
     err = np.array([r["flow"]["logmstar"][1] - r["truth"]["logmstar"] for r in both])
     err_nested = np.array([r["nested"]["logmstar"][1] - r["truth"]["logmstar"] for r in both])
 
-    def rms(a: np.ndarray, axis=None):
-        return np.sqrt((a**2).mean(axis))
-
     boot = np.random.default_rng(0).integers(0, len(both), (2000, len(both)))
     risk = rms(sigma[boot], 1)
     out["logmstar_bayes_risk_rms"] = out["logmstar_nested_rms_sigma"]  # the same figure
@@ -218,13 +220,14 @@ def summarise_nested(
             )
     # where the records have it (runs since the field was added): the RMS posterior standard
     # deviation, the Bayes risk itself, beside the RMS half-width on the same galaxies
-    with_sd = [r for r in both if "logmstar_mean_sd" in r["nested"]]
-    if with_sd:
-        sd = np.array([r["nested"]["logmstar_mean_sd"][1] for r in with_sd])
-        hw = np.array([0.5 * (r["nested"]["logmstar"][2] - r["nested"]["logmstar"][0])
-                       for r in with_sd])  # fmt: skip
-        out["logmstar_nested_sd"] = {"n": len(with_sd), "rms_sd": round(float(rms(sd)), 4),
-                                     "rms_half_width": round(float(rms(hw)), 4)}  # fmt: skip
+    has_sd = np.array(["logmstar_mean_sd" in r["nested"] for r in both])
+    if has_sd.any():
+        sd = np.array([r["nested"].get("logmstar_mean_sd", [0.0, 0.0])[1] for r in both])
+        out["logmstar_nested_sd"] = {
+            "n": int(has_sd.sum()),
+            "rms_sd": round(float(rms(sd[has_sd])), 4),
+            "rms_half_width": round(float(rms(sigma[has_sd])), 4),
+        }
     shift = [abs(r["exact"]["logmstar"][1] - r["nested"]["logmstar"][1]) for r in both]
     out["logmstar_mcmc_minus_nested_median_abs"] = float(np.median(shift))
     out["logmstar_mcmc_minus_nested_max_abs"] = float(np.max(shift))
@@ -246,15 +249,13 @@ def compare_live(nested: list[dict], other: list[dict], truth: dict[int, float])
     if not pairs:
         return out
     out["logmstar_truth"] = [round(truth[o["index"]], 4) for _, o in pairs]
+    t = np.array(out["logmstar_truth"])
     for label, run in (("default", 0), ("more_live", 1)):
         q = np.array([p[run]["nested"]["logmstar"] for p in pairs])
         out[f"logmstar_{label}"] = [[round(float(v), 4) for v in row] for row in q]
-        out[f"logmstar_{label}_rms_sigma"] = round(
-            float(np.sqrt(((0.5 * (q[:, 2] - q[:, 0])) ** 2).mean())), 4
-        )
+        out[f"logmstar_{label}_rms_sigma"] = round(float(rms(0.5 * (q[:, 2] - q[:, 0]))), 4)
         out[f"{label}_sims_per_galaxy"] = float(np.mean([p[run]["n_sims"] for p in pairs]))
         out[f"{label}_s_per_galaxy"] = round(float(np.mean([p[run]["nested_s"] for p in pairs])), 1)
-        t = np.array(out["logmstar_truth"])
         out[f"logmstar_{label}_coverage68"] = round(
             float(((t >= q[:, 0]) & (t <= q[:, 2])).mean()), 4
         )
@@ -478,12 +479,12 @@ def main() -> None:
             result[key] = round(value, 4)
     nested = [r for r in read_records(nested_path) if "error" not in r]
     # per galaxy, the run with the most live points (reruns with more supersede the default)
+    live = {path.stem: [r for r in read_records(path) if "error" not in r]
+            for path in sorted(out.glob("nested_live*.jsonl"))}  # fmt: skip
     best = {r["index"]: r for r in nested}
-    for path in sorted(out.glob("nested_live*.jsonl")):
-        for r in read_records(path):
-            more = r.get("n_live", N_LIVE) > best.get(r["index"], {}).get("n_live", N_LIVE)
-            if "error" not in r and r["index"] in best and more:
-                best[r["index"]] = r
+    for r in (r for runs in live.values() for r in runs):
+        if r["index"] in best and r["n_live"] > best[r["index"]].get("n_live", N_LIVE):
+            best[r["index"]] = r
     if nested:
         # the sSFR bins' shares of the whole held-out set, a prior draw
         log_ssfr = (
@@ -492,17 +493,17 @@ def main() -> None:
         shares = {name: float(((log_ssfr >= lo) & (log_ssfr < hi)).double().mean())
                   for name, lo, hi in SSFR_BINS}  # fmt: skip
         # the flow's logM* error per bin over the whole held-out set (200 samples each)
-        med = post.sample({k: batch[k] for k in OBS_KEYS}, 200, torch.Generator().manual_seed(0))
-        sq_err = (med[..., 0].double().nanmedian(0).values - truth_theta[:, 0]) ** 2
+        samples = post.sample({k: batch[k] for k in OBS_KEYS}, 200,
+                              torch.Generator().manual_seed(0))  # fmt: skip
+        sq_err = (samples[..., 0].double().nanmedian(0).values - truth_theta[:, 0]) ** 2
         flow_all = {name: float(sq_err[(log_ssfr >= lo) & (log_ssfr < hi)].nanmean().sqrt())
                     for name, lo, hi in SSFR_BINS}  # fmt: skip
         result["nested"] = summarise_nested(records, list(best.values()), shares, flow_all)
         result["nested"]["n_more_live"] = sum(r.get("n_live", N_LIVE) > N_LIVE
                                               for r in best.values())  # fmt: skip
         truth = {i: float(truth_theta[i, 0]) for i in range(truth_theta.shape[0])}
-        for path in sorted(out.glob("nested_live*.jsonl")):
-            other = [r for r in read_records(path) if "error" not in r]
-            result[path.stem] = compare_live(nested, other, truth)
+        for name, other in live.items():
+            result[name] = compare_live(nested, other, truth)
     print(json.dumps(result))
 
 
