@@ -22,7 +22,8 @@ written on first use (~1 min) when missing. ``--n-test 2000`` gives that file.
 - Recovery: posterior medians against the truth, in dex: logM* (formed mass), surviving mass,
   SFR over 100 Myr (star-forming galaxies, true sSFR > 1e-11/yr) and Z_MW; logM* also in
   three bins of true sSFR (``logmstar_by_log_ssfr``), since outshining by recent bursts is what
-  limits it.
+  limits it; and the correlation of the logM* error with the true mass-weighted age
+  (``logmstar_err_vs_t_mw_corr``: medians pulled towards the prior's age make it negative).
 - Speed: wall time of ``Posterior.sample(batch, 1000)`` for a batch of 1000 galaxies (one
   thread, everything included: rest-frame binning, embedding, flow, mapping to physical
   units), per galaxy; derived properties timed separately; with ``--compile`` also the
@@ -214,6 +215,12 @@ def main() -> None:
                           "scatter": round(r["scatter"], 4), "nmad": round(r["nmad"], 4),
                           "post_sigma": round(width(theta[:, sel, 0].double()), 4)}  # fmt: skip
     result["logmstar_by_log_ssfr"] = by_ssfr
+    # age shrinkage: the logM* error follows the mass-to-light ratio, i.e. age; a posterior
+    # that misses the age information pulls every galaxy's age (so its mass) towards the
+    # prior's, and its error correlates with the true mass-weighted age
+    err = (theta_med[ok, 0] - truth[ok, 0].float()).double()
+    t_mw = d_true["t_mw_gyr"][0, ok].double()
+    result["logmstar_err_vs_t_mw_corr"] = float(torch.corrcoef(torch.stack([err, t_mw]))[0, 1])
 
     # ---- figures --------------------------------------------------------------------------
     if args.figures:

@@ -456,6 +456,39 @@ def test_init_from_copies_weights_and_refuses_another_network(tmp_path):
         PosteriorModule(other, optimizer=torch.optim.Adam, init_from=str(path))
 
 
+def test_init_widen_adds_index_inputs_without_changing_the_density(tmp_path):
+    """model.init_widen: a net given spectral-index inputs starts from a file trained without
+    them and, before training, has exactly its density; the new inputs do get gradients."""
+    from sedvae.lightning.posterior import PosteriorModule
+    from sedvae.sps import PROVABGSPrior
+
+    torch.manual_seed(0)
+    src = hydra_net(net_config()).eval()
+    path = save_posterior(tmp_path / "p.pt", src, net_config())
+    cfg = net_config()
+    cfg["embedding"]["indices"] = True
+    wide = hydra_net(cfg)
+    assert wide.embedding.n_extras == src.embedding.n_extras + wide.embedding.indices.n_features
+    with pytest.raises(PosteriorCheckpointError, match="differs"):
+        PosteriorModule(hydra_net(cfg), optimizer=torch.optim.Adam, init_from=str(path))
+    module = PosteriorModule(wide, optimizer=torch.optim.Adam, init_from=str(path), init_widen=True)
+    batch = fake_batch(3)
+    batch["theta"] = PROVABGSPrior().sample(3, torch.Generator().manual_seed(0))
+    module.net.eval()
+    loss = module.net.loss(batch)[0]
+    with torch.no_grad():
+        assert loss.item() == pytest.approx(src.loss(batch)[0].item(), rel=1e-6)
+    loss.backward()
+    first = module.net.embedding.head[0].weight
+    assert first.grad[:, -wide.embedding.indices.n_features :].abs().sum() > 0
+
+
+def hydra_net(cfg: dict) -> NeuralPosterior:
+    import hydra
+
+    return hydra.utils.instantiate(cfg)
+
+
 def test_warmup_ramps_each_step_and_leaves_the_schedule(tmp_path):
     """model.warmup_steps scales the first steps' lr by (step + 1) / warmup_steps on top of
     the per-epoch cosine schedule, which itself is left as it would be without warm-up."""

@@ -4,15 +4,38 @@
 from __future__ import annotations
 
 import pytorch_lightning as pl
+import torch
 
 from ..posterior.checkpoint import PosteriorCheckpointError, load_posterior_net
 from ..posterior.model import NeuralPosterior
 
 
-def init_weights(net: NeuralPosterior, path) -> None:
-    """Copy the weights of the posterior file ``path`` into ``net`` (same architecture)."""
+def widened_state(old: dict, new: dict) -> dict:
+    """``old`` state dict fitted into ``new``'s shapes: a tensor whose last dimension grew
+    (a layer given extra inputs, appended after the old ones) keeps its old entries and gets
+    zeros for the new ones, so the widened network computes exactly what the old one did
+    until training moves the new weights. Any other difference is left for
+    ``load_state_dict`` to report."""
+    out = dict(old)
+    for key, target in new.items():
+        src = old.get(key)
+        if src is None or src.shape == target.shape or src.dim() != target.dim():
+            continue
+        if src.shape[:-1] == target.shape[:-1] and src.shape[-1] < target.shape[-1]:
+            grown = torch.zeros_like(target)
+            grown[..., : src.shape[-1]] = src
+            out[key] = grown
+    return out
+
+
+def init_weights(net: NeuralPosterior, path, widen: bool = False) -> None:
+    """Copy the weights of the posterior file ``path`` into ``net`` (same architecture; with
+    ``widen``, layers of ``net`` that read more inputs take the old weights plus zeros)."""
     try:
-        net.load_state_dict(load_posterior_net(path).state_dict())
+        state = load_posterior_net(path).state_dict()
+        if widen:
+            state = widened_state(state, net.state_dict())
+        net.load_state_dict(state)
     except RuntimeError as err:  # torch lists the missing, unexpected and mis-shaped tensors
         raise PosteriorCheckpointError(
             f"init_from={path}: its network differs from the configured one; start from a file "
@@ -32,6 +55,10 @@ class PosteriorModule(pl.LightningModule):
         with fresh optimiser state. Its network must be the one ``net`` is (same config); a
         different one is refused with the mismatch spelled out. Unlike ``ckpt_path`` (which
         resumes a run where it stopped, schedule included), only the weights are taken.
+    init_widen : bool
+        With ``init_from``: the configured network may read more inputs than the file's
+        (e.g. ``embedding.indices=true`` added to a file trained without); those layers start
+        from the file's weights with zeros for the new inputs (:func:`widened_state`).
     warmup_steps : int
         Optimiser steps over which the learning rate ramps linearly from lr / warmup_steps to
         the scheduler's lr (0: none). For a cycle started from trained weights: fresh AdamW
@@ -41,11 +68,17 @@ class PosteriorModule(pl.LightningModule):
     """
 
     def __init__(
-        self, net: NeuralPosterior, optimizer, scheduler=None, init_from=None, warmup_steps=0
+        self,
+        net: NeuralPosterior,
+        optimizer,
+        scheduler=None,
+        init_from=None,
+        warmup_steps=0,
+        init_widen: bool = False,
     ) -> None:
         super().__init__()
         if init_from:
-            init_weights(net, init_from)
+            init_weights(net, init_from, widen=init_widen)
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.net = net

@@ -9,7 +9,10 @@ Inputs are made comparable across redshifts and brightnesses before any learning
 - the absolute scale enters as luminosities: log10 of the spectrum's norm and of each band's
   photometric flux, times 4 pi d_L^2 (1 + z) (Planck18), which is what the stellar mass scales
   with (the spectrum alone misses the light outside the fibre; the photometry does not);
-- colours, per-band S/N, z and the spectrum's mean S/N complete the head inputs.
+- colours, per-band S/N, z and the spectrum's mean S/N complete the head inputs;
+- optionally (``indices=True``) spectral indices measured on the observed pixels: D4000n,
+  Lick absorption and emission-line equivalent widths with their errors
+  (:class:`sedvae.posterior.indices.SpectralIndices`), the classical age diagnostics.
 
 A trunk (:class:`MLPTrunk` or :class:`ConvTrunk`) reads the spectrum channels; an MLP head
 reads the trunk features and the extras and returns the summary vector.
@@ -26,6 +29,7 @@ from torch import nn
 
 from ..nets.encoder import RestFrameBinner
 from ..physics.cosmology import luminosity_distance_mpc
+from .indices import SpectralIndices
 
 LOG_LUM_CENTRE = 6.5  # log10 (flux unit x Mpc^2): the middle of BGS galaxies' luminosities
 LOG_LUM_SCALE = 1.5  # their spread (dex)
@@ -135,6 +139,10 @@ class SpectrumEmbedding(nn.Module):
         Size of the summary vector x.
     z_max : float
         Redshift scale of the z input.
+    indices : bool
+        Append spectral-index features (D4000n, Lick indices, emission-line equivalent widths,
+        their errors and coverage flags) to the head inputs, after the others (so a file
+        trained without them can start a run with them: ``model.init_widen``).
     """
 
     def __init__(
@@ -147,6 +155,7 @@ class SpectrumEmbedding(nn.Module):
         head: Sequence[int] = (256, 256),
         n_out: int = 64,
         z_max: float = 0.6,
+        indices: bool = False,
     ) -> None:
         super().__init__()
         if getattr(trunk, "n_bins", n_bins) != n_bins:
@@ -164,6 +173,9 @@ class SpectrumEmbedding(nn.Module):
         self.z_max = float(z_max)
         self.trunk = trunk
         self.n_extras = 3 + 3 * self.n_bands
+        self.indices = SpectralIndices(wave, arm) if indices else None
+        if self.indices is not None:
+            self.n_extras += self.indices.n_features
         self.n_out = int(n_out)
         self.head = _mlp(trunk.n_out + self.n_extras, head, self.n_out)
 
@@ -230,6 +242,8 @@ class SpectrumEmbedding(nn.Module):
                     use = ok[:, band] & (f_b > 3 * sigma[:, band])
                     guess = torch.log10(f_b.clamp_min(1e-30)) + log_dist + offset
                     anchor = torch.where(use, guess, anchor)
+        if self.indices is not None:
+            extras.append(self.indices(flux, ivar, z))
         return x, torch.cat(extras, -1), anchor
 
     @torch.no_grad()
