@@ -115,3 +115,14 @@ def test_coverage_is_the_fraction_of_each_window_with_good_pixels(indices):
     ivar[0, pix_wave < 0.5 * (lo + hi)] = 0.0
     cov = indices._window_means(f, ivar, torch.tensor([0.0]))[2]
     assert float(cov[0, 0]) == pytest.approx(0.5, abs=0.02)
+
+
+def test_needs_exactly_one_pixel_description(indices):
+    with pytest.raises(ValueError, match="either wave_obs"):
+        SpectralIndices()
+    with pytest.raises(ValueError, match="either wave_obs"):
+        SpectralIndices(pix_wave, pix_arm, pixels=indices._pixels)
+    shared = SpectralIndices(pixels=indices._pixels)
+    f = observe(absorption("Mgb", 2.0), 0.1)
+    ivar, z = torch.full_like(f, 100.0), torch.tensor([0.1])
+    assert torch.equal(shared(f, ivar, z), indices(f, ivar, z))

@@ -19,9 +19,8 @@ def widened_state(old: dict, new: dict) -> dict:
     out = dict(old)
     for key, target in new.items():
         src = old.get(key)
-        if src is None or src.shape == target.shape or src.dim() != target.dim():
-            continue
-        if src.shape[:-1] == target.shape[:-1] and src.shape[-1] < target.shape[-1]:
+        grew = src is not None and src.shape[-1] < target.shape[-1]
+        if grew and src.shape[:-1] == target.shape[:-1]:
             grown = torch.zeros_like(target)
             grown[..., : src.shape[-1]] = src
             out[key] = grown

@@ -173,7 +173,7 @@ class SpectrumEmbedding(nn.Module):
         self.z_max = float(z_max)
         self.trunk = trunk
         self.n_extras = 3 + 3 * self.n_bands
-        self.indices = SpectralIndices(wave, arm) if indices else None
+        self.indices = SpectralIndices(pixels=self.binner) if indices else None
         if self.indices is not None:
             self.n_extras += self.indices.n_features
         self.n_out = int(n_out)

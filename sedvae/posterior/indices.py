@@ -64,18 +64,23 @@ class SpectralIndices(nn.Module):
 
     Parameters
     ----------
-    wave_obs : (M,) array-like, Angstrom
+    wave_obs : (M,) array-like, Angstrom, optional
         Instrument pixel centres (vacuum), increasing within each arm.
     arm : (M,) int array-like, optional
         Arm of each pixel (overlapping arms are combined ivar-weighted).
+    pixels : RestFrameBinner, optional
+        A binner of the same pixels to take the per-arm pixel edges from (e.g. the summary
+        network's own), instead of ``wave_obs`` and ``arm``.
     """
 
     names = ("D4000n", *LICK_INDICES)
 
-    def __init__(self, wave_obs, arm=None) -> None:
+    def __init__(self, wave_obs=None, arm=None, pixels: RestFrameBinner | None = None) -> None:
         super().__init__()
-        # one binner only for its per-arm pixel edges and exact cumulative integrals
-        self._pixels = RestFrameBinner(wave_obs, arm, 3000.0, 4000.0, 1)
+        if (wave_obs is None) == (pixels is None):
+            raise ValueError("give either wave_obs (and arm) or pixels")
+        # a binner only for its per-arm pixel edges and exact cumulative integrals
+        self._pixels = pixels if pixels is not None else RestFrameBinner(wave_obs, arm, n_bins=1)
         windows = [D4000N[0], D4000N[1]]
         for blue, band, red in LICK_INDICES.values():
             windows += [blue, band, red]
