@@ -27,13 +27,20 @@ def widened_state(old: dict, new: dict) -> dict:
     return out
 
 
+ADDED_AT_IDENTITY = ("flow.affine.",)  # modules that start as the identity (zero last layer)
+
+
 def init_weights(net: NeuralPosterior, path, widen: bool = False) -> None:
     """Copy the weights of the posterior file ``path`` into ``net`` (same architecture; with
-    ``widen``, layers of ``net`` that read more inputs take the old weights plus zeros)."""
+    ``widen``, layers of ``net`` that read more inputs take the old weights plus zeros, and a
+    flow affine head the file lacks keeps its identity start)."""
     try:
         state = load_posterior_net(path).state_dict()
         if widen:
             state = widened_state(state, net.state_dict())
+            for key, value in net.state_dict().items():
+                if key not in state and key.startswith(ADDED_AT_IDENTITY):
+                    state[key] = value
         net.load_state_dict(state)
     except RuntimeError as err:  # torch lists the missing, unexpected and mis-shaped tensors
         raise PosteriorCheckpointError(
@@ -57,7 +64,9 @@ class PosteriorModule(pl.LightningModule):
     init_widen : bool
         With ``init_from``: the configured network may read more inputs than the file's
         (e.g. ``embedding.indices=true`` added to a file trained without); those layers start
-        from the file's weights with zeros for the new inputs (:func:`widened_state`).
+        from the file's weights with zeros for the new inputs (:func:`widened_state`). It may
+        also add a flow affine head (``flow.affine_head``), which starts as the identity. Either
+        way the run starts at exactly the file's density.
     warmup_steps : int
         Optimiser steps over which the learning rate ramps linearly from lr / warmup_steps to
         the scheduler's lr (0: none). For a cycle started from trained weights: fresh AdamW

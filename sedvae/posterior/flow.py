@@ -35,6 +35,8 @@ from zuko.utils import unpack
 
 from ..sps.provabgs import N_FREE, PROVABGSPrior
 
+AFFINE_LOG_SCALE_MAX = 6.0  # the affine head's scales lie in (e^-6, e^6)
+
 
 class FastRQSTransform(MonotonicRQSTransform):
     """zuko's monotonic rational-quadratic spline with the bin softmax written out.
@@ -144,6 +146,15 @@ class PosteriorFlow(nn.Module):
         Dimension of u (11 for PROVABGS).
     mask_seed : int
         Seed of the random coupling masks (stored as buffers, so checkpoints keep them).
+    affine_head : sequence of int, optional
+        Hidden widths of an MLP of the context giving a location and log scale per coordinate
+        (log scale soft-clipped to +-``AFFINE_LOG_SCALE_MAX``), applied after the couplings:
+        v = loc(c) + exp(log_scale(c)) x couplings^-1(eps). The splines then model the shape
+        of a posterior standardised by the head, not its position and width: without it a
+        posterior 0.01 wide in the Gaussianised prior coordinates (logM* to 0.02 dex) must be
+        placed and narrowed by the spline conditioners alone. Its last layer starts at zero,
+        so the head starts as the identity (a trained file can take one on:
+        ``model.init_widen``). None (default): no head, as files saved before it existed.
     """
 
     def __init__(
@@ -154,10 +165,22 @@ class PosteriorFlow(nn.Module):
         bins: int | None = 8,
         features: int = N_FREE,
         mask_seed: int = 0,
+        affine_head: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.features = int(features)
         self.context = int(context)
+        self.affine = None
+        if affine_head is not None:
+            layers_a: list[nn.Module] = []
+            n_in = self.context
+            for h in affine_head:
+                layers_a += [nn.Linear(n_in, int(h)), nn.SiLU()]
+                n_in = int(h)
+            last = nn.Linear(n_in, 2 * self.features)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+            self.affine = nn.Sequential(*layers_a, last)
         gen = torch.Generator().manual_seed(mask_seed)
         if bins is None:
             univariate, shapes = MonotonicAffineTransform, [(), ()]
@@ -201,6 +224,14 @@ class PosteriorFlow(nn.Module):
         self.register_buffer("u_loc", loc)  # (11,)
         self.register_buffer("u_scale", scale)  # (11,)
 
+    def affine_params(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's location and log scale (B, d) (zeros without a head)."""
+        if self.affine is None:
+            zero = context.new_zeros(context.shape[0], self.features)
+            return zero, zero
+        loc, raw = self.affine(context).chunk(2, -1)
+        return loc, AFFINE_LOG_SCALE_MAX * torch.tanh(raw / AFFINE_LOG_SCALE_MAX)
+
     def _check_context(self, context: torch.Tensor) -> None:
         if context.ndim != 2 or context.shape[-1] != self.context:
             raise ValueError(
@@ -216,7 +247,12 @@ class PosteriorFlow(nn.Module):
         if u.shape[-1] != self.features:
             raise ValueError(f"u must end in {self.features}; got {tuple(u.shape)}")
         v = (u - self.u_loc) / self.u_scale
-        return self.flow(context).log_prob(v) - torch.log(self.u_scale).sum()
+        log_q = -torch.log(self.u_scale).sum()
+        if self.affine is not None:
+            loc, log_scale = self.affine_params(context)
+            v = (v - loc) * torch.exp(-log_scale)
+            log_q = log_q - log_scale.sum(-1)
+        return self.flow(context).log_prob(v) + log_q
 
     def sample(
         self, context: torch.Tensor, n: int, generator: torch.Generator | None = None
@@ -235,11 +271,16 @@ class PosteriorFlow(nn.Module):
 
         Spline flows use :meth:`_inverse_lean` (the same function as zuko's transforms, in a
         third of the tensor operations, and free of graph breaks so ``compile_sampler`` can
-        fuse it); affine flows use zuko's transforms.
+        fuse it); affine flows use zuko's transforms. The affine head, if any, comes last.
         """
         if self.bins is None:
-            return self.flow(context).transform.inv(eps)
-        return self._sampler(eps, context)
+            v = self.flow(context).transform.inv(eps)
+        else:
+            v = self._sampler(eps, context)
+        if self.affine is not None:
+            loc, log_scale = self.affine_params(context)
+            v = loc + torch.exp(log_scale) * v
+        return v
 
     def _inverse_lean(self, eps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         y = eps
@@ -274,6 +315,10 @@ class PosteriorFlow(nn.Module):
         dist = self.flow(context)
         v, ladj = dist.transform.inv.call_and_ladj(eps)  # ladj of the inverse map eps -> v
         log_q = dist.base.log_prob(eps) - ladj - torch.log(self.u_scale).sum()
+        if self.affine is not None:
+            loc, log_scale = self.affine_params(context)
+            v = loc + torch.exp(log_scale) * v
+            log_q = log_q - log_scale.sum(-1)
         return v * self.u_scale + self.u_loc, log_q
 
 
