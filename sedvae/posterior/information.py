@@ -213,9 +213,10 @@ def binned_fisher(y: torch.Tensor, overlap: torch.Tensor, ivar: torch.Tensor) ->
     y^T G^T (G G^T)^-1 G y with G = O diag(ivar)^(1/2), over the bins that hold data."""
     gmat = overlap * ivar.double().clamp_min(0).sqrt()[None]
     keep = (gmat * gmat).sum(1) > 0
-    gmat = gmat[keep].to_sparse()  # each pixel overlaps one or two bins
-    gy = torch.sparse.mm(gmat, y.T.contiguous())  # (N', d)
-    ggt = torch.sparse.mm(gmat, gmat.to_dense().T.contiguous())
+    gmat = gmat[keep]
+    sparse = gmat.to_sparse()  # each pixel overlaps one or two bins
+    gy = torch.sparse.mm(sparse, y.T.contiguous())  # (N', d)
+    ggt = torch.sparse.mm(sparse, gmat.T.contiguous())
     chol = torch.linalg.cholesky(ggt + 1e-12 * torch.diag(torch.diagonal(ggt)))
     h = torch.cholesky_solve(gy, chol)
     return gy.T @ h
