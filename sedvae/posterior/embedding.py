@@ -40,10 +40,13 @@ MASS_ANCHORS = ((3, 2.77), (2, 2.92))  # (band index, offset): W1, then z (Legac
 MASS_ANCHOR_SPECTRUM = 4.12
 
 
-def _mlp(n_in: int, hidden: Sequence[int], n_out: int, dropout: float = 0.0) -> nn.Sequential:
+def _mlp(
+    n_in: int, hidden: Sequence[int], n_out: int, dropout: float = 0.0, activation=nn.GELU
+) -> nn.Sequential:
     layers: list[nn.Module] = []
     for h in hidden:
-        layers += [nn.Linear(n_in, h), nn.GELU()]
+        h = int(h)
+        layers += [nn.Linear(n_in, h), activation()]
         if dropout:
             layers.append(nn.Dropout(dropout))
         n_in = h

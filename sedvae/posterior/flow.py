@@ -34,6 +34,7 @@ from zuko.transforms import (
 from zuko.utils import unpack
 
 from ..sps.provabgs import N_FREE, PROVABGSPrior
+from .embedding import _mlp
 
 AFFINE_LOG_SCALE_MAX = 6.0  # the affine head's scales lie in (e^-6, e^6)
 
@@ -172,15 +173,9 @@ class PosteriorFlow(nn.Module):
         self.context = int(context)
         self.affine = None
         if affine_head is not None:
-            layers_a: list[nn.Module] = []
-            n_in = self.context
-            for h in affine_head:
-                layers_a += [nn.Linear(n_in, int(h)), nn.SiLU()]
-                n_in = int(h)
-            last = nn.Linear(n_in, 2 * self.features)
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
-            self.affine = nn.Sequential(*layers_a, last)
+            self.affine = _mlp(self.context, affine_head, 2 * self.features, activation=nn.SiLU)
+            nn.init.zeros_(self.affine[-1].weight)  # the identity at the start
+            nn.init.zeros_(self.affine[-1].bias)
         gen = torch.Generator().manual_seed(mask_seed)
         if bins is None:
             univariate, shapes = MonotonicAffineTransform, [(), ()]
@@ -225,12 +220,17 @@ class PosteriorFlow(nn.Module):
         self.register_buffer("u_scale", scale)  # (11,)
 
     def affine_params(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The head's location and log scale (B, d) (zeros without a head)."""
-        if self.affine is None:
-            zero = context.new_zeros(context.shape[0], self.features)
-            return zero, zero
+        """The affine head's location and log scale (B, d)."""
         loc, raw = self.affine(context).chunk(2, -1)
         return loc, AFFINE_LOG_SCALE_MAX * torch.tanh(raw / AFFINE_LOG_SCALE_MAX)
+
+    def _apply_affine(self, v: torch.Tensor, context: torch.Tensor):
+        """The head applied to coupling outputs v (..., B, d), and its log-Jacobian (B,)
+        (v and zero without a head)."""
+        if self.affine is None:
+            return v, 0.0
+        loc, log_scale = self.affine_params(context)
+        return loc + torch.exp(log_scale) * v, log_scale.sum(-1)
 
     def _check_context(self, context: torch.Tensor) -> None:
         if context.ndim != 2 or context.shape[-1] != self.context:
@@ -277,10 +277,7 @@ class PosteriorFlow(nn.Module):
             v = self.flow(context).transform.inv(eps)
         else:
             v = self._sampler(eps, context)
-        if self.affine is not None:
-            loc, log_scale = self.affine_params(context)
-            v = loc + torch.exp(log_scale) * v
-        return v
+        return self._apply_affine(v, context)[0]
 
     def _inverse_lean(self, eps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         y = eps
@@ -314,11 +311,8 @@ class PosteriorFlow(nn.Module):
         ).to(context.device)
         dist = self.flow(context)
         v, ladj = dist.transform.inv.call_and_ladj(eps)  # ladj of the inverse map eps -> v
-        log_q = dist.base.log_prob(eps) - ladj - torch.log(self.u_scale).sum()
-        if self.affine is not None:
-            loc, log_scale = self.affine_params(context)
-            v = loc + torch.exp(log_scale) * v
-            log_q = log_q - log_scale.sum(-1)
+        v, ladj_affine = self._apply_affine(v, context)
+        log_q = dist.base.log_prob(eps) - ladj - ladj_affine - torch.log(self.u_scale).sum()
         return v * self.u_scale + self.u_loc, log_q
 
 
