@@ -46,7 +46,13 @@ def log_results(loggers: list[Any], metrics: dict, out: Path) -> None:
                 logger.log_image(key=key, images=[str(fig)])
         logger.finalize("success")
         if type(logger).__name__ == "WandbLogger":
-            logger.experiment.finish()  # flushes the offline run to disk now
+            import wandb
+
+            logger.experiment.finish()
+            # finish() can return before the service has written the offline run's record file
+            # (seen: only its 7-byte header right after, complete seconds later); stopping the
+            # service waits for it, so the run is on disk when evaluate returns
+            wandb.teardown()
 
 
 def evaluate(cfg: DictConfig) -> dict:
