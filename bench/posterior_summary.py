@@ -1,0 +1,183 @@
+"""Is it the flow or the summary that limits logM*? Frozen-summary tests of the SBI head.
+
+    python bench/posterior_summary.py [--checkpoint data/posterior/posterior.pt]
+                                      [--train-seeds 11,21,31] [--draws 2] [--epochs 30]
+
+1. Frozen summaries (``sedvae.posterior.summaries``): the checkpoint's embedding applied to
+   every galaxy of the training files of ``experiment=posterior`` (``--train-seeds``, 50,000
+   galaxies each, written on first use, ~10 min each on one core), ``--draws`` fresh noise
+   draws each with the training augmentation; to its 2,000-galaxy validation file (fixed
+   noise) and to ``bench/posterior.py``'s 5,000 held-out mocks.
+2. Two flows trained on them for the same ``--epochs``, learning rate and warm-up: the
+   checkpoint's flow continued (the control), and the checkpoint's flow deepened by four
+   spline couplings (conditioners 128 x 128, 8 bins, three times the flow's parameters) that
+   start as the identity (``deepen_flow``). Each gets its validation and held-out NLL
+   (nats in u, the training logs' ``nll_u``) and its logM* posterior medians against the
+   truth on the held-out mocks (200 samples per galaxy).
+3. A least-squares MLP regressor of logM* on the same summaries (``fit_regressor``): an
+   estimate of the posterior mean given the summary, the estimator of smallest RMS error.
+   Its held-out RMS error is what any consumer of the summary can reach, up to the
+   regressor's own training, so if it equals the flow's error, the summary is the limit.
+
+Ratios in the JSON: ``deep_over_control_logmstar_rms`` (a larger flow on the same summary),
+``regressor_over_flow_logmstar_rms`` (the best estimate from the summary against the
+checkpoint's flow), the latter also by true sSFR (bench/posterior.py's bins) and by spectral
+S/N tercile (``..._by_group``), where ``bench/posterior_information.py`` found the flow's
+width over the summary's local Fisher bound to grow with S/N. About 35 minutes on one core once the mock files exist. Last line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from sedvae.posterior import NeuralPosterior, Posterior, load_posterior_net
+from sedvae.posterior.diagnostics import recovery
+from sedvae.posterior.summaries import (
+    deepen_flow,
+    fit_flow,
+    fit_regressor,
+    summarise_batch,
+    summarise_dataset,
+    summary_nll,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+OBS_KEYS = ("flux", "ivar", "mask", "z", "photometry", "photometry_ivar")
+
+
+def by_group(err: torch.Tensor, groups: dict[str, torch.Tensor]) -> dict[str, float]:
+    """RMS of ``err`` (N,) within each boolean mask of ``groups``."""
+    return {name: round(float(err[m].pow(2).mean().sqrt()), 4) for name, m in groups.items()}
+
+
+def galaxy_groups(net, batch: dict) -> dict[str, torch.Tensor]:
+    """Masks of the held-out galaxies by true sSFR (as bench/posterior.py's bins) and by
+    spectral S/N tercile (median flux x sqrt(ivar) over the usable pixels)."""
+    d = Posterior(net).derived(batch["theta"][None], batch["z"])
+    log_ssfr = torch.log10(d["sfr_100myr"][0].clamp_min(1e-30)) - d["logmstar_surv"][0]
+    good = batch["ivar"] > 0
+    snr = torch.where(good, batch["flux"] * batch["ivar"].sqrt(), torch.nan).nanmedian(1).values
+    t1, t2 = torch.quantile(snr, torch.tensor([1 / 3, 2 / 3]))
+    return {
+        "ssfr_lt-11": log_ssfr < -11,
+        "ssfr_-11_-9": (log_ssfr >= -11) & (log_ssfr < -9),
+        "ssfr_gt-9": log_ssfr >= -9,
+        "snr_t1": snr < t1,
+        "snr_t2": (snr >= t1) & (snr < t2),
+        "snr_t3": snr >= t2,
+    }
+
+
+def flow_recovery(net, flow, batch: dict, n_samples: int, groups: dict, seed: int = 0) -> dict:
+    """logM* bias, scatter, NMAD and RMS error of the posterior medians of ``net`` with
+    ``flow`` in place of its own, on a held-out batch; the RMS error also by group."""
+    post = Posterior(NeuralPosterior(net.embedding, flow, net.p_drop_photometry, net.mass_anchor,
+                                     net.gaussianize_prior))  # fmt: skip
+    theta = post.sample({k: batch[k] for k in OBS_KEYS}, n_samples,
+                        torch.Generator().manual_seed(seed))  # fmt: skip
+    med = theta[..., 0].double().median(0).values
+    truth = batch["theta"][:, 0].double()
+    rec = recovery(med, truth)
+    rec["rms"] = float(((med - truth) ** 2).mean().sqrt())
+    out = {f"logmstar_{k}": round(float(v), 4) for k, v in rec.items() if k != "n"}
+    out["logmstar_rms_by_group"] = by_group(med - truth, groups)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", default=str(REPO / "data/posterior/posterior.pt"))
+    parser.add_argument("--cache", default=str(REPO / "cache/mocks"))
+    parser.add_argument("--train-seeds", default="11,21,31")
+    parser.add_argument("--draws", type=int, default=2, help="noise draws per training galaxy")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--lr", type=float, default=2.5e-4)
+    parser.add_argument("--n-samples", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    from posterior import test_batch  # bench/posterior.py: the same held-out set
+
+    from sedvae.posterior.data import PosteriorMockDataModule
+
+    seeds = [int(s) for s in args.train_seeds.split(",")]
+    dm = PosteriorMockDataModule(cache_dir=args.cache, n_train=50000, n_val=2000, n_test=5000,
+                                 seed=11, train_seeds=seeds)  # fmt: skip
+    dm.prepare_data()  # writes missing training / validation files
+    dm.setup()
+    net = load_posterior_net(args.checkpoint).eval()
+    t0 = time.perf_counter()
+    train = summarise_dataset(net, dm.datasets["train"], n_draws=args.draws, seed=1)
+    val_items = [dm.datasets["val"][i] for i in range(len(dm.datasets["val"]))]
+    val = summarise_batch(net, {k: torch.stack([it[k] for it in val_items]) for k in val_items[0]})
+    batch = test_batch(Path(args.cache), 5000, 11)
+    test = summarise_batch(net, batch)
+    groups = galaxy_groups(net, batch)
+    result: dict = {
+        "n_train_pairs": int(train["y"].shape[0]),
+        "train_seeds": seeds,
+        "draws": args.draws,
+        "summaries_s": round(time.perf_counter() - t0, 1),
+    }
+    print(f"summaries: {result['n_train_pairs']} training pairs in {result['summaries_s']} s",
+          flush=True)  # fmt: skip
+
+    shipped = {"val_nll": round(summary_nll(net.flow, val), 4),
+               "test_nll": round(summary_nll(net.flow, test), 4),
+               **flow_recovery(net, net.flow, batch, args.n_samples, groups)}  # fmt: skip
+    result["shipped"] = shipped
+    print("checkpoint's flow:", shipped, flush=True)
+
+    runs = {"control": copy.deepcopy(net.flow), "deep": deepen_flow(copy.deepcopy(net.flow))}
+    for name, flow in runs.items():
+        t0 = time.perf_counter()
+        history = fit_flow(flow, train, val, epochs=args.epochs, lr=args.lr)
+        flow.eval()
+        result[name] = {
+            "params": sum(p.numel() for p in flow.parameters()),
+            "val_nll": round(history[-1]["val_nll"], 4),
+            "val_nll_curve": [round(h["val_nll"], 3) for h in history],
+            "test_nll": round(summary_nll(flow, test), 4),
+            **flow_recovery(net, flow, batch, args.n_samples, groups),
+            "minutes": round((time.perf_counter() - t0) / 60, 1),
+        }
+        print(name, {k: v for k, v in result[name].items() if k != "val_nll_curve"}, flush=True)
+
+    t0 = time.perf_counter()
+    reg = fit_regressor(train, train["theta"][:, 0])
+    with torch.no_grad():
+        pred = reg(reg.features(test)).double()
+    truth = batch["theta"][:, 0].double()
+    rec = recovery(pred, truth)
+    result["regressor"] = {
+        "logmstar_rms": round(float(((pred - truth) ** 2).mean().sqrt()), 4),
+        "logmstar_bias": round(float(rec["bias"]), 4),
+        "logmstar_scatter": round(float(rec["scatter"]), 4),
+        "logmstar_nmad": round(float(rec["nmad"]), 4),
+        "logmstar_rms_by_group": by_group(pred - truth, groups),
+        "minutes": round((time.perf_counter() - t0) / 60, 1),
+    }
+    print("regressor:", result["regressor"], flush=True)
+    result["deep_over_control_logmstar_rms"] = round(
+        result["deep"]["logmstar_rms"] / result["control"]["logmstar_rms"], 4
+    )
+    result["regressor_over_flow_logmstar_rms"] = round(
+        result["regressor"]["logmstar_rms"] / shipped["logmstar_rms"], 4
+    )
+    result["regressor_over_flow_logmstar_rms_by_group"] = {
+        name: round(v / shipped["logmstar_rms_by_group"][name], 4)
+        for name, v in result["regressor"]["logmstar_rms_by_group"].items()
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
