@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from test_posterior import fake_batch, tiny_net
+from test_posterior import _one_thread, fake_batch, tiny_net  # noqa: F401 (autouse fixture)
 
 from sedvae.posterior import PosteriorFlow
 from sedvae.posterior.summaries import (
@@ -21,14 +21,6 @@ from sedvae.posterior.summaries import (
     summary_nll,
 )
 from sedvae.sps import PROVABGSPrior
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _net(gaussianize: bool):
