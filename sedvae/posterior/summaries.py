@@ -30,6 +30,7 @@ from .flow import PosteriorFlow
 from .model import BATCH_KEYS, NeuralPosterior
 
 SUMMARY_KEYS = ("context", "y", "log_dy_du", "shift", "theta")
+TRUTH_KEYS = ("z", "logU", "sigma_v", "aperture")  # carried along when a batch has them
 
 
 @torch.no_grad()
@@ -38,17 +39,20 @@ def summarise_batch(net: NeuralPosterior, batch: dict) -> dict[str, torch.Tensor
     ``context`` (B, C) the summary, ``shift`` (B, 11) the mass anchor's shift, ``y`` (B, 11)
     the flow's coordinates of the true theta minus the shift (what ``net.flow.log_prob``
     sees), ``log_dy_du`` (B,) log|dy/du| (so -log q(u | x) = -flow.log_prob(y, context) -
-    log_dy_du, the NPE loss), ``theta`` (B, 12)."""
+    log_dy_du, the NPE loss), ``theta`` (B, 12), and those of ``z``, ``logU``, ``sigma_v``,
+    ``aperture`` (B,) that the batch holds (truths, for oracle tests)."""
     context, shift = net.embed({k: batch.get(k) for k in BATCH_KEYS})
     u = net.prior.to_unconstrained(batch["theta"].double()).to(context.dtype)
     y, log_dy_du = net.flow_coordinates(u)
-    return {
+    out = {
         "context": context,
         "y": y - shift,
         "log_dy_du": log_dy_du,
         "shift": shift,
         "theta": batch["theta"].to(context.dtype),
     }
+    out.update({k: batch[k].to(context.dtype) for k in TRUTH_KEYS if batch.get(k) is not None})
+    return out
 
 
 @torch.no_grad()
@@ -66,7 +70,7 @@ def summarise_dataset(
     galaxies) unless ``augment`` is False. Returns :func:`summarise_batch`'s keys, each
     concatenated over draws and batches."""
     gen = torch.Generator().manual_seed(int(seed))
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in SUMMARY_KEYS}
+    parts: dict[str, list[torch.Tensor]] = {}
     was_training = net.training
     net.eval()
     try:
@@ -77,7 +81,7 @@ def summarise_dataset(
                 if augment:
                     batch = net.augment(batch, gen)
                 for k, v in summarise_batch(net, batch).items():
-                    parts[k].append(v)
+                    parts.setdefault(k, []).append(v)
     finally:
         net.train(was_training)
     return {k: torch.cat(v) for k, v in parts.items()}
@@ -188,9 +192,13 @@ class SummaryRegressor(nn.Module):
         self.register_buffer("t_scale", torch.ones(()))
 
     @staticmethod
-    def features(summaries: dict) -> torch.Tensor:
-        """(N, C + 1): the summary and the anchor's shift of the mass coordinate."""
-        return torch.cat([summaries["context"], summaries["shift"][:, :1]], -1)
+    def features(summaries: dict, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C + 1 + k): the summary, the anchor's shift of the mass coordinate and
+        optional extra columns (N, k) (e.g. true nuisances, for an oracle test)."""
+        cols = [summaries["context"], summaries["shift"][:, :1]]
+        if extra is not None:
+            cols.append(extra.reshape(extra.shape[0], -1).to(summaries["context"].dtype))
+        return torch.cat(cols, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N,) estimates for features x (N, n_in)."""
@@ -200,6 +208,7 @@ class SummaryRegressor(nn.Module):
 def fit_regressor(
     train: dict,
     target: torch.Tensor,
+    extra: torch.Tensor | None = None,
     hidden: Sequence[int] = (256, 256, 256),
     epochs: int = 12,
     lr: float = 1e-3,
@@ -207,8 +216,10 @@ def fit_regressor(
     seed: int = 0,
 ) -> SummaryRegressor:
     """Least-squares :class:`SummaryRegressor` of ``target`` (N,) (its minimiser is the
-    posterior mean given the summary) on frozen summaries ``train``: AdamW, cosine decay."""
-    x = SummaryRegressor.features(train)
+    posterior mean given the summary) on frozen summaries ``train``, with optional
+    ``extra`` input columns (N, k) (then predict with ``model(model.features(s, extra))``):
+    AdamW, cosine decay."""
+    x = SummaryRegressor.features(train, extra)
     model = SummaryRegressor(x.shape[1], hidden)
     model.x_loc.copy_(x.mean(0))
     model.x_scale.copy_(x.std(0).clamp_min(1e-6))
@@ -235,6 +246,7 @@ def fit_regressor(
 
 __all__ = [
     "SUMMARY_KEYS",
+    "TRUTH_KEYS",
     "SummaryRegressor",
     "deepen_flow",
     "fit_flow",
