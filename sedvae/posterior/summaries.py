@@ -4,8 +4,9 @@ conditional density and the summary can be tested apart.
 The NPE loss of :class:`~sedvae.posterior.NeuralPosterior` is -log q(y | s(x)) with
 s = the embedding's summary and y the flow's coordinates of theta (relative to the mass
 anchor). With the embedding fixed, (s, y) pairs can be made once per noise draw and any
-density or estimator fitted to them in minutes on a CPU (the embedding and the noise model are
-~0.8 ms per galaxy, ~15 times a flow step). Two questions follow:
+density or estimator fitted to them in minutes on a CPU (the noise model and the embedding
+cost ~0.5 ms per galaxy here, ~15 times a flow's training step per galaxy). Two questions
+follow:
 
 - does a larger flow on the same summary narrow logM*? (:func:`deepen_flow`, :func:`fit_flow`:
   coupling layers added on the data side of the trained flow, starting as the identity, so
@@ -29,7 +30,6 @@ from torch import nn
 from .flow import PosteriorFlow
 from .model import BATCH_KEYS, NeuralPosterior
 
-SUMMARY_KEYS = ("context", "y", "log_dy_du", "shift", "theta")
 TRUTH_KEYS = ("z", "logU", "sigma_v", "aperture")  # carried along when a batch has them
 
 
@@ -245,7 +245,6 @@ def fit_regressor(
 
 
 __all__ = [
-    "SUMMARY_KEYS",
     "TRUTH_KEYS",
     "SummaryRegressor",
     "deepen_flow",
