@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from posterior_exact import OBS_KEYS, SSFR_BINS  # bench/posterior_exact.py: the same keys and bins
 
 from sedvae.posterior import NeuralPosterior, Posterior, load_posterior_net
 from sedvae.posterior.diagnostics import recovery
@@ -53,7 +54,6 @@ from sedvae.posterior.summaries import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-OBS_KEYS = ("flux", "ivar", "mask", "z", "photometry", "photometry_ivar")
 
 
 def by_group(err: torch.Tensor, groups: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -61,22 +61,17 @@ def by_group(err: torch.Tensor, groups: dict[str, torch.Tensor]) -> dict[str, fl
     return {name: round(float(err[m].pow(2).mean().sqrt()), 4) for name, m in groups.items()}
 
 
-def galaxy_groups(net, batch: dict) -> dict[str, torch.Tensor]:
-    """Masks of the held-out galaxies by true sSFR (as bench/posterior.py's bins) and by
-    spectral S/N tercile (median flux x sqrt(ivar) over the usable pixels)."""
-    d = Posterior(net).derived(batch["theta"][None], batch["z"])
-    log_ssfr = torch.log10(d["sfr_100myr"][0].clamp_min(1e-30)) - d["logmstar_surv"][0]
+def galaxy_groups(batch: dict, derived: dict) -> dict[str, torch.Tensor]:
+    """Masks of the held-out galaxies by true sSFR (``SSFR_BINS``, from their true derived
+    properties) and by spectral S/N tercile (median flux x sqrt(ivar) over usable pixels)."""
+    log_ssfr = (torch.log10(derived["sfr_100myr"][0].clamp_min(1e-30))
+                - derived["logmstar_surv"][0])  # fmt: skip
+    groups = {f"ssfr_{name}": (log_ssfr >= lo) & (log_ssfr < hi) for name, lo, hi in SSFR_BINS}
     good = batch["ivar"] > 0
     snr = torch.where(good, batch["flux"] * batch["ivar"].sqrt(), torch.nan).nanmedian(1).values
     t1, t2 = torch.quantile(snr, torch.tensor([1 / 3, 2 / 3]))
-    return {
-        "ssfr_lt-11": log_ssfr < -11,
-        "ssfr_-11_-9": (log_ssfr >= -11) & (log_ssfr < -9),
-        "ssfr_gt-9": log_ssfr >= -9,
-        "snr_t1": snr < t1,
-        "snr_t2": (snr >= t1) & (snr < t2),
-        "snr_t3": snr >= t2,
-    }
+    groups.update(snr_t1=snr < t1, snr_t2=(snr >= t1) & (snr < t2), snr_t3=snr >= t2)
+    return groups
 
 
 def flow_recovery(net, flow, batch: dict, n_samples: int, groups: dict, seed: int = 0) -> dict:
@@ -141,7 +136,9 @@ def main() -> None:
     val = summarise_batch(net, {k: torch.stack([it[k] for it in val_items]) for k in val_items[0]})
     batch = test_batch(Path(args.cache), 5000, 11)
     test = summarise_batch(net, batch)
-    groups = galaxy_groups(net, batch)
+    post = Posterior(net)
+    d_test = post.derived(batch["theta"][None], batch["z"])  # true derived properties
+    groups = galaxy_groups(batch, d_test)
     result: dict = {
         "n_train_pairs": int(train["y"].shape[0]),
         "train_seeds": seeds,
@@ -190,9 +187,7 @@ def main() -> None:
 
     # oracles: the same regressor given one true quantity besides the summary; how much it
     # gains says which degeneracy the summary leaves open
-    post = Posterior(net)
     d_train = post.derived(train["theta"][None], train["z"])
-    d_test = post.derived(batch["theta"][None], batch["z"])
     result["oracles"] = {}
     cols_train, cols_test = oracle_columns(train, d_train), oracle_columns(test, d_test)
     for name in cols_train:
