@@ -21,7 +21,13 @@
 4. Oracles: the same regressor given, besides the summary, one set of true quantities
    (fibre-aperture factor; mass-weighted age; mass-weighted metallicity; the three dust
    parameters; the SFH shape): its error over the plain regressor's says which degeneracy
-   the summary leaves open (``oracles``). ``--skip-flows`` runs 1, 3 and 4 only (~8 min).
+   the summary leaves open (``oracles``). ``--skip-flows`` runs 1, 3, 4 and 5 only
+   (~12 min).
+5. Gappy PCA (``--pca K``, 0 to skip): the same regressor given, besides the summary, the
+   ivar-weighted least-squares coefficients of each noisy spectrum on K eigenspectra of the
+   training set, their errors and the fit's chi^2 (``sedvae.posterior.pca``, the
+   ``embedding.pca`` inputs): how much logM* information a linear compression that weighs
+   every bin by its noise adds to the learned summary (``gappy_pca.over_regressor``).
 
 Ratios in the JSON: ``deep_over_control_logmstar_rms`` (a larger flow on the same summary),
 ``regressor_over_flow_logmstar_rms`` (the best estimate from the summary against the
@@ -44,6 +50,7 @@ from posterior_exact import OBS_KEYS, SSFR_BINS  # bench/posterior_exact.py: the
 
 from sedvae.posterior import NeuralPosterior, Posterior, load_posterior_net
 from sedvae.posterior.diagnostics import recovery
+from sedvae.posterior.pca import GappyPCA
 from sedvae.posterior.summaries import (
     deepen_flow,
     fit_flow,
@@ -104,6 +111,22 @@ def oracle_columns(summaries: dict, derived: dict) -> dict[str, torch.Tensor]:
     }
 
 
+def pca_features(net, train_set, k: int, n_fit: int = 20000):
+    """A callable batch -> (B, 2k + 1) gappy-PCA inputs, with a basis fitted to ``n_fit``
+    noiseless spectra of the training set (a copy of the checkpoint's embedding bins and
+    normalises them), and the basis fit's RMS residual per iteration."""
+    emb = copy.deepcopy(net.embedding)
+    emb.pca = GappyPCA(emb.n_bins, k)
+    residuals = emb.fit_pca(*train_set.clean_spectra(n_fit))
+    n = emb.pca.n_features
+
+    def features(batch: dict) -> torch.Tensor:
+        keys = ("flux", "ivar", "z", "photometry", "photometry_ivar")
+        return emb.inputs(*(batch.get(key) for key in keys))[1][:, -n:]
+
+    return features, residuals
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default=str(REPO / "data/posterior/posterior.pt"))
@@ -115,7 +138,8 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-flows", action="store_true",
-                        help="summaries and regressors only (~8 min)")  # fmt: skip
+                        help="summaries and regressors only (~12 min)")  # fmt: skip
+    parser.add_argument("--pca", type=int, default=32, help="gappy-PCA components (0: skip)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -131,7 +155,11 @@ def main() -> None:
     dm.setup()
     net = load_posterior_net(args.checkpoint).eval()
     t0 = time.perf_counter()
-    train = summarise_dataset(net, dm.datasets["train"], n_draws=args.draws, seed=1)
+    features = None
+    if args.pca:
+        features, pca_residuals = pca_features(net, dm.datasets["train"], args.pca)
+    train = summarise_dataset(net, dm.datasets["train"], n_draws=args.draws, seed=1,
+                              features=features)  # fmt: skip
     val_items = [dm.datasets["val"][i] for i in range(len(dm.datasets["val"]))]
     val = summarise_batch(net, {k: torch.stack([it[k] for it in val_items]) for k in val_items[0]})
     batch = test_batch(Path(args.cache), 5000, 11)
@@ -203,6 +231,21 @@ def main() -> None:
             "minutes": round((time.perf_counter() - t0) / 60, 1),
         }
         print(f"oracle {name}:", result["oracles"][name], flush=True)
+    if args.pca:  # the summary plus gappy-PCA inputs of the same noisy spectra
+        t0 = time.perf_counter()
+        reg = fit_regressor(train, train["theta"][:, 0], extra=train["features"])
+        with torch.no_grad():
+            pred = reg(reg.features(test, features(batch))).double()
+        rms = float(((pred - truth) ** 2).mean().sqrt())
+        result["gappy_pca"] = {
+            "components": args.pca,
+            "basis_rms_residual": round(float(pca_residuals[-1]), 4),
+            "logmstar_rms": round(rms, 4),
+            "over_regressor": round(rms / result["regressor"]["logmstar_rms"], 4),
+            "logmstar_rms_by_group": by_group(pred - truth, groups),
+            "minutes": round((time.perf_counter() - t0) / 60, 1),
+        }
+        print("gappy PCA:", result["gappy_pca"], flush=True)
     if not args.skip_flows:
         result["deep_over_control_logmstar_rms"] = round(
             result["deep"]["logmstar_rms"] / result["control"]["logmstar_rms"], 4

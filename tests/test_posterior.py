@@ -396,8 +396,11 @@ def test_plots_return_figures(posterior):
 
 
 # ---- the Hydra/Lightning path ------------------------------------------------------------------
-def test_train_posterior_fast_dev_run(tmp_path):
-    """python train.py experiment=posterior debug=fdr on tiny mock files, end to end."""
+@pytest.mark.parametrize("pca", [0, 8])
+def test_train_posterior_fast_dev_run(tmp_path, pca):
+    """python train.py experiment=posterior debug=fdr on tiny mock files, end to end; with
+    gappy-PCA inputs, the basis is fitted to the training files' noiseless spectra first
+    (``BatchNoiseMocks.clean_spectra``)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -410,10 +413,11 @@ def test_train_posterior_fast_dev_run(tmp_path):
             "experiment=posterior", "debug=fdr", f"paths.output_dir={tmp_path}",
             f"data.cache_dir={tmp_path}/mocks", "data.n_train=16", "data.train_seeds=[1]",
             "data.n_val=8", "data.n_test=8", "data.batch_size=8",
+            f"model.net.embedding.pca={pca}",
         ])  # fmt: skip
         metrics = train(cfg)
     GlobalHydra.instance().clear()
-    assert np.isfinite(metrics["train/loss"])
+    assert np.isfinite(metrics["train/loss"])  # with pca, an unfitted basis would raise
 
 
 def test_exported_file_names_its_checkpoint_without_the_machine_path(tmp_path, monkeypatch):

@@ -27,13 +27,17 @@ def widened_state(old: dict, new: dict) -> dict:
     return out
 
 
-ADDED_AT_IDENTITY = ("flow.affine.",)  # modules that start as the identity (zero last layer)
+# modules a widened run may add to a file: a flow affine head starts as the identity (zero
+# last layer); a gappy-PCA basis is fitted in setup() (the head reads its features through
+# zero weights at first)
+ADDED_AT_IDENTITY = ("flow.affine.", "embedding.pca.")
+PCA_FIT_SPECTRA = 20000  # training spectra for the gappy-PCA basis (~1 min on one core)
 
 
 def init_weights(net: NeuralPosterior, path, widen: bool = False) -> None:
     """Copy the weights of the posterior file ``path`` into ``net`` (same architecture; with
     ``widen``, layers of ``net`` that read more inputs take the old weights plus zeros, and a
-    flow affine head the file lacks keeps its identity start)."""
+    flow affine head or gappy-PCA basis the file lacks keeps its fresh state)."""
     try:
         state = load_posterior_net(path).state_dict()
         if widen:
@@ -65,8 +69,9 @@ class PosteriorModule(pl.LightningModule):
         With ``init_from``: the configured network may read more inputs than the file's
         (e.g. ``embedding.indices=true`` added to a file trained without); those layers start
         from the file's weights with zeros for the new inputs (:func:`widened_state`). It may
-        also add a flow affine head (``flow.affine_head``), which starts as the identity. Either
-        way the run starts at exactly the file's density.
+        also add a flow affine head (``flow.affine_head``), which starts as the identity, or
+        gappy-PCA inputs (``embedding.pca``), whose basis :meth:`setup` fits. Either way the
+        run starts at exactly the file's density.
     warmup_steps : int
         Optimiser steps over which the learning rate ramps linearly from lr / warmup_steps to
         the scheduler's lr (0: none). For a cycle started from trained weights: fresh AdamW
@@ -93,6 +98,20 @@ class PosteriorModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.warmup_steps = int(warmup_steps)
+
+    def setup(self, stage: str) -> None:
+        """Before fitting, fit the embedding's gappy-PCA basis (``embedding.pca``) to noiseless
+        spectra of the training set, unless it has one (from ``init_from`` or a checkpoint)."""
+        pca = getattr(self.net.embedding, "pca", None)
+        if stage != "fit" or pca is None or bool(pca.fitted):
+            return
+        data = getattr(getattr(self.trainer, "datamodule", None), "datasets", {}).get("train")
+        if not hasattr(data, "clean_spectra"):
+            raise ValueError(
+                "embedding.pca needs a data module whose training set has noiseless spectra "
+                "(sedvae.posterior.data.PosteriorMockDataModule) to fit its basis"
+            )
+        self.net.embedding.fit_pca(*data.clean_spectra(PCA_FIT_SPECTRA))
 
     def _step(self, batch, stage: str):
         loss, metrics = self.net.loss(batch)

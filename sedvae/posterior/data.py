@@ -75,6 +75,16 @@ class BatchNoiseMocks(Dataset):
             batch[key] = self.data[key][rows]
         return batch
 
+    def clean_spectra(self, n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Noiseless spectra of ``n`` random galaxies (a fixed draw for a given ``seed``):
+        flux (n, M), an ivar (n, M) from the noise model (its masks and arm coverage are what
+        matter) and z (n,). For fitting data-derived bases such as the embedding's gappy PCA."""
+        gen = torch.Generator().manual_seed(int(seed))
+        rows = torch.randperm(len(self), generator=gen)[: int(n)]
+        flux = self.data["flux_true"][rows]
+        ivar = self.noise(flux, self.data["photometry_true"][rows], gen)["ivar"]
+        return flux, ivar, self.data["z"][rows]
+
 
 class _ShuffledBatches(Sampler):
     """Random batches of row indices (a new permutation each epoch), last partial one dropped."""

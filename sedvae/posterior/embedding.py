@@ -12,7 +12,10 @@ Inputs are made comparable across redshifts and brightnesses before any learning
 - colours, per-band S/N, z and the spectrum's mean S/N complete the head inputs;
 - optionally (``indices=True``) spectral indices measured on the observed pixels: D4000n,
   Lick absorption and emission-line equivalent widths with their errors
-  (:class:`sedvae.posterior.indices.SpectralIndices`), the classical age diagnostics.
+  (:class:`sedvae.posterior.indices.SpectralIndices`), the classical age diagnostics;
+- optionally (``pca=K``) the gappy-PCA coefficients of the binned spectrum with their errors
+  (:class:`sedvae.posterior.pca.GappyPCA`): its ivar-weighted least-squares projection on K
+  eigenspectra of the training set, fitted once before training (:meth:`fit_pca`).
 
 A trunk (:class:`MLPTrunk` or :class:`ConvTrunk`) reads the spectrum channels; an MLP head
 reads the trunk features and the extras and returns the summary vector.
@@ -30,6 +33,7 @@ from torch import nn
 from ..nets.encoder import RestFrameBinner
 from ..physics.cosmology import luminosity_distance_mpc
 from .indices import SpectralIndices
+from .pca import GappyPCA
 
 LOG_LUM_CENTRE = 6.5  # log10 (flux unit x Mpc^2): the middle of BGS galaxies' luminosities
 LOG_LUM_SCALE = 1.5  # their spread (dex)
@@ -146,6 +150,13 @@ class SpectrumEmbedding(nn.Module):
         Append spectral-index features (D4000n, Lick indices, emission-line equivalent widths,
         their errors and coverage flags) to the head inputs, after the others (so a file
         trained without them can start a run with them: ``model.init_widen``).
+    pca : int
+        Append K = ``pca`` gappy-PCA coefficients of the binned spectrum, their log errors
+        and the fit's log reduced chi^2 (2K + 1 numbers) to the head inputs, after the
+        indices (0: none). The basis is fitted to training spectra by :meth:`fit_pca`
+        (``PosteriorModule`` does it before the first epoch) and saved with the weights.
+    pca_ridge : float
+        Ridge of the gappy-PCA fit (:class:`~sedvae.posterior.pca.GappyPCA`).
     """
 
     def __init__(
@@ -159,6 +170,8 @@ class SpectrumEmbedding(nn.Module):
         n_out: int = 64,
         z_max: float = 0.6,
         indices: bool = False,
+        pca: int = 0,
+        pca_ridge: float = 1.0,
     ) -> None:
         super().__init__()
         if getattr(trunk, "n_bins", n_bins) != n_bins:
@@ -179,6 +192,9 @@ class SpectrumEmbedding(nn.Module):
         self.indices = SpectralIndices(pixels=self.binner) if indices else None
         if self.indices is not None:
             self.n_extras += self.indices.n_features
+        self.pca = GappyPCA(self.n_bins, int(pca), pca_ridge) if pca else None
+        if self.pca is not None:
+            self.n_extras += self.pca.n_features
         self.n_out = int(n_out)
         self.head = _mlp(trunk.n_out + self.n_extras, head, self.n_out)
 
@@ -206,10 +222,7 @@ class SpectrumEmbedding(nn.Module):
         f_rest, w_rest = self.binner(flux, ivar, z)  # (B, N) each
         good = w_rest > 0
         n_good = good.sum(-1).clamp_min(1)
-        norm = torch.nanmedian(torch.where(good, f_rest, torch.nan), -1).values
-        # very low S/N: the median may be <= 0 (or NaN without data); use the mean |flux|
-        alt = (f_rest.abs() * good).sum(-1) / n_good
-        norm = torch.where(torch.isfinite(norm) & (norm > 0), norm, alt).clamp_min(1e-6)
+        norm = self._norm(f_rest, good)
         x = torch.stack(
             [
                 torch.asinh(f_rest / norm[:, None]) * good,
@@ -247,7 +260,31 @@ class SpectrumEmbedding(nn.Module):
                     anchor = torch.where(use, guess, anchor)
         if self.indices is not None:
             extras.append(self.indices(flux, ivar, z))
+        if self.pca is not None:
+            extras.append(self.pca(f_rest / norm[:, None], w_rest * norm[:, None] ** 2))
         return x, torch.cat(extras, -1), anchor
+
+    @staticmethod
+    def _norm(f_rest: torch.Tensor, good: torch.Tensor) -> torch.Tensor:
+        """(B,) the median of the usable bins; at very low S/N the median may be <= 0 (or
+        NaN without data), then the mean |flux|."""
+        norm = torch.nanmedian(torch.where(good, f_rest, torch.nan), -1).values
+        alt = (f_rest.abs() * good).sum(-1) / good.sum(-1).clamp_min(1)
+        return torch.where(torch.isfinite(norm) & (norm > 0), norm, alt).clamp_min(1e-6)
+
+    @torch.no_grad()
+    def fit_pca(self, flux: torch.Tensor, ivar: torch.Tensor, z: torch.Tensor,
+                iterations: int = 8) -> torch.Tensor:  # fmt: skip
+        """Fit the gappy-PCA basis to noiseless training spectra ``flux`` (S, M) observed
+        with coverage ``ivar`` (S, M) (only where it is > 0 matters) at redshifts ``z`` (S,),
+        binned and normalised as :meth:`inputs` does. Returns the fit's RMS residual per
+        iteration (:meth:`GappyPCA.fit`)."""
+        if self.pca is None:
+            raise ValueError("this embedding has no gappy-PCA inputs (pca=0)")
+        f_rest, w_rest = self.binner(flux, ivar, z)
+        good = w_rest > 0
+        norm = self._norm(f_rest, good)
+        return self.pca.fit(f_rest / norm[:, None], good, iterations)
 
     @torch.no_grad()
     def input_fingerprint(self) -> list[float]:

@@ -63,12 +63,15 @@ def summarise_dataset(
     batch_size: int = 1024,
     seed: int = 0,
     augment: bool = True,
+    features=None,
 ) -> dict[str, torch.Tensor]:
     """Frozen summaries of every galaxy of a
     :class:`~sedvae.posterior.data.BatchNoiseMocks` (fresh noise per draw), ``n_draws`` times,
     with the training augmentation (``net.augment``: photometry hidden for a share of the
     galaxies) unless ``augment`` is False. Returns :func:`summarise_batch`'s keys, each
-    concatenated over draws and batches."""
+    concatenated over draws and batches, and ``features`` when a callable ``features(batch)
+    -> (B, k)`` is given: candidate inputs computed on the same noisy batches (e.g. for
+    :func:`fit_regressor`'s ``extra``)."""
     gen = torch.Generator().manual_seed(int(seed))
     parts: dict[str, list[torch.Tensor]] = {}
     was_training = net.training
@@ -80,7 +83,10 @@ def summarise_dataset(
                 batch = dataset[perm[i : i + batch_size].tolist()]
                 if augment:
                     batch = net.augment(batch, gen)
-                for k, v in summarise_batch(net, batch).items():
+                out = summarise_batch(net, batch)
+                if features is not None:
+                    out["features"] = features(batch)
+                for k, v in out.items():
                     parts.setdefault(k, []).append(v)
     finally:
         net.train(was_training)
