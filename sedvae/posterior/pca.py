@@ -73,19 +73,18 @@ class GappyPCA(nn.Module):
             )
         if not bool(self.fitted):
             raise RuntimeError("GappyPCA basis not fitted: call fit() or load a trained file")
-        basis = self.basis.to(flux.dtype)
-        ew = basis.T[None] * ivar[:, None, :]  # (B, K, N): E^T W
-        gram = (ew @ basis).double()  # (B, K, K), float32 product, float64 solve
-        eye = torch.eye(self.n_components, dtype=gram.dtype, device=gram.device)
-        gram = gram + self.ridge * eye
-        chol = torch.linalg.cholesky(gram)
-        rhs = (ew @ flux[..., None]).double()  # (B, K, 1)
-        coef = torch.cholesky_solve(rhs, chol)[..., 0]
+        # float64 throughout: S/N^2 per bin spans orders of magnitude, and a float32 Gram
+        # matrix of well-measured spectra loses positive definiteness
+        basis = self.basis.double()
+        f, w = flux.double(), ivar.double()
+        ew = basis.T[None] * w[:, None, :]  # (B, K, N): E^T W
+        eye = torch.eye(self.n_components, dtype=f.dtype, device=f.device)
+        chol = torch.linalg.cholesky(ew @ basis + self.ridge * eye)  # (B, K, K)
+        coef = torch.cholesky_solve(ew @ f[..., None], chol)[..., 0]
         var = torch.cholesky_inverse(chol).diagonal(dim1=-2, dim2=-1)
-        model = coef.to(flux.dtype) @ basis.T
-        n_good = (ivar > 0).sum(-1).clamp_min(1)
-        chi2 = (ivar * (flux - model) ** 2).sum(-1) / n_good
-        feats = [coef, 0.5 * torch.log(var), torch.log(chi2.double().clamp_min(1e-3))[:, None]]
+        n_good = (w > 0).sum(-1).clamp_min(1)
+        chi2 = (w * (f - coef @ basis.T) ** 2).sum(-1) / n_good
+        feats = [coef, 0.5 * torch.log(var), torch.log(chi2.clamp_min(1e-3))[:, None]]
         return torch.cat(feats, -1).to(flux.dtype)
 
     @torch.no_grad()
