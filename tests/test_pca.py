@@ -76,6 +76,18 @@ def test_a_component_without_covered_bins_falls_back_to_the_ridge():
     assert torch.isfinite(feats).all()
 
 
+def test_very_high_snr_spectra_are_solved_exactly():
+    """S/N^2 per bin of 1e4-1e9 (bright galaxies, normalised units): the Gram matrix stays
+    positive definite (it did not in float32) and noiseless coefficients come back."""
+    g = torch.Generator().manual_seed(4)
+    basis = smooth_basis(8)
+    c_true = torch.randn(200, 8, generator=g, dtype=torch.float64) + 5.0
+    ivar = 10 ** (4 + 5 * torch.rand(200, N, generator=g, dtype=torch.float64)) * gapped(200)
+    feats = fitted(basis, ridge=1e-6)((c_true @ basis.T).float(), ivar.float())
+    assert torch.isfinite(feats).all()
+    assert torch.allclose(feats[:, :8].double(), c_true, atol=1e-3)
+
+
 def test_unfitted_basis_and_wrong_shapes_raise():
     pca = GappyPCA(N, 4)
     with pytest.raises(RuntimeError, match="not fitted"):
