@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_posterior import _one_thread, fake_batch, hydra_net, net_config  # noqa: F401
+from test_posterior import (  # noqa: F401 (autouse fixture)
+    _one_thread,
+    assert_widened_start,
+    fake_batch,
+    hydra_net,
+    net_config,
+)
 
 from sedvae.posterior import PosteriorCheckpointError, load_posterior_net, save_posterior
 from sedvae.posterior.pca import GappyPCA
@@ -158,13 +164,7 @@ def test_embedding_option_fits_saves_widens_and_fits_in_setup(tmp_path):
     module.trainer = trainer
     module.setup("fit")
     assert bool(module.net.embedding.pca.fitted)
-    module.net.eval()
-    loss = module.net.loss(batch)[0]
-    with torch.no_grad():
-        assert loss.item() == pytest.approx(src.loss(batch)[0].item(), rel=1e-6)
-    loss.backward()
-    first = module.net.embedding.head[0].weight
-    assert first.grad[:, -9:].abs().sum() > 0  # the PCA inputs get gradients
+    assert_widened_start(module.net, src, batch, 9)
 
     # the basis is part of the file, and the features come back identical
     out = save_posterior(tmp_path / "wide.pt", module.net, cfg)

@@ -479,13 +479,18 @@ def test_init_widen_adds_index_inputs_without_changing_the_density(tmp_path):
     module = PosteriorModule(wide, optimizer=torch.optim.Adam, init_from=str(path), init_widen=True)
     batch = fake_batch(3)
     batch["theta"] = PROVABGSPrior().sample(3, torch.Generator().manual_seed(0))
-    module.net.eval()
-    loss = module.net.loss(batch)[0]
+    assert_widened_start(module.net, src, batch, wide.embedding.indices.n_features)
+
+
+def assert_widened_start(net, src, batch: dict, n_new: int) -> None:
+    """A net widened from ``src`` (``model.init_widen``) has exactly its loss on ``batch``,
+    and the head's weights for the ``n_new`` new (last) inputs get gradients."""
+    net.eval()
+    loss = net.loss(batch)[0]
     with torch.no_grad():
         assert loss.item() == pytest.approx(src.loss(batch)[0].item(), rel=1e-6)
     loss.backward()
-    first = module.net.embedding.head[0].weight
-    assert first.grad[:, -wide.embedding.indices.n_features :].abs().sum() > 0
+    assert net.embedding.head[0].weight.grad[:, -n_new:].abs().sum() > 0
 
 
 def test_affine_head_starts_as_the_identity_and_narrows_a_posterior(tmp_path):
