@@ -118,11 +118,11 @@ def pca_features(net, train_set, k: int, n_fit: int = 20000):
     emb = copy.deepcopy(net.embedding)
     emb.pca = GappyPCA(emb.n_bins, k)
     residuals = emb.fit_pca(*train_set.clean_spectra(n_fit))
-    n = emb.pca.n_features
 
-    def features(batch: dict) -> torch.Tensor:
-        keys = ("flux", "ivar", "z", "photometry", "photometry_ivar")
-        return emb.inputs(*(batch.get(key) for key in keys))[1][:, -n:]
+    def features(batch: dict) -> torch.Tensor:  # what SpectrumEmbedding.inputs appends
+        f_rest, w_rest = emb.binner(batch["flux"], batch["ivar"], batch["z"])
+        norm = emb.spectrum_norm(f_rest, w_rest > 0)[:, None]
+        return emb.pca(f_rest / norm, w_rest * norm**2)
 
     return features, residuals
 

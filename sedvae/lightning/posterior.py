@@ -30,7 +30,7 @@ def widened_state(old: dict, new: dict) -> dict:
 # modules a widened run may add to a file: a flow affine head starts as the identity (zero
 # last layer); a gappy-PCA basis is fitted in setup() (the head reads its features through
 # zero weights at first)
-ADDED_AT_IDENTITY = ("flow.affine.", "embedding.pca.")
+ADDED_BY_WIDENING = ("flow.affine.", "embedding.pca.")
 PCA_FIT_SPECTRA = 20000  # training spectra for the gappy-PCA basis (~1 min on one core)
 
 
@@ -43,7 +43,7 @@ def init_weights(net: NeuralPosterior, path, widen: bool = False) -> None:
         if widen:
             state = widened_state(state, net.state_dict())
             for key, value in net.state_dict().items():
-                if key not in state and key.startswith(ADDED_AT_IDENTITY):
+                if key not in state and key.startswith(ADDED_BY_WIDENING):
                     state[key] = value
         net.load_state_dict(state)
     except RuntimeError as err:  # torch lists the missing, unexpected and mis-shaped tensors

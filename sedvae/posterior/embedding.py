@@ -222,7 +222,7 @@ class SpectrumEmbedding(nn.Module):
         f_rest, w_rest = self.binner(flux, ivar, z)  # (B, N) each
         good = w_rest > 0
         n_good = good.sum(-1).clamp_min(1)
-        norm = self._norm(f_rest, good)
+        norm = self.spectrum_norm(f_rest, good)
         x = torch.stack(
             [
                 torch.asinh(f_rest / norm[:, None]) * good,
@@ -265,7 +265,7 @@ class SpectrumEmbedding(nn.Module):
         return x, torch.cat(extras, -1), anchor
 
     @staticmethod
-    def _norm(f_rest: torch.Tensor, good: torch.Tensor) -> torch.Tensor:
+    def spectrum_norm(f_rest: torch.Tensor, good: torch.Tensor) -> torch.Tensor:
         """(B,) the median of the usable bins; at very low S/N the median may be <= 0 (or
         NaN without data), then the mean |flux|."""
         norm = torch.nanmedian(torch.where(good, f_rest, torch.nan), -1).values
@@ -283,7 +283,7 @@ class SpectrumEmbedding(nn.Module):
             raise ValueError("this embedding has no gappy-PCA inputs (pca=0)")
         f_rest, w_rest = self.binner(flux, ivar, z)
         good = w_rest > 0
-        norm = self._norm(f_rest, good)
+        norm = self.spectrum_norm(f_rest, good)
         return self.pca.fit(f_rest / norm[:, None], good, iterations)
 
     @torch.no_grad()
