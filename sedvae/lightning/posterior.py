@@ -72,6 +72,13 @@ class PosteriorModule(pl.LightningModule):
         also add a flow affine head (``flow.affine_head``), which starts as the identity, or
         gappy-PCA inputs (``embedding.pca``), whose basis :meth:`setup` fits. Either way the
         run starts at exactly the file's density.
+    freeze_embedding : bool
+        Train the flow alone (needs ``init_from``): every weight outside ``net.flow`` (the
+        summary network, the mass anchor, a gappy-PCA basis) stays as the file has it, in eval
+        mode. Training batches may then be frozen summaries (``context``, ``y``,
+        ``log_dy_du``: :class:`~sedvae.posterior.data.FrozenSummaryDataModule`), on which the
+        loss is the same -log q(u | x) as on raw batches without running the embedding
+        (``experiment=posterior_flow``).
     warmup_steps : int
         Optimiser steps over which the learning rate ramps linearly from lr / warmup_steps to
         the scheduler's lr (0: none). For a cycle started from trained weights: fresh AdamW
@@ -88,20 +95,39 @@ class PosteriorModule(pl.LightningModule):
         init_from=None,
         warmup_steps=0,
         init_widen: bool = False,
+        freeze_embedding: bool = False,
     ) -> None:
         super().__init__()
         if init_from:
             init_weights(net, init_from, widen=init_widen)
+        if freeze_embedding:
+            if not init_from:
+                raise ValueError(
+                    "freeze_embedding trains the flow alone on a trained summary: give the "
+                    "posterior file to start from (model.init_from)"
+                )
+            if init_widen:
+                raise ValueError("freeze_embedding with init_widen would freeze untrained inputs")
+            for name, param in net.named_parameters():
+                param.requires_grad_(name.startswith("flow."))
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.warmup_steps = int(warmup_steps)
+        self.freeze_embedding = bool(freeze_embedding)
+
+    def on_train_epoch_start(self) -> None:
+        if self.freeze_embedding:  # Lightning puts the whole module in train mode
+            self.net.embedding.eval()
 
     def setup(self, stage: str) -> None:
         """Before fitting, fit the embedding's gappy-PCA basis (``embedding.pca``) to noiseless
         spectra of the training set, unless it has one (from ``init_from`` or a checkpoint)."""
+        frozen = getattr(getattr(self.trainer, "datamodule", None), "embedding_state", None)
+        if stage == "fit" and frozen is not None:
+            self._check_frozen_summaries(frozen)
         pca = getattr(self.net.embedding, "pca", None)
         if stage != "fit" or pca is None or bool(pca.fitted):
             return
@@ -113,6 +139,21 @@ class PosteriorModule(pl.LightningModule):
             )
         self.net.embedding.fit_pca(*data.clean_spectra(PCA_FIT_SPECTRA))
 
+    def _check_frozen_summaries(self, frozen: dict) -> None:
+        """Frozen summaries must come from this net's own embedding (the file it started from)."""
+        if not self.freeze_embedding:
+            raise ValueError("the data module serves frozen summaries: the flow must train "
+                             "alone (model.freeze_embedding=true)")  # fmt: skip
+        own = {k: v for k, v in self.net.state_dict().items() if not k.startswith("flow.")}
+        same = own.keys() == frozen.keys() and all(
+            torch.equal(own[k].cpu(), frozen[k].cpu()) for k in own
+        )
+        if not same:
+            raise PosteriorCheckpointError(
+                "the frozen summaries were made by another embedding than the model's: set "
+                "data.summary_from to the model's init_from file"
+            )
+
     def _step(self, batch, stage: str):
         loss, metrics = self.net.loss(batch)
         n = batch["z"].shape[0]
@@ -121,6 +162,16 @@ class PosteriorModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
+        if "context" in batch:  # frozen summaries, augmented when they were made
+            if not self.freeze_embedding:
+                raise ValueError("frozen-summary batches train the flow alone: set "
+                                 "model.freeze_embedding=true")  # fmt: skip
+            nll = -(self.net.flow.log_prob(batch["y"], batch["context"]) + batch["log_dy_du"])
+            loss = nll.mean()
+            n = nll.shape[0]
+            self.log("train/loss", loss, prog_bar=True, batch_size=n)
+            self.log("train/nll_u", loss.detach(), batch_size=n)
+            return loss
         return self._step(self.net.augment(batch), "train")
 
     def validation_step(self, batch, batch_idx):
@@ -150,7 +201,8 @@ class PosteriorModule(pl.LightningModule):
                 group["lr"] = lr
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.parameters())
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params=params)
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer=optimizer)}

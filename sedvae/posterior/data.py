@@ -151,4 +151,90 @@ class PosteriorMockDataModule(MockDataModule):
         )
 
 
-__all__ = ["BatchNoiseMocks", "PosteriorMockDataModule"]
+class SummaryBatches(Dataset):
+    """Rows of frozen summaries (a dict of equal-length tensors), indexed by lists of rows."""
+
+    def __init__(self, summaries: dict[str, torch.Tensor]) -> None:
+        sizes = {v.shape[0] for v in summaries.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"summaries of unequal lengths: {sizes}")
+        self.summaries = summaries
+
+    def __len__(self) -> int:
+        return next(iter(self.summaries.values())).shape[0]
+
+    def __getitem__(self, rows) -> dict[str, torch.Tensor]:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return {k: v[rows] for k, v in self.summaries.items()}
+
+
+class FrozenSummaryDataModule(PosteriorMockDataModule):
+    """Training batches of frozen summaries, for training the flow alone
+    (``model.freeze_embedding``, ``experiment=posterior_flow``).
+
+    The summary network of a trained posterior file is applied once to every training galaxy,
+    ``draws`` times with fresh noise and the training augmentation
+    (:func:`~sedvae.posterior.summaries.summarise_dataset`, ~2 min per 150,000 galaxies on one
+    core). An epoch of the flow on them then costs seconds where a joint epoch costs minutes,
+    so the flow can take many more steps than joint training affords; each noise draw is
+    reused every epoch. Validation and test batches are the parent's raw mocks, so the
+    validation loss is the joint runs' own.
+
+    Parameters
+    ----------
+    summary_from : str
+        The posterior file whose embedding makes the summaries; it must be the file the
+        model starts from (``model.init_from``; checked in ``PosteriorModule.setup``).
+    draws : int
+        Noise draws per training galaxy.
+    **kwargs
+        :class:`PosteriorMockDataModule` arguments.
+    """
+
+    def __init__(self, summary_from: str | None = None, draws: int = 4, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not summary_from:
+            raise ValueError("FrozenSummaryDataModule needs summary_from, a posterior file")
+        if int(draws) < 1:
+            raise ValueError(f"draws must be >= 1, got {draws}")
+        self.summary_from = str(summary_from)
+        self.draws = int(draws)
+        self.embedding_state: dict[str, torch.Tensor] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if stage not in (None, "fit") or "train_summaries" in self.datasets:
+            return
+        from .checkpoint import load_posterior_net
+        from .summaries import summarise_dataset
+
+        net = load_posterior_net(self.summary_from)
+        log.info("summarising %d training galaxies x %d noise draws with %s",
+                 len(self.datasets["train"]), self.draws, self.summary_from)  # fmt: skip
+        s = summarise_dataset(net, self.datasets["train"], n_draws=self.draws, seed=self.seed)
+        self.datasets["train_summaries"] = SummaryBatches(
+            {k: s[k] for k in ("context", "y", "log_dy_du")}
+        )
+        self.embedding_state = {
+            k: v for k, v in net.state_dict().items() if not k.startswith("flow.")
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        data = self.datasets["train_summaries"]
+        return DataLoader(
+            data,
+            sampler=_ShuffledBatches(len(data), self.batch_size),
+            batch_size=None,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.datasets["val"], batch_size=256, num_workers=self.num_workers)
+
+
+__all__ = [
+    "BatchNoiseMocks",
+    "FrozenSummaryDataModule",
+    "PosteriorMockDataModule",
+    "SummaryBatches",
+]

@@ -1,0 +1,131 @@
+"""Training the flow alone on frozen summaries (``model.freeze_embedding``,
+``experiment=posterior_flow``): the same loss as joint training, only the flow moves, and
+summaries of another embedding are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_posterior import (  # noqa: F401 (autouse fixture)
+    _one_thread,
+    fake_batch,
+    hydra_net,
+    net_config,
+)
+
+from sedvae.lightning.posterior import PosteriorModule
+from sedvae.posterior import PosteriorCheckpointError, save_posterior
+from sedvae.posterior.data import SummaryBatches
+from sedvae.posterior.summaries import summarise_batch
+from sedvae.sps import PROVABGSPrior
+
+
+def batch_with_truth(b: int = 6, seed: int = 0) -> dict:
+    batch = fake_batch(b, seed=seed)
+    batch["theta"] = PROVABGSPrior().sample(b, torch.Generator().manual_seed(seed))
+    return batch
+
+
+@pytest.fixture
+def trained_file(tmp_path):
+    torch.manual_seed(0)
+    net = hydra_net(net_config()).eval()
+    return net, save_posterior(tmp_path / "p.pt", net, net_config())
+
+
+def frozen_module(path) -> PosteriorModule:
+    return PosteriorModule(hydra_net(net_config()), optimizer=torch.optim.Adam,
+                           init_from=str(path), freeze_embedding=True)  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")
+def test_frozen_summary_loss_is_the_joint_loss(trained_file):
+    """-log q(u | x) from a frozen summary (context, y, log|dy/du|) equals the joint loss on
+    the raw batch, mass anchor and Gaussianised coordinates included: the flow trained alone
+    fits the density the joint runs fit."""
+    net, path = trained_file
+    module = frozen_module(path).eval()
+    batch = batch_with_truth()
+    rows = SummaryBatches(summarise_batch(net, batch))[list(range(6))]
+    with torch.no_grad():
+        frozen = module.training_step(rows, 0)
+        joint = net.loss(batch)[0]
+    assert frozen.item() == pytest.approx(joint.item(), rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")
+def test_freeze_embedding_trains_the_flow_alone(trained_file):
+    """Only flow weights reach the optimiser; steps on frozen summaries lower the loss on the
+    raw batch and leave every other weight (summary network, anchor) bit-identical."""
+    net, path = trained_file
+    module = frozen_module(path)
+    opt = module.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_opt == sum(p.numel() for p in module.net.flow.parameters())
+    before = {k: v.clone() for k, v in module.net.state_dict().items()}
+    batch = batch_with_truth(32, seed=1)
+    rows = SummaryBatches(summarise_batch(net, batch))[list(range(32))]
+    with torch.no_grad():
+        start = module.net.loss(batch)[0].item()
+    for _ in range(30):
+        opt.zero_grad()
+        module.training_step(rows, 0).backward()
+        opt.step()
+    with torch.no_grad():
+        assert module.net.loss(batch)[0].item() < start - 0.5
+    after = module.net.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("flow.") for k in moved)
+
+
+def test_freeze_embedding_needs_a_trained_file_and_matching_summaries(trained_file, tmp_path):
+    net, path = trained_file
+    with pytest.raises(ValueError, match="model.init_from"):
+        PosteriorModule(hydra_net(net_config()), optimizer=torch.optim.Adam, freeze_embedding=True)
+    module = frozen_module(path)
+    own = {k: v for k, v in net.state_dict().items() if not k.startswith("flow.")}
+    module._check_frozen_summaries(own)  # the file's own embedding: accepted
+    torch.manual_seed(5)
+    other = hydra_net(net_config())
+    theirs = {k: v for k, v in other.state_dict().items() if not k.startswith("flow.")}
+    with pytest.raises(PosteriorCheckpointError, match="summary_from"):
+        module._check_frozen_summaries(theirs)
+    joint = PosteriorModule(hydra_net(net_config()), optimizer=torch.optim.Adam,
+                            init_from=str(path))  # fmt: skip
+    with pytest.raises(ValueError, match="freeze_embedding"):
+        joint._check_frozen_summaries(own)
+    with pytest.raises(ValueError, match="freeze_embedding"):
+        joint.training_step(SummaryBatches(summarise_batch(net, batch_with_truth()))[[0, 1]], 0)
+
+
+def test_train_posterior_flow_fast_dev_run(tmp_path):
+    """python train.py experiment=posterior_flow debug=fdr from a posterior file of the
+    experiment's own network, on tiny mock files: summaries for every training galaxy and
+    noise draw, then a flow step and a validation step on raw mocks."""
+    import hydra
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sedvae.paths import config_dir
+    from sedvae.posterior.data import FrozenSummaryDataModule
+    from sedvae.train import train
+
+    overrides = [
+        "experiment=posterior_flow", "debug=fdr", f"paths.output_dir={tmp_path}",
+        f"data.cache_dir={tmp_path}/mocks", "data.n_train=16", "data.train_seeds=[1]",
+        "data.n_val=8", "data.n_test=8", "data.batch_size=8", "data.draws=2",
+        "model.net.embedding.pca=0", f"model.init_from={tmp_path}/start.pt",
+    ]  # fmt: skip
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+        torch.manual_seed(0)
+        save_posterior(tmp_path / "start.pt", hydra.utils.instantiate(cfg.model.net),
+                       cfg.model.net)  # fmt: skip
+        dm = hydra.utils.instantiate(cfg.data)
+        assert isinstance(dm, FrozenSummaryDataModule) and dm.summary_from == cfg.model.init_from
+        metrics = train(cfg)
+    GlobalHydra.instance().clear()
+    assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["val/loss"])
