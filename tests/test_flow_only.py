@@ -129,3 +129,23 @@ def test_train_posterior_flow_fast_dev_run(tmp_path):
         metrics = train(cfg)
     GlobalHydra.instance().clear()
     assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["val/loss"])
+
+
+def test_exported_file_counts_the_epochs_it_trained(tmp_path):
+    """ExportPosterior's metadata: a 2-epoch run says 2 epochs (Lightning's current_epoch after
+    fit counts completed epochs)."""
+    import pytorch_lightning as pl
+    from omegaconf import OmegaConf
+
+    from sedvae.posterior import ExportPosterior, load_posterior_net
+
+    OmegaConf.save({"model": {"net": net_config()}}, tmp_path / "config.yaml")
+    module = PosteriorModule(hydra_net(net_config()), optimizer=torch.optim.Adam)
+    batches = [batch_with_truth(4, seed=s) for s in range(2)]
+    trainer = pl.Trainer(
+        max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        callbacks=[ExportPosterior(str(tmp_path / "p.pt"), str(tmp_path / "config.yaml"))],
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    meta = load_posterior_net(tmp_path / "p.pt").meta
+    assert meta["epochs"] == 2 and meta["global_step"] == 4

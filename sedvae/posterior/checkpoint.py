@@ -135,7 +135,8 @@ class ExportPosterior(pl.Callback):
         if trainer.fast_dev_run or not trainer.is_global_zero:
             return
         ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
-        meta = {"epochs": trainer.current_epoch + 1, "global_step": trainer.global_step}
+        # after fit, current_epoch counts the completed epochs (a 60-epoch run ends at 60)
+        meta = {"epochs": trainer.current_epoch, "global_step": trainer.global_step}
         if ckpt and Path(ckpt).exists():
             export_posterior(ckpt, self.run_config, self.out, **meta)
         else:
