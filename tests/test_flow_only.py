@@ -103,7 +103,8 @@ def test_freeze_embedding_needs_a_trained_file_and_matching_summaries(trained_fi
 def test_train_posterior_flow_fast_dev_run(tmp_path):
     """python train.py experiment=posterior_flow debug=fdr from a posterior file of the
     experiment's own network, on tiny mock files: summaries for every training galaxy and
-    noise draw, then a flow step and a validation step on raw mocks."""
+    noise draw (the same for the same ``noise_seed``), then a flow step and a validation step
+    on raw mocks."""
     import hydra
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -127,8 +128,18 @@ def test_train_posterior_flow_fast_dev_run(tmp_path):
         dm = hydra.utils.instantiate(cfg.data)
         assert isinstance(dm, FrozenSummaryDataModule) and dm.summary_from == cfg.model.init_from
         metrics = train(cfg)
+
+        def contexts(**kwargs) -> torch.Tensor:
+            dm = hydra.utils.instantiate(cfg.data, **kwargs)
+            dm.setup("fit")
+            return dm.datasets["train_summaries"].summaries["context"]
+
+        first, again, other = contexts(), contexts(), contexts(noise_seed=2)
     GlobalHydra.instance().clear()
     assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["val/loss"])
+    # every galaxy x draw, reproducible; another noise_seed draws other noise
+    assert first.shape[0] == 16 * 2
+    assert torch.equal(first, again) and not torch.allclose(first, other)
 
 
 def test_exported_file_counts_the_epochs_it_trained(tmp_path):

@@ -56,8 +56,15 @@ class _Batches:
         return self.theta.shape[0]
 
     def __getitem__(self, rows):
+        return self.batch(rows)
+
+    def batch(self, rows, generator=None):
+        """Noise from ``generator`` when given (as ``BatchNoiseMocks.batch``)."""
         self.calls += 1
-        batch = fake_batch(len(rows), seed=self.calls)
+        seed = (
+            self.calls if generator is None else int(torch.randint(2**31, (), generator=generator))
+        )
+        batch = fake_batch(len(rows), seed=seed)
         batch["theta"] = self.theta[torch.as_tensor(rows)]
         return batch
 
@@ -72,6 +79,18 @@ def test_summarise_dataset_covers_every_galaxy_per_draw():
     assert torch.allclose(logm[::2], torch.sort(data.theta[:, 0]).values)
     assert torch.allclose(logm[1::2], logm[::2])
     assert net.training is False  # left as it was found
+
+
+def test_summarise_dataset_noise_comes_from_its_seed():
+    """The same seed gives the same summaries (noise included); another seed other noise."""
+    net = _net(True)
+
+    def run(seed):
+        return summarise_dataset(net, _Batches(10), n_draws=2, batch_size=4, seed=seed)
+
+    first, again, other = run(0), run(0), run(1)
+    assert torch.equal(first["context"], again["context"])
+    assert not torch.allclose(first["context"], other["context"])
 
 
 def test_summarise_dataset_features_come_from_the_same_noisy_batches():

@@ -68,8 +68,14 @@ class BatchNoiseMocks(Dataset):
         return self.data["z"].shape[0]
 
     def __getitem__(self, rows) -> dict[str, torch.Tensor]:
+        return self.batch(rows)
+
+    def batch(self, rows, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The galaxies ``rows`` with noise drawn from ``generator`` (default: torch's global
+        generator, as the training loader uses)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        obs = self.noise(self.data["flux_true"][rows], self.data["photometry_true"][rows])
+        obs = self.noise(self.data["flux_true"][rows], self.data["photometry_true"][rows],
+                         generator)  # fmt: skip
         batch = {k: obs[k] for k in OBS_KEYS}
         for key in TRUTH_KEYS:
             batch[key] = self.data[key][rows]
@@ -187,11 +193,20 @@ class FrozenSummaryDataModule(PosteriorMockDataModule):
         model starts from (``model.init_from``; checked in ``PosteriorModule.setup``).
     draws : int
         Noise draws per training galaxy.
+    noise_seed : int, optional
+        Seed of those draws (default: ``seed``); a second run from the first one's file takes
+        fresh noise with another.
     **kwargs
         :class:`PosteriorMockDataModule` arguments.
     """
 
-    def __init__(self, summary_from: str | None = None, draws: int = 4, **kwargs) -> None:
+    def __init__(
+        self,
+        summary_from: str | None = None,
+        draws: int = 4,
+        noise_seed: int | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         if not summary_from:
             raise ValueError("FrozenSummaryDataModule needs summary_from, a posterior file")
@@ -199,6 +214,7 @@ class FrozenSummaryDataModule(PosteriorMockDataModule):
             raise ValueError(f"draws must be >= 1, got {draws}")
         self.summary_from = str(summary_from)
         self.draws = int(draws)
+        self.noise_seed = self.seed if noise_seed is None else int(noise_seed)
         self.embedding_state: dict[str, torch.Tensor] | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -211,7 +227,8 @@ class FrozenSummaryDataModule(PosteriorMockDataModule):
         net = load_posterior_net(self.summary_from)
         log.info("summarising %d training galaxies x %d noise draws with %s",
                  len(self.datasets["train"]), self.draws, self.summary_from)  # fmt: skip
-        s = summarise_dataset(net, self.datasets["train"], n_draws=self.draws, seed=self.seed)
+        s = summarise_dataset(net, self.datasets["train"], n_draws=self.draws,
+                              seed=self.noise_seed)  # fmt: skip
         self.datasets["train_summaries"] = SummaryBatches(
             {k: s[k] for k in ("context", "y", "log_dy_du")}
         )

@@ -66,7 +66,8 @@ def summarise_dataset(
     features=None,
 ) -> dict[str, torch.Tensor]:
     """Frozen summaries of every galaxy of a
-    :class:`~sedvae.posterior.data.BatchNoiseMocks` (fresh noise per draw), ``n_draws`` times,
+    :class:`~sedvae.posterior.data.BatchNoiseMocks` (fresh noise per draw, from ``seed``, so
+    the same seed gives the same summaries), ``n_draws`` times,
     with the training augmentation (``net.augment``: photometry hidden for a share of the
     galaxies) unless ``augment`` is False. Returns :func:`summarise_batch`'s keys, each
     concatenated over draws and batches, and ``features`` when a callable ``features(batch)
@@ -80,7 +81,7 @@ def summarise_dataset(
         for _ in range(int(n_draws)):
             perm = torch.randperm(len(dataset), generator=gen)
             for i in range(0, len(dataset), batch_size):
-                batch = dataset[perm[i : i + batch_size].tolist()]
+                batch = dataset.batch(perm[i : i + batch_size].tolist(), gen)
                 if augment:
                     batch = net.augment(batch, gen)
                 out = summarise_batch(net, batch)
