@@ -1,6 +1,7 @@
 """Training entry point: everything is built by Hydra from ``conf/train.yaml``.
 
-``python train.py experiment=<emulator|autoencoder|posterior|smoke> [debug=fdr] [key=value ...]``
+``python train.py experiment=<emulator|autoencoder|posterior|posterior_flow|smoke> [debug=fdr]
+[key=value ...]``
 """
 
 from __future__ import annotations

@@ -160,3 +160,26 @@ def test_exported_file_counts_the_epochs_it_trained(tmp_path):
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     meta = load_posterior_net(tmp_path / "p.pt").meta
     assert meta["epochs"] == 2 and meta["global_step"] == 4
+
+
+def test_posterior_flow_experiment_builds_the_shipped_files_network(tmp_path):
+    """experiment=posterior_flow's default model.net is the shipped file's network, so the
+    stage runs on the shipped file as configured: the module loads it with frozen embedding."""
+    import hydra
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sedvae.paths import config_dir, data_dir
+
+    shipped = data_dir() / "posterior" / "posterior.pt"
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=posterior_flow",
+                                          f"paths.output_dir={tmp_path}",
+                                          f"model.init_from={shipped}"])  # fmt: skip
+    GlobalHydra.instance().clear()
+    module = hydra.utils.instantiate(cfg.model)  # refuses a file of another network
+    assert module.freeze_embedding
+    trainable = {n for n, p in module.net.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("flow.") for n in trainable)
+    assert bool(module.net.embedding.pca.fitted)  # the file's basis came with its weights
