@@ -144,7 +144,7 @@ class PosteriorModule(pl.LightningModule):
         if not self.freeze_embedding:
             raise ValueError("the data module serves frozen summaries: the flow must train "
                              "alone (model.freeze_embedding=true)")  # fmt: skip
-        own = {k: v for k, v in self.net.state_dict().items() if not k.startswith("flow.")}
+        own = self.net.summary_state()
         same = own.keys() == frozen.keys() and all(
             torch.equal(own[k].cpu(), frozen[k].cpu()) for k in own
         )
@@ -156,7 +156,7 @@ class PosteriorModule(pl.LightningModule):
 
     def _step(self, batch, stage: str):
         loss, metrics = self.net.loss(batch)
-        n = batch["z"].shape[0]
+        n = batch["theta"].shape[0]
         self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=n)
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, batch_size=n)
         return loss
@@ -166,12 +166,7 @@ class PosteriorModule(pl.LightningModule):
             if not self.freeze_embedding:
                 raise ValueError("frozen-summary batches train the flow alone: set "
                                  "model.freeze_embedding=true")  # fmt: skip
-            nll = -(self.net.flow.log_prob(batch["y"], batch["context"]) + batch["log_dy_du"])
-            loss = nll.mean()
-            n = nll.shape[0]
-            self.log("train/loss", loss, prog_bar=True, batch_size=n)
-            self.log("train/nll_u", loss.detach(), batch_size=n)
-            return loss
+            return self._step(batch, "train")
         return self._step(self.net.augment(batch), "train")
 
     def validation_step(self, batch, batch_idx):

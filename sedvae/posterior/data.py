@@ -230,11 +230,9 @@ class FrozenSummaryDataModule(PosteriorMockDataModule):
         s = summarise_dataset(net, self.datasets["train"], n_draws=self.draws,
                               seed=self.noise_seed)  # fmt: skip
         self.datasets["train_summaries"] = SummaryBatches(
-            {k: s[k] for k in ("context", "y", "log_dy_du")}
+            {k: s[k] for k in ("context", "y", "log_dy_du", "theta")}
         )
-        self.embedding_state = {
-            k: v for k, v in net.state_dict().items() if not k.startswith("flow.")
-        }
+        self.embedding_state = net.summary_state()
 
     def train_dataloader(self) -> DataLoader:
         data = self.datasets["train_summaries"]

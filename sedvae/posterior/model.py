@@ -185,14 +185,25 @@ class NeuralPosterior(nn.Module):
         )
         return out
 
+    def summary_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor outside the flow (summary network, gappy-PCA basis, mass anchor): what
+        makes the summaries, so two nets with equal ones summarise alike."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("flow.")}
+
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean -log q(u_true | x) over the batch, and per-batch metrics.
 
-        ``batch`` needs ``theta`` (B, 12) besides the observation keys.
+        ``batch`` needs ``theta`` (B, 12) besides the observation keys, or is a frozen summary
+        (``context``, ``y``, ``log_dy_du``, ``theta``: ``sedvae.posterior.summaries``), whose
+        loss is the same without running the embedding.
         """
         theta = batch["theta"].to(torch.float64)
-        u = self.prior.to_unconstrained(theta).to(batch["flux"].dtype)
-        nll = -self.log_prob_u(u, batch)  # (B,)
+        if "context" in batch:
+            u = self.prior.to_unconstrained(theta).to(batch["context"].dtype)
+            nll = -(self.flow.log_prob(batch["y"], batch["context"]) + batch["log_dy_du"])
+        else:
+            u = self.prior.to_unconstrained(theta).to(batch["flux"].dtype)
+            nll = -self.log_prob_u(u, batch)  # (B,)
         # the same in theta space (per unit theta_free), for comparison with other models
         ladj = self.prior.log_abs_det_jacobian(u.to(torch.float64)).to(nll.dtype)
         loss = nll.mean()
