@@ -197,12 +197,12 @@ class NeuralPosterior(nn.Module):
         (``context``, ``y``, ``log_dy_du``, ``theta``: ``sedvae.posterior.summaries``), whose
         loss is the same without running the embedding.
         """
+        summary = "context" in batch
         theta = batch["theta"].to(torch.float64)
-        if "context" in batch:
-            u = self.prior.to_unconstrained(theta).to(batch["context"].dtype)
+        u = self.prior.to_unconstrained(theta).to(batch["context" if summary else "flux"].dtype)
+        if summary:
             nll = -(self.flow.log_prob(batch["y"], batch["context"]) + batch["log_dy_du"])
         else:
-            u = self.prior.to_unconstrained(theta).to(batch["flux"].dtype)
             nll = -self.log_prob_u(u, batch)  # (B,)
         # the same in theta space (per unit theta_free), for comparison with other models
         ladj = self.prior.log_abs_det_jacobian(u.to(torch.float64)).to(nll.dtype)
