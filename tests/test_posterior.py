@@ -26,6 +26,7 @@ from sedvae.posterior.diagnostics import (
     sbc_ks_pvalues,
     sbc_ranks,
     tarp_coverage,
+    tarp_coverage_averaged,
     tarp_max_deviation,
 )
 from sedvae.sps.provabgs import check_support
@@ -352,6 +353,32 @@ def test_tarp_detects_calibration_and_agrees_with_sbi():
     ecp_sbi, alpha_sbi = _run_tarp(samples, truth, refs, num_bins=100)
     ours = np.interp(alpha_sbi.numpy(), alpha.numpy(), ecp.numpy())
     assert np.abs(ours - ecp_sbi.numpy()).max() < 0.02
+
+
+def test_tarp_averaged_over_reference_draws_is_steadier():
+    """Averaging the ECP over reference draws keeps a calibrated posterior calibrated and a
+    narrow one flagged, and removes most of what the references' placement adds to the figure
+    (the truths and samples are the same in every trial; only the references change)."""
+    samples, truth, _ = _gaussian_problem()
+    g = torch.Generator().manual_seed(5)
+    trials = 3 * torch.randn(12, 8, 1000, 3, generator=g)  # 12 sets of 8 reference draws
+    single, averaged = [], []
+    for refs in trials:
+        ecp, alpha, draws = tarp_coverage_averaged(samples, truth, refs)
+        assert draws.shape == (8, 101) and torch.allclose(ecp, draws.mean(0))
+        assert torch.allclose(draws[0], tarp_coverage(samples, truth, refs[0])[0])
+        single.append(tarp_max_deviation(draws[0], alpha))
+        averaged.append(tarp_max_deviation(ecp, alpha))
+    # the references' noise adds to the deviation of a calibrated posterior: averaged, the
+    # figure is smaller and steadier (measured: mean 0.009 against 0.024, spread 0.004 / 0.006)
+    assert max(averaged) < 0.05
+    assert np.mean(averaged) < 0.6 * np.mean(single)
+    assert np.std(averaged) < np.std(single)
+    narrow_samples, narrow_truth, _ = _gaussian_problem(width=0.5)
+    ecp_n, alpha_n, _ = tarp_coverage_averaged(narrow_samples, narrow_truth, trials[0])
+    assert tarp_max_deviation(ecp_n, alpha_n) > 0.1
+    with pytest.raises(ValueError, match="references"):
+        tarp_coverage_averaged(samples, truth, trials[0, 0])
 
 
 def test_sbc_ranks_and_ks():

@@ -4,7 +4,9 @@
   simulation j, draw a reference point r_j, and let f_j be the fraction of posterior samples
   closer to r_j than the truth. ECP(alpha) = mean_j 1[f_j < alpha]; a calibrated posterior has
   ECP(alpha) = alpha for every alpha (necessary and sufficient when the references' law is
-  suitably broad).
+  suitably broad). With N simulations the estimate moves with the random references as well
+  as with the truths; :func:`tarp_coverage_averaged` averages the ECP over several independent
+  reference draws, which removes most of the first part.
 - SBC ranks (Talts et al. 2018): rank of each true parameter among its posterior samples;
   uniform for a calibrated posterior, tested per parameter with a Kolmogorov-Smirnov test.
 - Recovery: bias and scatter of posterior medians against the truth.
@@ -49,6 +51,42 @@ def tarp_coverage(
     f = (d_samples < d_truth).double().mean(0)  # (N,)
     ecp = (f[None, :] < alpha[:, None]).double().mean(-1)
     return ecp, alpha, f
+
+
+def tarp_coverage_averaged(
+    samples: torch.Tensor,
+    truth: torch.Tensor,
+    references: torch.Tensor,
+    alpha: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TARP expected coverage averaged over R independent draws of the reference points.
+
+    For a calibrated posterior every draw's ECP(alpha) has expectation alpha, so their mean
+    does too; averaging removes most of the variance that comes from where the references
+    happen to fall (at N = 1,000 simulations one draw's max |ECP - alpha| moves by ~0.04 with
+    the draw alone), leaving the truths' own sampling noise (of order 1 / sqrt(N)).
+
+    Parameters
+    ----------
+    samples : (n, N, D) posterior samples for N simulations
+    truth : (N, D) true parameters
+    references : (R, N, D) R independent reference draws, one point per simulation each
+    alpha : (K,) credibility levels (default 101 levels from 0 to 1)
+
+    Returns
+    -------
+    ecp : (K,) mean over the R draws of the expected coverage at each alpha
+    alpha : (K,)
+    ecp_draws : (R, K) each draw's expected coverage
+    """
+    if references.ndim != 3:
+        raise ValueError(f"need references (R, N, D); got {tuple(references.shape)}")
+    draws = []
+    for ref in references:
+        ecp, alpha, _ = tarp_coverage(samples, truth, ref, alpha)
+        draws.append(ecp)
+    ecp_draws = torch.stack(draws)
+    return ecp_draws.mean(0), alpha, ecp_draws
 
 
 def tarp_max_deviation(ecp: torch.Tensor, alpha: torch.Tensor) -> float:
@@ -96,4 +134,11 @@ def recovery(estimate: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
     }
 
 
-__all__ = ["recovery", "sbc_ks_pvalues", "sbc_ranks", "tarp_coverage", "tarp_max_deviation"]
+__all__ = [
+    "recovery",
+    "sbc_ks_pvalues",
+    "sbc_ranks",
+    "tarp_coverage",
+    "tarp_coverage_averaged",
+    "tarp_max_deviation",
+]
