@@ -49,7 +49,7 @@ import torch
 from posterior_exact import OBS_KEYS, SSFR_BINS  # bench/posterior_exact.py: the same keys and bins
 
 from sedvae.posterior import NeuralPosterior, Posterior, load_posterior_net
-from sedvae.posterior.diagnostics import recovery
+from sedvae.posterior.diagnostics import recovery, spectral_snr
 from sedvae.posterior.pca import GappyPCA
 from sedvae.posterior.summaries import (
     deepen_flow,
@@ -74,8 +74,7 @@ def galaxy_groups(batch: dict, derived: dict) -> dict[str, torch.Tensor]:
     log_ssfr = (torch.log10(derived["sfr_100myr"][0].clamp_min(1e-30))
                 - derived["logmstar_surv"][0])  # fmt: skip
     groups = {f"ssfr_{name}": (log_ssfr >= lo) & (log_ssfr < hi) for name, lo, hi in SSFR_BINS}
-    good = batch["ivar"] > 0
-    snr = torch.where(good, batch["flux"] * batch["ivar"].sqrt(), torch.nan).nanmedian(1).values
+    snr = spectral_snr(batch)
     t1, t2 = torch.quantile(snr, torch.tensor([1 / 3, 2 / 3]))
     groups.update(snr_t1=snr < t1, snr_t2=(snr >= t1) & (snr < t2), snr_t3=snr >= t2)
     return groups

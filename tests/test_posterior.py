@@ -24,7 +24,9 @@ from sedvae.posterior import (
 from sedvae.posterior.diagnostics import (
     recovery,
     sbc_ks_pvalues,
+    sbc_rank_moments,
     sbc_ranks,
+    spectral_snr,
     tarp_coverage,
     tarp_coverage_averaged,
     tarp_max_deviation,
@@ -388,6 +390,31 @@ def test_sbc_ranks_and_ks():
     assert sbc_ks_pvalues(ranks, 500).min() > 0.01
     narrow, truth_n, _ = _gaussian_problem(width=0.5)
     assert sbc_ks_pvalues(sbc_ranks(narrow, truth_n), 500).max() < 1e-6
+
+
+def test_sbc_rank_moments_tell_which_way():
+    """Calibrated: mean 0.5, std 1/sqrt(12); too wide: smaller std; too narrow: larger;
+    posteriors shifted low: truths rank high (mean > 0.5)."""
+    calibrated, truth, _ = _gaussian_problem()
+    mean, std = sbc_rank_moments(sbc_ranks(calibrated, truth), 500)
+    assert (mean - 0.5).abs().max() < 0.03 and (std - 12**-0.5).abs().max() < 0.015
+    wide, truth_w, _ = _gaussian_problem(width=1.5)
+    assert sbc_rank_moments(sbc_ranks(wide, truth_w), 500)[1].max() < 0.26
+    narrow, truth_n, _ = _gaussian_problem(width=0.7)
+    assert sbc_rank_moments(sbc_ranks(narrow, truth_n), 500)[1].min() > 0.31
+    low = sbc_rank_moments(sbc_ranks(calibrated - 0.5, truth), 500)[0]
+    assert low.min() > 0.6
+    # exact for ranks spread evenly over 0..n: the discrete uniform's moments
+    even = torch.arange(501).repeat(2)[:, None]
+    m, s = sbc_rank_moments(even, 500)
+    assert abs(float(m) - 0.5) < 1e-12
+    assert abs(float(s) - 12**-0.5 * (1 - 501**-2) ** 0.5) < 1e-3
+
+
+def test_spectral_snr_ignores_unusable_pixels():
+    flux = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 4.0, 4.0, 4.0]])
+    ivar = torch.tensor([[4.0, 4.0, 4.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    assert torch.allclose(spectral_snr({"flux": flux, "ivar": ivar}), torch.tensor([4.0, 4.0]))
 
 
 def test_recovery_statistics():

@@ -9,6 +9,7 @@
   reference draws, which removes most of the first part.
 - SBC ranks (Talts et al. 2018): rank of each true parameter among its posterior samples;
   uniform for a calibrated posterior, tested per parameter with a Kolmogorov-Smirnov test.
+- Rank moments: which way a miscalibration goes (too wide or narrow, too high or low).
 - Recovery: bias and scatter of posterior medians against the truth.
 """
 
@@ -118,6 +119,25 @@ def sbc_ks_pvalues(ranks: torch.Tensor, n_samples: int) -> np.ndarray:
     return np.array([kstest(u[:, d], "uniform").pvalue for d in range(r.shape[1])])
 
 
+def sbc_rank_moments(ranks: torch.Tensor, n_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation (D,) of the normalised ranks (rank + 0.5) / (n + 1).
+
+    They say which way a parameter is miscalibrated, which a KS p-value does not: for a
+    calibrated posterior the mean is 0.5 and the standard deviation 1 / sqrt(12) = 0.289
+    (0.289 * sqrt(1 - 1 / (n + 1)^2) for n samples); a standard deviation below that means
+    posteriors too wide (truths rank near the middle), above it too narrow; a mean above 0.5,
+    posteriors that sit too low.
+    """
+    u = (ranks.double() + 0.5) / (n_samples + 1)
+    return u.mean(0), u.std(0)
+
+
+def spectral_snr(batch: dict) -> torch.Tensor:
+    """Median flux x sqrt(ivar) over each spectrum's usable pixels (ivar > 0), (B,)."""
+    good = batch["ivar"] > 0
+    return torch.where(good, batch["flux"] * batch["ivar"].sqrt(), torch.nan).nanmedian(1).values
+
+
 def recovery(estimate: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
     """Bias (median of estimate - truth), scatter (standard deviation) and NMAD
     (1.4826 median |residual - median|) of the residuals, over finite entries."""
@@ -137,7 +157,9 @@ def recovery(estimate: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
 __all__ = [
     "recovery",
     "sbc_ks_pvalues",
+    "sbc_rank_moments",
     "sbc_ranks",
+    "spectral_snr",
     "tarp_coverage",
     "tarp_coverage_averaged",
     "tarp_max_deviation",
