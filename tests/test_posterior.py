@@ -386,18 +386,21 @@ def test_tarp_averaged_over_reference_draws_is_steadier():
 
 def test_tarp_band_is_the_ks_quantile_and_holds_for_calibrated_posteriors():
     """One draw's max |ECP - alpha| is a KS statistic under calibration: the 95 % band is
-    ~1.36 / sqrt(N), and calibrated toys stay inside it about 95 % of the time."""
+    ~1.36 / sqrt(N), calibrated toys stay inside it about 95 % of the time, and posteriors
+    40 % too wide leave it."""
     assert abs(tarp_band(1000) - 1.358 / 1000**0.5) < 0.002
     assert tarp_band(5000) < tarp_band(1000) < tarp_band(1000, 0.99)
     g = torch.Generator().manual_seed(3)
-    outside = 0
-    for _ in range(40):
-        mu = torch.randn(500, 2, generator=g)
-        truth = mu + torch.randn(500, 2, generator=g)
-        samples = mu + torch.randn(200, 500, 2, generator=g)
-        ecp, alpha, _ = tarp_coverage(samples, truth, 3 * torch.randn(500, 2, generator=g))
-        outside += tarp_max_deviation(ecp, alpha) > tarp_band(500)
-    assert outside <= 6  # binomial(40, 0.05): P(> 6) < 0.01
+    outside = {1.0: 0, 1.4: 0}
+    for width in outside:
+        for _ in range(40):
+            mu = torch.randn(500, 2, generator=g)
+            truth = mu + torch.randn(500, 2, generator=g)
+            samples = mu + width * torch.randn(200, 500, 2, generator=g)
+            ecp, alpha, _ = tarp_coverage(samples, truth, 3 * torch.randn(500, 2, generator=g))
+            outside[width] += tarp_max_deviation(ecp, alpha) > tarp_band(500)
+    assert outside[1.0] <= 6  # binomial(40, 0.05): P(> 6) < 0.01 (measured: 1)
+    assert outside[1.4] >= 36  # posteriors 40 % too wide: flagged (measured: 40 of 40)
 
 
 def test_sbc_ranks_and_ks():
