@@ -32,7 +32,7 @@ from sedvae.posterior.diagnostics import (
     tarp_coverage_averaged,
     tarp_max_deviation,
 )
-from sedvae.sps.provabgs import check_support
+from sedvae.sps.provabgs import PROVABGSPrior, check_support
 
 N_BINS = 64
 
@@ -170,6 +170,58 @@ def test_fast_spline_matches_zuko():
     ours, ref = FastRQSTransform(w, h, d), MonotonicRQSTransform(w, h, d)
     torch.testing.assert_close(ours(x), ref(x))
     torch.testing.assert_close(ours.inv(ref(x)), x, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bins", [4, 8])
+def test_lean_spline_inverse_matches_zuko(bins):
+    """The sampler's spline inverse is zuko's own (float64 reference), inside the bound, on
+    its edges and outside (identity), for steep and flat bins alike."""
+    from zuko.transforms import MonotonicRQSTransform
+
+    from sedvae.posterior.flow import rqs_inverse
+
+    gen = torch.Generator().manual_seed(4)
+    phi = 3 * torch.randn(4000, 3 * bins - 1, generator=gen)
+    y = 4 * torch.randn(4000, generator=gen)
+    y[:4] = torch.tensor([-5.0, 5.0, 6.5, -7.0])  # the bound itself, and beyond it
+    w, h, d = phi[:, :bins], phi[:, bins : 2 * bins], phi[:, 2 * bins :]
+    ref = MonotonicRQSTransform(w.double(), h.double(), d.double()).inv(y.double())
+    ours = rqs_inverse(y, phi, bins)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), ref, atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(ours[2:4], y[2:4])  # identity outside [-5, 5]
+    # and, in float64 (flat bins make float32 round trips ill-conditioned), it inverts the
+    # forward spline: x -> y -> x
+    x = 4.5 * torch.rand(4000, generator=gen, dtype=torch.float64)
+    x = x * torch.sign(torch.randn(4000, generator=gen, dtype=torch.float64))
+    y_fwd = MonotonicRQSTransform(w.double(), h.double(), d.double())(x)
+    torch.testing.assert_close(rqs_inverse(y_fwd, phi.double(), bins), x, atol=1e-9, rtol=1e-9)
+
+
+def test_lean_flow_inverse_matches_zuko():
+    """PosteriorFlow.inverse (the lean sampler) gives zuko's inverse of the same flow."""
+    flow = PosteriorFlow(context=5, transforms=4, hidden=(16, 16), bins=4).eval()
+    gen = torch.Generator().manual_seed(2)
+    c, eps = torch.randn(3, 5, generator=gen), torch.randn(200, 3, 11, generator=gen)
+    with torch.no_grad():
+        ours = flow.inverse(eps, c)
+        ref = flow.flow(c).transform.inv(eps)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_transforms_without_jacobians_agree():
+    """w_to_u and to_constrained skip the log-Jacobian when sampling: the same values."""
+    from sedvae.posterior.model import w_to_u
+
+    gen = torch.Generator().manual_seed(5)
+    w = 2 * torch.randn(500, 11, generator=gen, dtype=torch.float64)
+    u, ladj = w_to_u(w)
+    u_fast, none = w_to_u(w, jacobian=False)
+    assert none is None and ladj.shape == (500,)
+    torch.testing.assert_close(u_fast, u, rtol=0, atol=0)
+    prior = PROVABGSPrior()
+    theta, _ = prior._constrain(u)
+    torch.testing.assert_close(prior.to_constrained(u), theta, rtol=0, atol=0)
 
 
 # ---- support and shapes ------------------------------------------------------------------------

@@ -63,21 +63,26 @@ def u_to_w(u: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def w_to_u(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`u_to_w`, and log|du/dw| summed over coordinates (float64)."""
+def w_to_u(w: torch.Tensor, jacobian: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inverse of :func:`u_to_w`, and log|du/dw| summed over coordinates (float64; None
+    with ``jacobian=False``, which sampling uses: the log-Jacobian of a million samples
+    costs a sixth of their sampling time)."""
     w = w.double()
     log_p, log_q = torch.special.log_ndtr(w), torch.special.log_ndtr(-w)
-    log_phi = -0.5 * w * w - _LOG_SQRT_2PI
     u = torch.empty_like(w)
     box = list(BOX_DIMS)
     u[..., box] = log_p[..., box] - log_q[..., box]
-    ladj = (log_phi[..., box] - log_p[..., box] - log_q[..., box]).sum(-1)
+    ladj = None
+    if jacobian:
+        log_phi = -0.5 * w * w - _LOG_SQRT_2PI
+        ladj = (log_phi[..., box] - log_p[..., box] - log_q[..., box]).sum(-1)
     for k, m in SIMPLEX_DIMS:
         log_1mz = log_q[..., k] / m
         log_z = torch.log(-torch.expm1(log_1mz))
         u[..., k] = log_z - log_1mz + math.log(m)
-        # du/dw = 1/(z (1 - z)) * (1/m) (1 - p)^(1/m - 1) * phi(w)
-        ladj = ladj - log_z - log_1mz - math.log(m) + (1 / m - 1) * log_q[..., k] + log_phi[..., k]
+        if jacobian:  # du/dw = 1/(z (1 - z)) * (1/m) (1 - p)^(1/m - 1) * phi(w)
+            ladj = (ladj - log_z - log_1mz - math.log(m) + (1 / m - 1) * log_q[..., k]
+                    + log_phi[..., k])  # fmt: skip
     return u, ladj
 
 
@@ -170,7 +175,7 @@ class NeuralPosterior(nn.Module):
             y[:, i : i + m] = self.flow.sample(ctx, n, generator)[:, :m]
         y = y + shift
         if self.gaussianize_prior:
-            return w_to_u(y)[0].to(context.dtype)
+            return w_to_u(y, jacobian=False)[0].to(context.dtype)
         return y
 
     def augment(self, batch: dict, generator: torch.Generator | None = None) -> dict:

@@ -244,28 +244,28 @@ class PROVABGSPrior:
         """u (B, 11) -> theta (B, 12), always inside the support (differentiable)."""
         if u.ndim != 2 or u.shape[-1] != N_FREE:
             raise ValueError(f"u must have shape (B, {N_FREE}); got {tuple(u.shape)}")
-        theta = self._constrain(u)[0]
-        return theta
+        return self._constrain(u, jacobian=False)[0]
 
     def log_abs_det_jacobian(self, u: torch.Tensor) -> torch.Tensor:
         """log |d theta_free / d u| (B,), theta_free = (logM, beta_1..3, the 7 other boxes)."""
         return self._constrain(u)[1]
 
-    def _constrain(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ladj = torch.zeros(u.shape[:1], dtype=u.dtype, device=u.device)
+    def _constrain(
+        self, u: torch.Tensor, jacobian: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """theta (B, 12) and log|d theta_free / d u| (B,) (None with ``jacobian=False``:
+        sampling needs theta alone, and the log-Jacobian costs as much again)."""
+        logsigmoid = torch.nn.functional.logsigmoid
+        ladj = torch.zeros(u.shape[:1], dtype=u.dtype, device=u.device) if jacobian else None
         box_u = torch.cat([u[:, :1], u[:, 4:]], -1)  # (B, 8)
         theta = torch.empty(u.shape[0], N_THETA, dtype=u.dtype, device=u.device)
         for col, (i, lo, hi, is_log) in enumerate(self._boxes):
             p = torch.sigmoid(box_u[:, col])
-            log_dp = torch.nn.functional.logsigmoid(box_u[:, col]) + torch.nn.functional.logsigmoid(
-                -box_u[:, col]
-            )
-            if is_log:
-                x = lo * torch.exp(p * math.log(hi / lo))
-                ladj = ladj + log_dp + math.log(math.log(hi / lo)) + torch.log(x)
-            else:
-                x = lo + p * (hi - lo)
-                ladj = ladj + log_dp + math.log(hi - lo)
+            x = lo * torch.exp(p * math.log(hi / lo)) if is_log else lo + p * (hi - lo)
+            if jacobian:
+                log_dp = logsigmoid(box_u[:, col]) + logsigmoid(-box_u[:, col])
+                log_dx = math.log(math.log(hi / lo)) + torch.log(x) if is_log else math.log(hi - lo)
+                ladj = ladj + log_dp + log_dx
             theta[:, i] = x
         offset = torch.log(torch.tensor([3.0, 2.0, 1.0], dtype=u.dtype, device=u.device))
         v = u[:, 1:4] - offset
@@ -274,13 +274,13 @@ class PROVABGSPrior:
         betas = []
         for k in range(3):
             b = z[:, k] * remaining
-            # d beta_k / d v_k = z(1-z) * remaining; triangular Jacobian
-            ladj = (
-                ladj
-                + torch.nn.functional.logsigmoid(v[:, k])
-                + torch.nn.functional.logsigmoid(-v[:, k])
-                + torch.log(remaining.clamp_min(torch.finfo(u.dtype).tiny))
-            )
+            if jacobian:  # d beta_k / d v_k = z(1-z) * remaining; triangular Jacobian
+                ladj = (
+                    ladj
+                    + logsigmoid(v[:, k])
+                    + logsigmoid(-v[:, k])
+                    + torch.log(remaining.clamp_min(torch.finfo(u.dtype).tiny))
+                )
             betas.append(b)
             remaining = remaining - b
         betas.append(remaining)
