@@ -286,9 +286,8 @@ class SEDModel(torch.nn.Module):
         hi = torch.maximum(torch.minimum(edge_hi[None], t_u[:, None]), lo[None])
         whole = edge_hi[None] <= t_u[:, None]  # (B, nbins)
         cut = (lo[None] < t_u[:, None]) & ~whole  # at most one bin per galaxy
-        b_cut = (torch.searchsorted(self.bin_edges, t_u.detach().contiguous()) - 1).clamp(
-            0, self.n_bins - 1
-        )
+        bin_of_tu = torch.searchsorted(self.bin_edges, t_u.detach().contiguous()) - 1
+        b_cut = bin_of_tu.clamp(0, self.n_bins - 1)
         lo_cut = lo[b_cut]
         beta = theta[:, 1:5]
         cum_cut = self._nmf_cumulative(t_u) - self._nmf_cumulative(lo_cut)  # (B, 4)
@@ -307,14 +306,11 @@ class SEDModel(torch.nn.Module):
         z_cut = (self._nmf_zh(0.5 * (lo_cut + t_u)) * gamma).sum(-1)
         bin_z = torch.where(cut, z_cut[:, None], torch.where(whole, z_whole, z_empty))
         bin_z = bin_z.clamp(zmin, zmax)
-        cut_bin = (torch.searchsorted(self.bin_edges, t_u.detach().contiguous()) - 1).clamp(
-            self.first_cut_bin, self.n_bins - 1
-        )
         return History(
             bin_mass=bin_mass * (1 - f_burst)[:, None],
             bin_z=bin_z,
             bin_hi_gyr=hi,
-            cut_bin=cut_bin,
+            cut_bin=bin_of_tu.clamp(self.first_cut_bin, self.n_bins - 1),
             burst_mass=f_burst,
             burst_age_gyr=t_burst,
             burst_z=(self._nmf_zh(t_burst) * gamma).sum(-1).clamp(zmin, zmax),
