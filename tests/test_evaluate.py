@@ -16,8 +16,8 @@ from sedvae.paths import config_dir
 REPO = Path(__file__).resolve().parents[1]
 FAST = [
     "evaluation=catalog",
-    "data=mock",
-    "data.n=4",
+    "source=mock",
+    "source.n=4",
     "evaluation.fitter.autoencoder=null",
     "evaluation.fitter.n_samples=200",
     "evaluation.n_plots=1",
@@ -34,7 +34,7 @@ def test_evaluate_logs_metrics_and_figures_to_wandb_offline(tmp_path, monkeypatc
         cfg = compose(
             "evaluate",
             overrides=FAST
-            + ["logger=wandb", f"paths.output_dir={tmp_path}", f"data.path={tmp_path}/m.h5"],
+            + ["logger=wandb", f"paths.output_dir={tmp_path}", f"source.path={tmp_path}/m.h5"],
         )
     metrics = evaluate(cfg)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
@@ -70,7 +70,7 @@ def test_multirun_through_a_submitit_launcher(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [
         sys.executable, "evaluate.py", "-m", "hydra/launcher=submitit_local", *FAST,
-        "evaluation.n_plots=0", f"data.path={tmp_path}/a.h5,{tmp_path}/b.h5",
+        "evaluation.n_plots=0", f"source.path={tmp_path}/a.h5,{tmp_path}/b.h5",
         f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
