@@ -1,4 +1,8 @@
-"""Every entry point, experiment, evaluation and sweep composes; every _target_ imports."""
+"""Every entry point, experiment, evaluation, source and sweep composes; every _target_ imports;
+each experiment resolves to the values stored in ``tests/expected_configs.yaml``.
+
+After a deliberate change of what an experiment resolves to, rewrite that file with
+``python tests/test_configs.py`` and review its diff."""
 
 from __future__ import annotations
 
@@ -16,7 +20,28 @@ from sedvae.paths import config_dir
 CONF = Path(config_dir())
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 EVALUATIONS = sorted(p.stem for p in (CONF / "evaluation").glob("*.yaml"))
+SOURCES = sorted(p.stem for p in (CONF / "source").glob("*.yaml"))
+DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 SWEEPS = sorted((CONF / "sweep").glob("*.yaml"))
+EXPECTED = Path(__file__).with_name("expected_configs.yaml")
+# placeholders for the machine-dependent paths, so the stored values are the same everywhere
+FIXED_PATHS = ["paths.root_dir=ROOT", "paths.output_dir=OUT"]
+# what an experiment must keep resolving to: its data module, callbacks, trainer and the parts
+# of the model that shared files supply (a restated or dropped value shows up here)
+EXPERIMENT_KEYS = (
+    "task_name",
+    "data",
+    "callbacks",
+    "trainer",
+    "model._target_",
+    "model.optimizer",
+    "model.init_from",
+    "model.net._target_",
+    "model.net.decoder.instrument",
+    "model.net.decoder.sps",
+    "model.net.embedding.instrument",
+    "model.net.embedding.trunk",
+)
 
 
 @pytest.fixture()
@@ -63,6 +88,65 @@ def test_evaluation_composes(hydra_ctx, tmp_path, evaluation):
     _check_targets(cfg)
 
 
+@pytest.mark.parametrize("source", SOURCES)
+def test_catalog_composes_with_every_source(hydra_ctx, tmp_path, source):
+    cfg = compose(
+        "evaluate",
+        overrides=["evaluation=catalog", f"source={source}", f"paths.output_dir={tmp_path}"],
+    )
+    _check_targets(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert resolved["evaluation"]["source"] == resolved["source"]
+
+
+def test_training_data_modules_and_evaluation_sources_are_apart(hydra_ctx, tmp_path):
+    """`data=` (training data modules) and `source=` (galaxies for evaluate.py) share no name,
+    and each group holds only its kind: a data module, or a source that is not one."""
+    import pytorch_lightning as pl
+
+    assert SOURCES and DATA
+    assert not set(SOURCES) & set(DATA)
+    for name in DATA:
+        cfg = compose("train", overrides=[f"data={name}", f"paths.output_dir={tmp_path}"])
+        assert issubclass(hydra.utils.get_class(cfg.data._target_), pl.LightningDataModule), name
+    for name in SOURCES:
+        cfg = compose("evaluate", overrides=[f"source={name}", f"paths.output_dir={tmp_path}"])
+        target = hydra.utils.get_object(cfg.source._target_)
+        assert not issubclass(target, pl.LightningDataModule), name
+    assert compose("evaluate", overrides=FIXED_PATHS).source.kind == "desi"  # the default
+
+
+def _resolved_views() -> dict:
+    """What each experiment (and each evaluation source) resolves to, for the stored file."""
+    views = {}
+    for experiment in EXPERIMENTS:
+        cfg = compose("train", overrides=[f"experiment={experiment}", *FIXED_PATHS])
+        view = {}
+        for key in EXPERIMENT_KEYS:
+            node = OmegaConf.select(cfg, key, default=None)
+            if OmegaConf.is_config(node):
+                node = OmegaConf.to_container(node, resolve=True)
+            if node is not None:
+                view[key] = node
+        views[f"experiment={experiment}"] = view
+    for source in SOURCES:
+        cfg = compose("evaluate", overrides=[f"source={source}", *FIXED_PATHS])
+        views[f"source={source}"] = OmegaConf.to_container(
+            cfg.source, resolve=True, throw_on_missing=False
+        )
+    return views
+
+
+def test_experiments_resolve_to_the_stored_values(hydra_ctx):
+    """Experiments override only what differs; this pins what they resolve to, so a change in a
+    shared file or a restated value that drifts from it cannot pass unnoticed."""
+    expected = yaml.safe_load(EXPECTED.read_text())
+    views = _resolved_views()
+    assert sorted(views) == sorted(expected), "experiments or sources added or removed"
+    for name, view in views.items():
+        assert view == expected[name], name
+
+
 def test_simulate_composes(hydra_ctx, tmp_path):
     cfg = compose(
         "simulate", overrides=["n=10", "seed=3", "nebular=true", f"paths.cache_dir={tmp_path}"]
@@ -104,3 +188,18 @@ def test_train_without_experiment_says_what_to_do(hydra_ctx, tmp_path):
     cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}"])
     with pytest.raises(ValueError, match="experiment="):
         train(cfg)
+
+
+if __name__ == "__main__":  # rewrite tests/expected_configs.yaml after a deliberate change
+
+    class _Dumper(yaml.SafeDumper):  # mappings as blocks, lists on one line
+        pass
+
+    _Dumper.add_representer(
+        list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True)
+    )
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        text = yaml.dump(_resolved_views(), Dumper=_Dumper, sort_keys=True, width=100)
+    header = "# What each experiment and evaluation source resolves to (tests/test_configs.py).\n"
+    EXPECTED.write_text(header + "# Rewrite with: python tests/test_configs.py\n" + text)
