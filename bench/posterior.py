@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import REPO, test_batch  # bench/common.py: the held-out set
 
 from sedvae.posterior import load_posterior
 from sedvae.posterior.diagnostics import (
@@ -64,22 +65,6 @@ from sedvae.posterior.diagnostics import (
     tarp_coverage_averaged,
     tarp_max_deviation,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def test_batch(cache: Path, n_test: int, seed: int) -> dict[str, torch.Tensor]:
-    """The data module's held-out test set with its fixed noise, as one batch."""
-    from sedvae.data import MockDataModule, MockDataset, desi_noise_model, write_mocks
-
-    dm = MockDataModule(cache_dir=str(cache), n_test=n_test, seed=seed)
-    path = dm.path("test")
-    if not path.exists():
-        write_mocks(path, n_test, seed + 2, dm.generator)
-    # the data module's test noise: same model (conf/data/mocks.yaml = the defaults), same seed
-    ds = MockDataset(path, desi_noise_model(), fixed_noise_seed=seed + 102, truth=True)
-    items = [ds[i] for i in range(len(ds))]
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
 def main() -> None:
