@@ -14,8 +14,8 @@ written on first use (~1 min) when missing. ``--n-test 2000`` gives that file.
   ``--tarp-references`` independent reference draws, default 8, seeds 1..8;
   ``tarp_max_dev_by_draw``, each draw's own figure: at 1,000 galaxies one draw's figure moves by
   ~0.04 with the draw alone; ``tarp_max_dev_sbi``, sbi's ``_run_tarp`` on the first draw, a
-  cross-check of ``tarp_max_dev_by_draw[0]``, which is the single-draw figure of benches before
-  session 14; ``tarp_band_95``, the 95 % Kolmogorov-Smirnov bound on one draw's figure for a
+  cross-check of ``tarp_max_dev_by_draw[0]``, which is the single-draw figure of the older
+  benches that drew one reference set; ``tarp_band_95``, the 95 % Kolmogorov-Smirnov bound on one draw's figure for a
   calibrated posterior, ~1.36 / sqrt(N), loose for the averaged one); SBC ranks of the 12
   physical parameters with a KS test each. With 12 tests, min p < 0.01 happens by chance 11 % of
   the time for a calibrated posterior, so ``sbc_min_ks_p_bonferroni`` (12 x min p) is also
