@@ -14,15 +14,15 @@ written on first use (~1 min) when missing. ``--n-test 2000`` gives that file.
   ``--tarp-references`` independent reference draws, default 8, seeds 1..8;
   ``tarp_max_dev_by_draw``, each draw's own figure: at 1,000 galaxies one draw's figure moves by
   ~0.04 with the draw alone; ``tarp_max_dev_sbi``, sbi's ``_run_tarp`` on the first draw, a
-  cross-check of ``tarp_max_dev_by_draw[0]``, which is the single-draw figure of benches before
-  session 14; ``tarp_band_95``, the 95 % Kolmogorov-Smirnov bound on one draw's figure for a
-  calibrated posterior, ~1.36 / sqrt(N), loose for the averaged one); SBC ranks of the 12
-  physical parameters with a KS test each. With 12 tests, min p < 0.01 happens by chance 11 % of
-  the time for a calibrated posterior, so ``sbc_min_ks_p_bonferroni`` (12 x min p) is also
-  given, and ``sbc_min_ks_p_flow_coords``, the smallest p of the same test in the flow's 11
-  coordinates. ``sbc_rank_mean`` and ``sbc_rank_std`` say which way a parameter leans
-  (normalised ranks: 0.5 and 0.289 if calibrated; a smaller std means posteriors too wide, a
-  mean above 0.5 posteriors too low), ``sbc_rank_std_by_snr`` the std by spectral S/N tercile
+  cross-check of ``tarp_max_dev_by_draw[0]``, which is the single-draw figure of the older
+  benches that drew one reference set; ``tarp_band_95``, the 95 % Kolmogorov-Smirnov bound on
+  one draw's figure for a calibrated posterior, ~1.36 / sqrt(N), loose for the averaged one);
+  SBC ranks of the 12 physical parameters with a KS test each. With 12 tests, min p < 0.01
+  happens by chance 11 % of the time for a calibrated posterior, so ``sbc_min_ks_p_bonferroni``
+  (12 x min p) is also given, and ``sbc_min_ks_p_flow_coords``, the smallest p of the same test
+  in the flow's 11 coordinates. ``sbc_rank_mean`` and ``sbc_rank_std`` say which way a parameter
+  leans (normalised ranks: 0.5 and 0.289 if calibrated; a smaller std means posteriors too wide,
+  a mean above 0.5 posteriors too low), ``sbc_rank_std_by_snr`` the std by spectral S/N tercile
   (``snr_t1`` lowest). ``truth_vs_prior_ks_p`` tests the held-out truths themselves against the
   prior: ranks lean with an unusual draw of truths (2,000 galaxies of seed 13 hold a beta_3
   sample with KS p = 0.002 against its Beta(1, 3) marginal, and their beta_3 SBC p was
@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import REPO, test_batch  # bench/common.py: the held-out set
 
 from sedvae.posterior import load_posterior
 from sedvae.posterior.diagnostics import (
@@ -64,22 +65,6 @@ from sedvae.posterior.diagnostics import (
     tarp_coverage_averaged,
     tarp_max_deviation,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def test_batch(cache: Path, n_test: int, seed: int) -> dict[str, torch.Tensor]:
-    """The data module's held-out test set with its fixed noise, as one batch."""
-    from sedvae.data import MockDataModule, MockDataset, desi_noise_model, write_mocks
-
-    dm = MockDataModule(cache_dir=str(cache), n_test=n_test, seed=seed)
-    path = dm.path("test")
-    if not path.exists():
-        write_mocks(path, n_test, seed + 2, dm.generator)
-    # the data module's test noise: same model (conf/data/mocks.yaml = the defaults), same seed
-    ds = MockDataset(path, desi_noise_model(), fixed_noise_seed=seed + 102, truth=True)
-    items = [ds[i] for i in range(len(ds))]
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
 def main() -> None:

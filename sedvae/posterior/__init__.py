@@ -3,10 +3,9 @@
 ``SpectrumEmbedding`` (summary of spectrum, ivar, mask, z, photometry) -> ``PosteriorFlow``
 (zuko coupling flow over the unconstrained R^11) = ``NeuralPosterior`` (owns the NPE loss);
 ``Posterior`` is the user API (samples in physical units, flags, derived properties, history
-bands); ``diagnostics`` has TARP, SBC and recovery statistics; ``exact`` samples the exact
-posterior of a mock under the simulator itself (MCMC), to measure how far the flow is from it;
-``summaries`` fits flows and estimators to the frozen summary, to tell the summary's limits
-from the flow's.
+bands); ``diagnostics`` has TARP, SBC and recovery statistics; ``summaries`` computes the
+frozen summary once, to train the flow alone. Studies of the head (exact posteriors, Fisher
+information, fits to the frozen summary) live in the top-level ``studies/`` folder.
 """
 
 from .api import FATAL, Posterior, PosteriorFlag, PosteriorSamples, load_posterior

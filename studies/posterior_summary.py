@@ -1,7 +1,7 @@
 """Is it the flow or the summary that limits logM*? Frozen-summary tests of the SBI head.
 
-    python bench/posterior_summary.py [--checkpoint data/posterior/posterior.pt]
-                                      [--train-seeds 11,21,31] [--draws 2] [--epochs 30]
+    python -m studies.posterior_summary [--checkpoint data/posterior/posterior.pt]
+                                        [--train-seeds 11,21,31] [--draws 2] [--epochs 30]
 
 1. Frozen summaries (``sedvae.posterior.summaries``): the checkpoint's embedding applied to
    every galaxy of the training files of ``experiment=posterior`` (``--train-seeds``, 50,000
@@ -32,7 +32,7 @@
 Ratios in the JSON: ``deep_over_control_logmstar_rms`` (a larger flow on the same summary),
 ``regressor_over_flow_logmstar_rms`` (the best estimate from the summary against the
 checkpoint's flow), the latter also by true sSFR (bench/posterior.py's bins) and by spectral
-S/N tercile (``..._by_group``), where ``bench/posterior_information.py`` found the flow's
+S/N tercile (``..._by_group``), where ``studies/posterior_information.py`` found the flow's
 width over the summary's local Fisher bound to grow with S/N. About 40 minutes on one core
 once the mock files exist. Last line: JSON.
 """
@@ -46,19 +46,14 @@ import time
 from pathlib import Path
 
 import torch
-from posterior_exact import OBS_KEYS, SSFR_BINS  # bench/posterior_exact.py: the same keys and bins
 
+from bench.common import test_batch
 from sedvae.posterior import NeuralPosterior, Posterior, load_posterior_net
 from sedvae.posterior.diagnostics import recovery, spectral_snr
 from sedvae.posterior.pca import GappyPCA
-from sedvae.posterior.summaries import (
-    deepen_flow,
-    fit_flow,
-    fit_regressor,
-    summarise_batch,
-    summarise_dataset,
-    summary_nll,
-)
+from sedvae.posterior.summaries import summarise_batch, summarise_dataset, summary_nll
+from studies.common import OBS_KEYS, SSFR_BINS
+from studies.summaries import deepen_flow, fit_flow, fit_regressor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,8 +137,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-
-    from posterior import test_batch  # bench/posterior.py: the same held-out set
 
     from sedvae.posterior.data import PosteriorMockDataModule
 

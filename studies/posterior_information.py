@@ -1,27 +1,28 @@
 """Is the flow's excess error an information gap of its rest-frame binning or an amortisation
 gap? Fisher information of held-out mocks on the native pixels and on binned spectra.
 
-    python bench/posterior_information.py [--n-galaxies 1000] [--start 0]
-                                          [--bins 256,512,1024,2048]
-                                          [--checkpoint data/posterior/posterior.pt]
-                                          [--out outputs/bench_posterior_information]
+    python -m studies.posterior_information [--n-galaxies 1000] [--start 0]
+                                            [--bins 256,512,1024,2048]
+                                            [--checkpoint data/posterior/posterior.pt]
+                                            [--out outputs/bench_posterior_information]
 
 For each of the first ``--n-galaxies`` mocks of ``bench/posterior.py``'s held-out set, the
 derivatives of the expected spectrum and photometry with respect to all 14 parameters of the
 mock (theta's 11 free coordinates, logU, sigma_v, the fibre-aperture factor), in coordinates
 where its prior is N(0, I), are taken by central differences of the simulator at the truth
-(28 simulations; ``sedvae.posterior.information``). From them, the Laplace posterior sigma
+(28 simulations; ``studies.information``). From them, the Laplace posterior sigma
 (Cramer-Rao bound with the prior) of logM* (formed), surviving mass and Z_MW for what each
 view of the data holds:
 
-- ``native``: every pixel and the photometry, as the exact posterior (``bench/posterior_exact.py``);
+- ``native``: every pixel and the photometry, as the exact posterior
+  (``studies/posterior_exact.py``);
 - ``bins<N>``: the spectrum binned onto N ln-uniform rest-frame bins over 2200-9900 A the way
   the embedding bins it (ivar-weighted means; the shipped embedding uses 512), and the
   photometry;
 - ``spectrum``, ``photometry``: each alone;
 - ``summary``: what survives the learned summary the flow conditions on (the embedding's
   64-number context and its logM* anchor; ``--checkpoint``): its linear Fisher information from
-  ``--summary-draws`` noise draws (``sedvae.posterior.information.summary_fisher``).
+  ``--summary-draws`` noise draws (``studies.information.summary_fisher``).
 
 The flow's 16/50/84 % (``--checkpoint``, 1,000 samples) on the same galaxies and noise stand
 beside them. Reported: the RMS sigma of each view (``crb_rms``; for native pixels, a local
@@ -53,13 +54,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from posterior_exact import read_records, rms  # same directory: one results-file reader
 
+from bench.common import test_batch
 from sedvae.posterior import load_posterior
+from studies.common import QUANTITIES, SSFR_BINS, read_records, rms
 
 REPO = Path(__file__).resolve().parents[1]
-QUANTITIES = ("logmstar", "logmstar_surv", "log_zmw")
-SSFR_BINS = (("lt-11", -99, -11), ("-11_-9", -11, -9), ("gt-9", -9, 99))
 
 
 def summarise(records: list[dict], views: list[str]) -> dict:
@@ -160,12 +160,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from posterior import test_batch  # bench/posterior.py: the same held-out set
-
     from sedvae.data import MockGenerator
     from sedvae.nets.encoder import RestFrameBinner
-    from sedvae.posterior.exact import MockLikelihood
-    from sedvae.posterior.information import (
+    from studies.exact import MockLikelihood
+    from studies.information import (
         GaussianCoordinates,
         binned_fisher,
         marginal_sigma,

@@ -1,4 +1,4 @@
-"""Fisher information of mocks (sedvae.posterior.information): the binning's overlap matrix
+"""Fisher information of mocks (studies.information): the binning's overlap matrix
 against RestFrameBinner, what binning keeps and loses, the coordinates in which the mock
 prior is N(0, I), the simulator derivatives against their analytic form, and the Laplace
 sigma against the Levenberg-Marquardt fit's Gauss-Newton covariance."""
@@ -12,7 +12,8 @@ import torch
 from scipy import stats
 
 from sedvae.nets.encoder import RestFrameBinner
-from sedvae.posterior.information import (
+from sedvae.sps.provabgs import LOGM_RANGE, PROVABGSPrior, check_support
+from studies.information import (
     GaussianCoordinates,
     binned_fisher,
     marginal_sigma,
@@ -21,7 +22,6 @@ from sedvae.posterior.information import (
     summary_fisher,
     whitened_jacobian,
 )
-from sedvae.sps.provabgs import LOGM_RANGE, PROVABGSPrior, check_support
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_mass_and_aperture_derivatives_match_their_analytic_form(generator, coor
     """The expected spectrum is a x 10^logM* x (shape): its derivative along a coordinate
     that moves only logM* (or only the aperture) is ln(10) dlogM*/dw (or d ln a/dw) times the
     spectrum itself."""
-    from sedvae.posterior.exact import MockLikelihood
+    from studies.exact import MockLikelihood
 
     torch.set_num_threads(1)
     lik = MockLikelihood(generator)
@@ -145,9 +145,9 @@ def test_mass_and_aperture_derivatives_match_their_analytic_form(generator, coor
 def test_laplace_sigma_agrees_with_the_gauss_newton_fit(generator, coords):
     """For a noiseless mock, the Laplace sigma of logM* at the truth (this module: 14
     coordinates, prior N(0, I)) agrees with the Gauss-Newton covariance of a
-    Levenberg-Marquardt fit started at the truth (sedvae.posterior.exact: other coordinates,
+    Levenberg-Marquardt fit started at the truth (studies.exact: other coordinates,
     the aperture fitted, the prior's exact Hessian), within 5 %."""
-    from sedvae.posterior.exact import JointCoordinates, MockLikelihood, laplace_fit
+    from studies.exact import JointCoordinates, MockLikelihood, laplace_fit
 
     lik = MockLikelihood(generator)
     params, clean, noisy = _mock(generator, 6)
@@ -173,7 +173,7 @@ def test_summary_fisher_of_a_linear_summary_matches_the_exact_one(generator, coo
     """A summary that is the 64-bin rest-frame spectrum and the photometry is linear in the
     data, so its Fisher information is binned_fisher's exactly: the Monte Carlo estimate
     (noise draws for the covariance and the derivatives) must reproduce the logM* sigma."""
-    from sedvae.posterior.exact import MockLikelihood
+    from studies.exact import MockLikelihood
 
     lik = MockLikelihood(generator)
     params, _, obs = _mock(generator, 7)

@@ -1,4 +1,4 @@
-"""Exact posteriors of mocks under the real simulator (sedvae.posterior.exact): the
+"""Exact posteriors of mocks under the real simulator (studies.exact): the
 aperture integral, the likelihood's peak, the Laplace fit, the MCMC's coverage of the truth,
 and nested sampling's prior transform and its posterior and evidence on an analytic case."""
 
@@ -12,16 +12,16 @@ import pytest
 import torch
 from scipy import integrate
 
-from sedvae.posterior.exact import (
+from sedvae.sps.provabgs import LOGM_RANGE, PROVABGSPrior, check_support
+from studies.exact import (
     JointCoordinates,
     MockLikelihood,
     exact_posterior,
     laplace_fit,
     nested_posterior,
 )
-from sedvae.sps.provabgs import LOGM_RANGE, PROVABGSPrior, check_support
 
-CHECKPOINT = Path(__file__).resolve().parents[1] / "data/posterior/posterior.pt"
+CHECKPOINT = Path(__file__).resolve().parents[2] / "data/posterior/posterior.pt"
 OBS_KEYS = ("flux", "ivar", "mask", "z", "photometry", "photometry_ivar")
 
 

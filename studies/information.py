@@ -3,7 +3,7 @@ information of mock observations under the simulator, on the native pixels, on t
 spectrum and on any summary of the data.
 
 The flow sees each spectrum through :class:`sedvae.nets.RestFrameBinner` (512 ln-uniform
-bins of 880 km/s by default); the exact posterior (:mod:`sedvae.posterior.exact`) sees every
+bins of 880 km/s by default); the exact posterior (:mod:`studies.exact`) sees every
 pixel. Whether the flow's excess error over the exact posterior is an amortisation gap (the
 network extracts less than its inputs hold) or an information gap (its inputs hold less than
 the pixels) is a question about the binning, and the Fisher information answers it locally,
@@ -29,7 +29,7 @@ The same question one step further: how much survives the learned summary the fl
 conditions on? :func:`summary_fisher` measures the linear Fisher information of any summary
 t(x) by Monte Carlo over the noise (its mean's derivatives and its covariance), so the chain
 pixels -> bins -> summary -> flow posterior can be followed galaxy by galaxy
-(``bench/posterior_information.py``).
+(``studies/posterior_information.py``).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..sps.provabgs import N_FREE
-from .model import u_to_w, w_to_u
+from sedvae.posterior.model import u_to_w, w_to_u
+from sedvae.sps import N_FREE
 
 N_W = N_FREE + 3  # theta's free coordinates, logU, sigma_v, log aperture
 
@@ -111,7 +111,7 @@ class Stencil(NamedTuple):
 def stencil(likelihood, coords: GaussianCoordinates, w0: torch.Tensor, z: float,
             step: float = 1e-2) -> Stencil:  # fmt: skip
     """29 simulations of one galaxy at redshift z around w0 (14,) (``likelihood.model``, a
-    :class:`sedvae.posterior.exact.MockLikelihood`)."""
+    :class:`studies.exact.MockLikelihood`)."""
     eye = torch.eye(N_W, dtype=torch.float64)
     w0 = w0.double()
     pts = torch.cat([w0[None], w0 + step * eye, w0 - step * eye])

@@ -1,6 +1,6 @@
 """Which summary network and flow for the SBI head: equal-wall-time training, held-out NLL.
 
-    python bench/posterior_embeddings.py [--minutes 6] [--train-seeds 11] [--cache cache/mocks]
+    python -m studies.posterior_embeddings [--minutes 6] [--train-seeds 11] [--cache cache/mocks]
 
 Every candidate trains for the same wall time on the same files (``write_mocks``, noise drawn
 per batch) with Adam (lr 1e-3, batch 256), one thread, and is scored by the mean

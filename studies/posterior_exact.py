@@ -1,16 +1,16 @@
 """How far is the SBI head from the exact posterior? MCMC of the simulator itself on held-out
 mocks, side by side with the flow, galaxy by galaxy.
 
-    python bench/posterior_exact.py [--checkpoint data/posterior/posterior.pt] [--n-galaxies 64]
-                                    [--start 0] [--out outputs/bench_posterior_exact]
-                                    [--sampler mcmc|nested]
+    python -m studies.posterior_exact [--checkpoint data/posterior/posterior.pt] [--n-galaxies 64]
+                                      [--start 0] [--out outputs/bench_posterior_exact]
+                                      [--sampler mcmc|nested]
 
 For each of the first ``--n-galaxies`` mocks of ``bench/posterior.py``'s held-out test set
 (prior draws with nebular emission, the DESI instrument and BGS-like noise), the exact
 posterior p(theta, logU, sigma_v | spectrum, photometry, z) under the model that made the mock
 (the real BC03/MILES + Cloudy simulator, the DESI resolution, the Legacy Surveys filters, the
 Gaussian noise with the given ivar, the fibre-aperture factor marginalised) is sampled with
-``sedvae.posterior.exact.exact_posterior``: Levenberg-Marquardt MAPs started from the flow's
+``studies.exact.exact_posterior``: Levenberg-Marquardt MAPs started from the flow's
 three best samples, then emcee (56 walkers x 300 steps from their Laplace approximations, the
 first 150 discarded). The flow's posterior is 1000 samples of ``Posterior.sample`` of
 ``--checkpoint``, drawn when the summary is made (the exact posteriors do not depend on the
@@ -30,7 +30,7 @@ an amortisation gap. (The MCMC can stay in one of several modes, so its own inte
 too narrow: see its 68 % coverage and ``n_degenerate_modes``.)
 
 ``--sampler nested`` checks the MCMC with nested sampling from the prior alone
-(``sedvae.posterior.exact.nested_posterior``, nautilus: no flow, no local fits, so separated
+(``studies.exact.nested_posterior``, nautilus: no flow, no local fits, so separated
 modes and long tails are found), into ``<out>/nested.jsonl``; the summary's ``nested`` entry
 sets flow, MCMC and nested sampling side by side on the galaxies that have all three
 (30,000-70,000 simulations, 5-15 min per galaxy on one core). Its RMS posterior sigma, sqrt(mean
@@ -69,13 +69,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.common import test_batch
 from sedvae.posterior import load_posterior
 from sedvae.posterior.diagnostics import recovery
+from studies.common import OBS_KEYS, QUANTITIES, SSFR_BINS, read_records, rms
 
 REPO = Path(__file__).resolve().parents[1]
-OBS_KEYS = ("flux", "ivar", "mask", "z", "photometry", "photometry_ivar")
-QUANTITIES = ("logmstar", "logmstar_surv", "log_zmw")
-SSFR_BINS = (("lt-11", -99, -11), ("-11_-9", -11, -9), ("gt-9", -9, 99))
 N_LIVE = 500  # nested sampling's live points (nested.jsonl); other values: nested_live<N>.jsonl
 
 
@@ -93,27 +92,6 @@ def summaries(post, theta: torch.Tensor, z: torch.Tensor) -> dict[str, list[floa
     # far below the standard deviation, and the Bayes risk of the mean is the latter
     m = values["logmstar"]
     out["logmstar_mean_sd"] = [round(float(m.mean()), 5), round(float(m.std()), 5)]
-    return out
-
-
-def rms(a: np.ndarray, axis=None):
-    """Root mean square (over ``axis``; all elements by default)."""
-    return np.sqrt((a**2).mean(axis))
-
-
-def read_records(path: Path) -> list[dict]:
-    """Galaxies already in the results file (a torn last line, from a killed run, is
-    ignored: that galaxy is redone)."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "index" in record:
-            out.append(record)
     return out
 
 
@@ -371,10 +349,8 @@ def main() -> None:
     logging.getLogger().setLevel(logging.ERROR)  # emcee's autocorrelation-length warnings
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="emcee")
 
-    from posterior import test_batch  # bench/posterior.py: the same held-out set
-
     from sedvae.data import MockGenerator
-    from sedvae.posterior.exact import (
+    from studies.exact import (
         JointCoordinates,
         MockLikelihood,
         exact_posterior,

@@ -16,7 +16,7 @@ own samples (Dax et al. 2023) was tried first and fails here: the exact posterio
 narrower than the flow's that 2,000 flow samples give an effective sample size of 1-40.
 
 Each likelihood evaluation runs the simulator (~4 ms per theta in batches on one core), so
-one galaxy costs ~18,700 simulations, ~70 s: a validation tool (``bench/posterior_exact.py``),
+one galaxy costs ~18,700 simulations, ~70 s: a validation tool (``studies/posterior_exact.py``),
 not a survey-scale one.
 
 The MCMC starts from local fits, so it can stay in one mode or miss a long tail. The check is
@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..sps.provabgs import N_THETA
+from sedvae.sps import N_THETA
 
 
 class MockLikelihood:
@@ -178,7 +178,7 @@ class JointCoordinates:
         own conditional (the prior transform of nested sampling): c ~ U(0, 1)^13 gives v from
         the prior. theta's 11 go through the Gaussianised coordinates w = Phi^-1(c) of
         ``sedvae.posterior.model.w_to_u`` (exact, both tails); the nuisances are uniform."""
-        from .model import w_to_u
+        from sedvae.posterior.model import w_to_u
 
         c = c.double().clamp(1e-15, 1 - 1e-15)
         u = w_to_u(torch.special.ndtri(c[:, :11]))[0]

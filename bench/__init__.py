@@ -1,0 +1,1 @@
+"""Product benchmarks: each script measures one part of sedvae; its last line is JSON."""
