@@ -32,7 +32,13 @@ def get_hdu(hdul: fits.HDUList, name: str, path: str | Path):
 def hdu_data(hdul: fits.HDUList, name: str, path: str | Path, ndim: int | None = None):
     """Data of HDU ``name``, checked for presence and dimensionality."""
     hdu = get_hdu(hdul, name, path)
-    data = hdu.data
+    try:
+        data = hdu.data
+    except (TypeError, ValueError, OSError) as err:
+        # a truncated file: numpy's "buffer is too small for requested array" (TypeError)
+        raise SpectrumFileError(
+            f"{path}: HDU {name!r} cannot be read, the file is truncated or corrupt ({err})"
+        ) from err
     if data is None:
         raise SpectrumFileError(f"{path}: HDU {name!r} has no data")
     if ndim is not None and np.ndim(data) != ndim:
