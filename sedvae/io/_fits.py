@@ -29,16 +29,20 @@ def get_hdu(hdul: fits.HDUList, name: str, path: str | Path):
     raise MissingHDUError(f"{path}: HDU {name!r} is missing (HDUs present: {present})")
 
 
-def hdu_data(hdul: fits.HDUList, name: str, path: str | Path, ndim: int | None = None):
-    """Data of HDU ``name``, checked for presence and dimensionality."""
-    hdu = get_hdu(hdul, name, path)
+def read_data(hdu, path: str | Path, name: str):
+    """``hdu.data``, or SpectrumFileError naming the file and HDU when the file is cut short
+    (numpy's bare "buffer is too small for requested array" TypeError) or corrupt."""
     try:
-        data = hdu.data
+        return hdu.data
     except (TypeError, ValueError, OSError) as err:
-        # a truncated file: numpy's "buffer is too small for requested array" (TypeError)
         raise SpectrumFileError(
             f"{path}: HDU {name!r} cannot be read, the file is truncated or corrupt ({err})"
         ) from err
+
+
+def hdu_data(hdul: fits.HDUList, name: str, path: str | Path, ndim: int | None = None):
+    """Data of HDU ``name``, checked for presence and dimensionality."""
+    data = read_data(get_hdu(hdul, name, path), path, name)
     if data is None:
         raise SpectrumFileError(f"{path}: HDU {name!r} has no data")
     if ndim is not None and np.ndim(data) != ndim:
