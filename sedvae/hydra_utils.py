@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -27,11 +26,11 @@ def output_dir(cfg: DictConfig) -> Path:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON through a temporary file and an atomic rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float) + "\n")
-    os.replace(tmp, path)
+    """Write JSON through a temporary file, fsync and an atomic rename (``sedvae.fileio``):
+    readers never see half a file, and a failed write leaves no temporary file."""
+    from .fileio import write_json_atomic as write
+
+    write(path, payload)
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

@@ -97,6 +97,7 @@ def test_merge_refuses_missing_shards(tmp_path):
     assert not (tmp_path / "catalog.fits").exists()
 
 
+@pytest.mark.distributed
 def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
     data = make_data(1)
     run_predict(tmp_path / "one", WeightedMean(), data, devices=1)

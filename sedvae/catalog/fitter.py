@@ -69,6 +69,10 @@ class PosteriorFitter(torch.nn.Module):
         refine_steps: int = 0,
     ):
         super().__init__()
+        # the files the networks come from, for the run's manifest (their checksums)
+        files = {"posterior": default_posterior_path() if posterior is None else posterior,
+                 "autoencoder": autoencoder}  # fmt: skip
+        self._files = {k: Path(v) if isinstance(v, str | Path) else None for k, v in files.items()}
         if posterior is None or isinstance(posterior, str | Path):
             posterior = load_posterior(posterior or default_posterior_path())
         self.posterior = posterior
@@ -81,6 +85,26 @@ class PosteriorFitter(torch.nn.Module):
 
             autoencoder = load_autoencoder(autoencoder)
         self.autoencoder = autoencoder
+
+    def manifest(self) -> dict[str, Any]:
+        """What fixes this fitter's columns: the networks' SHA-256 (of the checkpoint file, or
+        of the weights of a network given in memory) and the sampling settings."""
+        from .manifest import sha256_file, sha256_state
+
+        nets = {}
+        for name, net in (("posterior", self.posterior), ("autoencoder", self.autoencoder)):
+            path = self._files[name]
+            if net is None:
+                nets[name] = None
+            else:
+                nets[name] = {"sha256": sha256_file(path) if path else sha256_state(net)}
+        return {
+            **nets,
+            "n_samples": self.n_samples,
+            "seed": self.seed,
+            "refine_steps": self.refine_steps if self.autoencoder is not None else None,
+            "keep_samples": bool(self.keep_samples),
+        }
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         shard = int(batch.get("shard", 0))

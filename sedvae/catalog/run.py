@@ -2,11 +2,12 @@
 
 Writes into ``output_dir``: ``shards/`` (one FITS table per finished shard, the resume state),
 ``catalog.fits`` (one row per galaxy), optionally ``samples.h5`` (posterior samples), and
-``plots/`` (reconstructions, posterior corner plots and SFH bands for the first galaxies; for
-sources with the truth, i.e. mocks, ``coverage.png`` and ``recovery.png`` over the whole
-catalog). Returns the metrics that ``evaluate.py`` writes to ``metrics.json`` (with the truth:
-68 % coverage of every quantity, the largest coverage deviation, and the bias (median), scatter
-(standard deviation) and NMAD of the posterior medians of the headline properties).
+``plots/`` (reconstructions, posterior corner plots and SFH bands for the first unflagged
+galaxies; for sources with the truth, i.e. mocks, ``coverage.png`` and ``recovery.png`` over the
+whole catalog). Returns the metrics that ``evaluate.py`` writes to ``metrics.json`` (with the
+truth: 68 % coverage of every quantity, the largest coverage deviation, and the bias (median),
+scatter (standard deviation) and NMAD of the posterior medians of the headline properties; a
+figure that fails is logged and listed in ``plot_failures``, never fails the run).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 from astropy.table import Table
 from torch.utils.data import DataLoader
 
+from ..fileio import atomic_path
+from .manifest import check_manifest, run_manifest
 from .module import CatalogModule
 from .shards import ShardDataset, ShardWriter, finished_shards, merge_shards
 
@@ -59,6 +62,8 @@ def run_catalog(
     if write_samples:
         fitter.keep_samples = True
     done = finished_shards(shard_dir)
+    # refuse shards of another run (other files, checkpoints, seed, shard size) at once
+    check_manifest(shard_dir, run_manifest(source, fitter, shard_size), has_shards=bool(done))
     dataset = ShardDataset(len(source), source, shard_size, skip=done)
     if done:
         log.info("resuming: %d of %d shards already written", len(done), dataset.n_shards)
@@ -79,19 +84,32 @@ def run_catalog(
         if trainer.global_rank != 0:
             return {}
     elapsed = time.perf_counter() - t0
-    table = merge_shards(shard_dir, dataset.n_shards, out / ".catalog_with_samples.fits")
-    os.remove(out / ".catalog_with_samples.fits")
+    table = merge_shards(shard_dir, dataset.n_shards)
     if "samples" in table.colnames:
         _write_samples(out / "samples.h5", table)
         table.remove_column("samples")
     _write_catalog(out / "catalog.fits", table, source)
     metrics = _metrics(table, dataset.n_galaxies_todo, elapsed)
+    failures: list[dict[str, str]] = []
     if any(c.endswith("_rank") for c in table.colnames):
         metrics.update(truth_metrics(table))
-        _truth_plots(out / "plots", table)
+        _guarded(failures, "coverage and recovery", _truth_plots, out / "plots", table)
     if n_plots:
-        _plots(out / "plots", source, fitter, table, n_plots)
+        metrics["n_plotted"] = _plots(out / "plots", source, fitter, table, n_plots, failures)
+    metrics["plot_failures"] = failures
     return metrics
+
+
+def _guarded(failures: list[dict[str, str]], what: str, plot, *args) -> bool:
+    """Run one plot; a failure is logged and recorded, never raised: the catalog is written
+    already, and a figure must not turn a finished run into an error."""
+    try:
+        plot(*args)
+    except Exception as err:
+        log.warning("plot of %s failed: %s: %s", what, type(err).__name__, err)
+        failures.append({"plot": what, "error": f"{type(err).__name__}: {err}"})
+        return False
+    return True
 
 
 def _write_catalog(path: Path, table: Table, source) -> None:
@@ -99,18 +117,15 @@ def _write_catalog(path: Path, table: Table, source) -> None:
     if "ids" in table.colnames:
         table.rename_column("ids", "TARGETID" if getattr(source, "kind", "") == "desi" else "ID")
     table.meta["NSAMPLE"] = "posterior percentiles p16/p50/p84 from the sedvae SBI head"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    table.write(tmp, format="fits", overwrite=True)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        table.write(tmp, format="fits", overwrite=True)
 
 
 def _write_samples(path: Path, table: Table) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("samples", data=np.asarray(table["samples"], dtype=np.float32))
         f.create_dataset("index", data=np.asarray(table["index"]))
         f.attrs["layout"] = "samples (galaxy, draw, 12) in sedvae.sps.PARAM_NAMES order"
-    os.replace(tmp, path)
 
 
 def _metrics(table: Table, n_run: int, elapsed: float) -> dict[str, Any]:
@@ -183,7 +198,25 @@ def _truth_plots(folder: Path, table: Table) -> None:
     plt.close(fig)
 
 
-def _plots(folder: Path, source, fitter, table: Table, n_plots: int) -> None:
+def _plots(folder: Path, source, fitter, table: Table, n_plots: int,
+           failures: list[dict[str, str]]) -> int:  # fmt: skip
+    """Reconstruction, corner and SFH figures of the first ``n_plots`` unflagged galaxies
+    (a flagged one has no posterior, and the autoencoder cannot take it); returns how many
+    galaxies were plotted, failures go to ``failures``."""
+    flags = np.asarray(table["flags"])
+    chosen = np.flatnonzero(flags == 0)[:n_plots]
+    ids = table["ids"] if "ids" in table.colnames else table["index"]
+    if len(chosen) < min(n_plots, len(table)):
+        log.info("plots: %d unflagged galaxies of %d", len(chosen), len(table))
+    done = 0
+    for row in chosen:
+        index = int(table["index"][row])
+        done += _guarded(failures, f"galaxy {ids[row]}", _plot_galaxy, folder, source, fitter,
+                         index, ids[row])  # fmt: skip
+    return done
+
+
+def _plot_galaxy(folder: Path, source, fitter, index: int, name) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,29 +225,21 @@ def _plots(folder: Path, source, fitter, table: Table, n_plots: int) -> None:
     from ..plotting.posterior import plot_corner, plot_sfh_bands
 
     folder.mkdir(parents=True, exist_ok=True)
-    n = min(n_plots, len(source))
-    batch = source(0, n)
+    batch = source(index, index + 1)
     posterior = fitter.posterior
     gen = torch.Generator().manual_seed(0)
-    samples, flags = posterior.sample(batch, fitter.n_samples, gen, return_flags=True)
-    bands = posterior.sfh_bands(samples, batch["z"])
-    ids = table["ids"] if "ids" in table.colnames else np.arange(n)
-    recon = None
+    samples = posterior.sample(batch, fitter.n_samples, gen)
     if getattr(fitter, "autoencoder", None) is not None:
         from ..plotting.reconstruction import plot_reconstruction
 
-        recon = plot_reconstruction
-    for i in range(n):
-        if recon is not None and not int(flags[i]) & 2:
-            fig, _ = recon(fitter.autoencoder, batch, index=i)
-            fig.savefig(folder / f"reconstruction_{ids[i]}.png", dpi=90)
-            plt.close(fig)
-        if not torch.isfinite(samples[:, i]).all():
-            continue
-        truth = batch["theta"][i] if "theta" in batch else None
-        fig, _ = plot_corner(samples[:, i], truth=truth)
-        fig.savefig(folder / f"corner_{ids[i]}.png", dpi=90)
+        with torch.no_grad():
+            fig, _ = plot_reconstruction(fitter.autoencoder, batch, index=0)
+        fig.savefig(folder / f"reconstruction_{name}.png", dpi=90)
         plt.close(fig)
-        fig, _ = plot_sfh_bands(bands, index=i)
-        fig.savefig(folder / f"sfh_{ids[i]}.png", dpi=90)
-        plt.close(fig)
+    truth = batch["theta"][0] if "theta" in batch else None
+    fig, _ = plot_corner(samples[:, 0], truth=truth)
+    fig.savefig(folder / f"corner_{name}.png", dpi=90)
+    plt.close(fig)
+    fig, _ = plot_sfh_bands(posterior.sfh_bands(samples, batch["z"]), index=0)
+    fig.savefig(folder / f"sfh_{name}.png", dpi=90)
+    plt.close(fig)

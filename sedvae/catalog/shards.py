@@ -3,9 +3,11 @@
 The galaxies of a run are cut into fixed shards (shard ``s`` = galaxies ``[s K, (s+1) K)`` of
 the input list). A dataset item is a whole shard, so that:
 
-- a finished shard is one file (``shards/shard_<s>.fits``), written to a temporary name and
-  renamed, so that an interrupted run leaves only whole shards behind;
-- a rerun skips the shards already on disk (resume) and never writes a galaxy twice;
+- a finished shard is one file (``shards/shard_<s>.fits``), written to a temporary name, fsynced
+  and renamed (``sedvae.fileio.atomic_path``), so that an interrupted run leaves only whole
+  shards behind;
+- a rerun skips the shards already on disk (resume) and never writes a galaxy twice; a shard
+  file that is empty or truncated (a copy cut short, a full disk) is named and recomputed;
 - under DDP (``trainer.strategy=ddp``, any number of devices or nodes) Lightning's distributed
   sampler deals the shards to the ranks; the padding it adds for uneven splits only recomputes a
   shard, whose file is then atomically replaced by an identical one.
@@ -15,8 +17,10 @@ the input list). A dataset item is a whole shard, so that:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,19 +32,53 @@ from astropy.table import Table, vstack
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import Dataset
 
+from ..fileio import atomic_path
+
+log = logging.getLogger(__name__)
 SHARD_PATTERN = re.compile(r"^shard_(\d{6})\.fits$")
+
+
+class CatalogError(ValueError):
+    """A catalog run's files (shards, manifest, outputs) are unusable or do not belong to this
+    run; the message names the file and what to do."""
 
 
 def shard_path(folder: Path, shard: int) -> Path:
     return Path(folder) / f"shard_{shard:06d}.fits"
 
 
+def shard_complete(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a whole shard file: a FITS table whose data the file holds in full
+    (read from the headers; the table itself is not loaded)."""
+    from astropy.io import fits
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with warnings.catch_warnings(), fits.open(path, memmap=False, lazy_load_hdus=True) as h:
+            warnings.simplefilter("ignore")
+            if len(h) < 2 or not isinstance(h[1], fits.BinTableHDU):
+                return False
+            info = h[1].fileinfo()
+            return info["datLoc"] + info["datSpan"] <= size
+    except Exception:  # astropy raises many types for a cut or foreign file
+        return False
+
+
 def finished_shards(folder: str | os.PathLike) -> set[int]:
-    """Shard ids already written in ``folder`` (temporary files are ignored)."""
+    """Shard ids already written whole in ``folder``; temporary files are ignored, and a shard
+    file that is empty or truncated is logged by name and left out (so it is recomputed)."""
     folder = Path(folder)
     if not folder.is_dir():
         return set()
-    return {int(m.group(1)) for p in folder.iterdir() if (m := SHARD_PATTERN.match(p.name))}
+    done = set()
+    for p in sorted(folder.iterdir()):
+        if m := SHARD_PATTERN.match(p.name):
+            if shard_complete(p):
+                done.add(int(m.group(1)))
+            else:
+                log.warning("%s is empty or truncated: recomputing that shard", p)
+    return done
 
 
 class ShardDataset(Dataset):
@@ -121,33 +159,46 @@ class ShardWriter(BasePredictionWriter):
 
 
 def write_shard(folder: str | os.PathLike, shard: int, columns: dict[str, Any]) -> Path:
-    """Write one shard table atomically (temporary file in the same folder, then rename)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write one shard table atomically (temporary file in the same folder, fsync, rename)."""
     table = Table({k: _to_column(v) for k, v in columns.items() if k != "shard"})
-    final = shard_path(folder, shard)
-    tmp = folder / f".{final.name}.tmp{os.getpid()}"
-    table.write(tmp, format="fits", overwrite=True)
-    os.replace(tmp, final)
+    final = shard_path(Path(folder), shard)
+    try:
+        with atomic_path(final) as tmp:
+            table.write(tmp, format="fits", overwrite=True)
+    except OSError as err:
+        raise CatalogError(f"{final}: cannot write the shard ({err})") from err
     return final
 
 
-def merge_shards(folder: str | os.PathLike, n_shards: int, out: str | os.PathLike) -> Table:
+def read_shard(path: str | os.PathLike) -> Table:
+    """A shard table, or CatalogError naming the file when it is not one."""
+    try:
+        return Table.read(path, format="fits")
+    except Exception as err:  # astropy raises ValueError, OSError, TypeError, ... here
+        raise CatalogError(
+            f"{path}: not a readable shard ({type(err).__name__}: {err}); delete it and rerun "
+            "to recompute that shard"
+        ) from err
+
+
+def merge_shards(
+    folder: str | os.PathLike, n_shards: int, out: str | os.PathLike | None = None
+) -> Table:
     """Concatenate shards 0..n_shards-1 into one table sorted by galaxy ``index`` and write it
-    atomically to ``out``; raises if a shard is missing or a galaxy appears twice."""
+    atomically to ``out`` (when given); raises if a shard is missing or unreadable
+    (CatalogError naming it) or a galaxy appears twice."""
     folder = Path(folder)
     missing = [s for s in range(n_shards) if not shard_path(folder, s).is_file()]
     if missing:
         raise FileNotFoundError(
             f"{folder}: shards {missing[:10]} are missing; rerun to finish them"
         )
-    table = vstack([Table.read(shard_path(folder, s)) for s in range(n_shards)], join_type="exact")
+    table = vstack([read_shard(shard_path(folder, s)) for s in range(n_shards)], join_type="exact")
     order = np.argsort(table["index"], kind="stable")
     table = table[order]
     if len(np.unique(table["index"])) != len(table):
         raise ValueError(f"{folder}: a galaxy appears in two shards")
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    table.write(tmp, format="fits", overwrite=True)
-    os.replace(tmp, out)
+    if out is not None:
+        with atomic_path(out) as tmp:
+            table.write(tmp, format="fits", overwrite=True)
     return table

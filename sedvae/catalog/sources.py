@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io import read_spectra
+from ..io import SpectrumFileNotFoundError, read_spectra
 
 
 def expand_paths(paths: str | os.PathLike | list) -> list[Path]:
@@ -36,24 +36,27 @@ def expand_paths(paths: str | os.PathLike | list) -> list[Path]:
         if not matches:
             raise FileNotFoundError(f"no file matches {item}")
         for m in matches:
+            if Path(m).is_dir():
+                what = "an empty directory" if not any(Path(m).iterdir()) else "a directory"
+                raise SpectrumFileNotFoundError(
+                    f"{m} is {what}, not a spectrum file: give a file, a list or a glob "
+                    f"such as {Path(m) / '*.fits'}"
+                )
             if not Path(m).is_file():
-                raise FileNotFoundError(f"{m}: no such file")
+                raise SpectrumFileNotFoundError(f"{m}: no such file")
             out.append(Path(m))
     return out
 
 
 def _count_rows(kind: str, path: Path) -> int:
-    from astropy.io import fits
+    """Galaxies in one file, from its headers (DESI: the FIBERMAP rows) without the spectra."""
+    from ..io._fits import hdu_data, open_fits
 
     if kind == "sdss":
         return 1
     if kind == "desi":
-        with fits.open(path, memmap=True) as hdul:
-            if "FIBERMAP" not in hdul:
-                from ..io import MissingHDUError
-
-                raise MissingHDUError(f"{path}: HDU FIBERMAP missing")
-            return len(hdul["FIBERMAP"].data)
+        with open_fits(path) as hdul:
+            return len(hdu_data(hdul, "FIBERMAP", path))
     return len(read_spectra("table", path, validate=False).z)
 
 
@@ -76,6 +79,8 @@ class SpectraSource:
         self.z_range = tuple(z_range)
         self.reader_kwargs = reader_kwargs
         counts = [_count_rows(kind, p) for p in self.files]
+        if kind == "desi" and reader_kwargs.get("z") is None:
+            self._check_redshifts()
         self.file_of = np.repeat(np.arange(len(self.files)), counts)
         self.row_of = np.concatenate([np.arange(c) for c in counts]) if counts else np.zeros(0, int)
         self._cache: tuple[int, Any] | None = None
@@ -83,12 +88,42 @@ class SpectraSource:
     def __len__(self) -> int:
         return len(self.file_of)
 
+    def manifest(self) -> dict[str, Any]:
+        """The files and reader settings of this source (see ``sedvae.catalog.manifest``)."""
+        from .manifest import describe_value, file_record
+
+        files = []
+        for k, p in enumerate(self.files):
+            record = {**file_record(p), "rows": int((self.file_of == k).sum())}
+            if self.kind == "desi" and self.reader_kwargs.get("redrock") == "auto":
+                beside = _redrock_beside(p)
+                record["redrock"] = None if beside is None else file_record(beside)
+            files.append(record)
+        reader = {k: describe_value(v) for k, v in sorted(self.reader_kwargs.items())}
+        return {"kind": self.kind, "files": files, "z_range": list(self.z_range), "reader": reader}
+
+    def _check_redshifts(self) -> None:
+        """A coadd without redshifts would flag every galaxy BAD_Z and end 'successfully'
+        with an empty catalog: refuse it at once, naming the file and the ways to give them."""
+        redrock = self.reader_kwargs.get("redrock")
+        how = "give its redrock file (redrock=<path>) or redshifts (z=<value or TARGETID,Z table>)"
+        if redrock is None:
+            raise SpectrumFileNotFoundError(f"{self.files[0]}: no redshifts given; {how}")
+        if redrock == "auto":
+            for p in self.files:
+                if _redrock_beside(p) is None:
+                    raise SpectrumFileNotFoundError(
+                        f"{p}: no redshifts: no redrock file beside it ({_redrock_name(p).name}); "
+                        + how
+                    )
+
     def _read(self, file_index: int):
         if self._cache is None or self._cache[0] != file_index:
             path = self.files[file_index]
             kwargs = dict(self.reader_kwargs)
             if self.kind == "desi" and kwargs.get("redrock") == "auto":
-                kwargs["redrock"] = _redrock_beside(path)
+                # user redshifts win over the redrock file beside the coadd
+                kwargs["redrock"] = None if kwargs.get("z") is not None else _redrock_beside(path)
             spectra = read_spectra(self.kind, path, z_range=self.z_range, **kwargs)
             self._cache = (file_index, spectra)
         return self._cache[1]
@@ -106,8 +141,12 @@ class SpectraSource:
         return {k: _concat([b[k] for b in batches]) for k in batches[0]}
 
 
+def _redrock_name(path: Path) -> Path:
+    return path.with_name(path.name.replace("coadd-", "redrock-", 1))
+
+
 def _redrock_beside(path: Path) -> Path | None:
-    candidate = path.with_name(path.name.replace("coadd-", "redrock-", 1))
+    candidate = _redrock_name(path)
     return candidate if candidate != path and candidate.is_file() else None
 
 
@@ -143,19 +182,38 @@ def to_batch(spectra) -> dict[str, Any]:
 class MockSource:
     """Mock DESI BGS galaxies (``sedvae.data.mocks.write_mocks`` files) as a catalog source, with
     noise fixed by ``noise_seed`` and the truth (``theta``) in every batch, for coverage and
-    recovery plots. A missing file is written first (``n`` galaxies from ``seed``)."""
+    recovery plots. A missing file is written first (``n`` galaxies from ``seed``); an existing
+    file made with another ``n`` or ``seed`` is refused (CatalogError), never silently used."""
 
     kind = "mock"
 
     def __init__(self, path, n: int = 256, seed: int = 3, noise_seed: int = 0):
+        import h5py
+
         from ..data.mocks import MockDataset, desi_noise_model, write_mocks
+        from .shards import CatalogError
 
         path = Path(path)
         if not path.is_file():
             write_mocks(path, n=n, seed=seed)
+        with h5py.File(path, "r") as f:
+            made = {"n": f.attrs.get("n"), "seed": f.attrs.get("seed")}
+        if made != {"n": n, "seed": seed}:
+            raise CatalogError(
+                f"{path} holds mocks made with n={made['n']}, seed={made['seed']}; asked for "
+                f"n={n}, seed={seed}. Give a file name of its own for these settings (the "
+                "default name has them in it), or delete the file to write it anew"
+            )
+        self.path, self.seed, self.noise_seed = path, int(seed), int(noise_seed)
         self.dataset = MockDataset(
             path, desi_noise_model(), fixed_noise_seed=noise_seed, truth=True
         )
+
+    def manifest(self) -> dict[str, Any]:
+        from .manifest import file_record
+
+        return {"kind": self.kind, "file": file_record(self.path), "n": len(self),
+                "seed": self.seed, "noise_seed": self.noise_seed}  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.dataset)

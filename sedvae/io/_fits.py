@@ -29,10 +29,20 @@ def get_hdu(hdul: fits.HDUList, name: str, path: str | Path):
     raise MissingHDUError(f"{path}: HDU {name!r} is missing (HDUs present: {present})")
 
 
+def read_data(hdu, path: str | Path, name: str):
+    """``hdu.data``, or SpectrumFileError naming the file and HDU when the file is cut short
+    (numpy's bare "buffer is too small for requested array" TypeError) or corrupt."""
+    try:
+        return hdu.data
+    except (TypeError, ValueError, OSError) as err:
+        raise SpectrumFileError(
+            f"{path}: HDU {name!r} cannot be read, the file is truncated or corrupt ({err})"
+        ) from err
+
+
 def hdu_data(hdul: fits.HDUList, name: str, path: str | Path, ndim: int | None = None):
     """Data of HDU ``name``, checked for presence and dimensionality."""
-    hdu = get_hdu(hdul, name, path)
-    data = hdu.data
+    data = read_data(get_hdu(hdul, name, path), path, name)
     if data is None:
         raise SpectrumFileError(f"{path}: HDU {name!r} has no data")
     if ndim is not None and np.ndim(data) != ndim:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sedvae.io._fits import column, get_hdu, open_fits
+from sedvae.io._fits import column, hdu_data, open_fits, read_data
 from sedvae.io.spectrum import Z_RANGE, MissingHDUError, SpecFlag, Spectra, SpectrumFileError
 
 DLOGLAM = 1e-4  # SDSS/BOSS coadd pixel width in log10(wavelength / Angstrom)
@@ -30,10 +30,7 @@ _LATTICE_TOL = 0.05  # max |loglam/DLOGLAM - k| in pixels; float32 loglam errs b
 
 def _read_one(path: Path, and_mask_bits: int | None) -> dict:
     with open_fits(path) as hdul:
-        coadd = get_hdu(hdul, "COADD", path)
-        if coadd.data is None:
-            raise SpectrumFileError(f"{path}: HDU 'COADD' has no data")
-        tab = coadd.data
+        tab = hdu_data(hdul, "COADD", path)
         out = {
             "loglam": column(tab, "loglam", path, "COADD").astype(np.float64),
             "flux": column(tab, "flux", path, "COADD").astype(np.float32),
@@ -55,9 +52,9 @@ def _read_one(path: Path, and_mask_bits: int | None) -> dict:
         hdu2 = next((h for h in ("SPECOBJ", "SPALL") if h in hdul), None)
         if hdu2 is None and len(hdul) > 2 and hdul[2].is_image is False:
             hdu2 = hdul[2].name or "HDU 2"
-            obj = hdul[2].data
+            obj = read_data(hdul[2], path, hdu2)
         else:
-            obj = None if hdu2 is None else hdul[hdu2].data
+            obj = None if hdu2 is None else read_data(hdul[hdu2], path, hdu2)
         if obj is not None and len(obj) != 1:
             raise SpectrumFileError(f"{path}: HDU {hdu2!r} has {len(obj)} rows, expected 1")
         out["hdu2"] = hdu2
