@@ -398,22 +398,25 @@ class LinearModel(nn.Module):
         scale_sigma: float = 0.05,  # arm-to-arm throughput offsets of a few per cent
     ) -> None:
         super().__init__()
+        # Buffers are float64 (1/2.98 and the Legendre values exact); the solve casts them to
+        # the continuum's dtype.
         if calib_sigma <= 0 or scale_sigma < 0:
             raise ValueError("calib_sigma must be > 0 and scale_sigma >= 0")
         self.instrument = instrument
         self.lines = lines or line_list()
         self.degree = default_calibration_degree(instrument) if degree is None else int(degree)
         arm = arm_index(instrument)
-        basis = calibration_basis(instrument.wave.to(torch.float64), arm, self.degree)
+        centres = (0.5 * (instrument.model_lo + instrument.model_hi))[_crop(instrument)]  # float64
+        basis = calibration_basis(centres, arm, self.degree)
         order = torch.arange(basis.shape[0]) % (self.degree + 1)  # arm-major: P_0..P_K per arm
         keep = order > 0 if scale_sigma == 0 else torch.ones_like(order, dtype=torch.bool)
         sigma = torch.where(order == 0, scale_sigma, calib_sigma).to(torch.float64)
-        self.register_buffer("calib_basis", basis[keep].to(torch.get_default_dtype()))  # (J, M)
+        self.register_buffer("calib_basis", basis[keep])  # (J, M) float64
         self.register_buffer("calib_sigma", sigma[keep])  # (J,)
         self.register_buffer("calib_order", order[keep])  # (J,) Legendre order of each term
         width = (instrument.model_hi - instrument.model_lo)[_crop(instrument)]
-        self.register_buffer("pixel_width", width.to(torch.get_default_dtype()))  # (M,) A
-        self.register_buffer("tie", self.lines.tie_matrix(dtype=torch.get_default_dtype()))
+        self.register_buffer("pixel_width", width)  # (M,) Angstrom, float64
+        self.register_buffer("tie", self.lines.tie_matrix(dtype=torch.float64))  # (K, L)
 
     def design(self, z, velocity, sigma, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-line (B, L, M) and per-component (B, K, M) designs in the continuum's dtype;
