@@ -15,6 +15,7 @@ from sedvae.linear import (
     LinearModel,
     arm_index,
     calibration_basis,
+    component_design,
     line_design,
     line_list,
     nnls_normal,
@@ -40,7 +41,8 @@ def _mock(lm: LinearModel, b: int, *, dtype=F64, calib_scale=0.02, seed=0):
     for w0 in (4102.9, 4341.7, 4862.7, 6564.6):  # stellar Balmer absorption
         cont = cont - 0.4 * torch.exp(-0.5 * ((rest - w0) / 8.0) ** 2)
     cont = cont * (0.5 + torch.rand(b, 1, generator=g, dtype=dtype))
-    rows, comps = lm.design(z, vel, sig, dtype=dtype)
+    rows = lm.design(z, vel, sig, dtype=dtype).dense()
+    comps = component_design(rows, lm.lines)
     visible = (comps * lm.pixel_width.to(dtype)).sum(-1) >= 0.5
     amp = 5.0 + 60.0 * torch.rand(b, lm.lines.n_components, generator=g, dtype=dtype)
     amp = torch.where(visible, amp, torch.zeros_like(amp))
@@ -78,7 +80,7 @@ def test_broad_balmer_components_have_their_own_width():
     z = torch.tensor([0.01], dtype=F64)
     rows = line_design(
         inst, lines, z, torch.zeros(1), torch.tensor([50.0]), sigma_broad=torch.tensor([2000.0])
-    )
+    ).dense()
     narrow, broad = rows[0, lines.index("Halpha")], rows[0, lines.index("Halpha_broad")]
     assert lines.broad[lines.index("Halpha_broad")]
     # Same flux, ~ 2000 / sqrt(50^2 + LSF^2) times wider, so a much lower peak.
@@ -97,7 +99,7 @@ def test_design_row_integrates_to_line_flux(instrument):
     lm = LinearModel(inst)
     z = torch.tensor([0.05, 0.1, 0.2])
     sigma = torch.tensor([0.0, 30.0, 300.0])  # a delta line too: no aliasing, flux kept
-    rows = line_design(inst, lm.lines, z, torch.zeros(3), sigma, dtype=torch.float32)
+    rows = line_design(inst, lm.lines, z, torch.zeros(3), sigma, dtype=torch.float32).dense()
     total = (rows * lm.pixel_width).sum(-1)  # (B, L)
     obs = torch.tensor(lm.lines.wave)[None] * (1 + z[:, None])
     ends = [
@@ -128,7 +130,9 @@ def test_line_takes_the_continuum_path_through_the_instrument():
     _, scale = redshift_spectrum(wave_rest, torch.ones(1, wave_rest.shape[0], dtype=F64), z)
     lum = unit[None] / (scale[0, 0] * (1 + z[0]))
     via_instrument = inst.to(F64)(wave_rest, lum, z)[0]
-    rows = line_design(inst, lines, z, torch.tensor([vel]), torch.tensor([sigma_v]), dtype=F64)
+    rows = line_design(
+        inst, lines, z, torch.tensor([vel]), torch.tensor([sigma_v]), dtype=F64
+    ).dense()
     design = rows[0, k]
     assert float((via_instrument - design).abs().max()) < 1e-4 * float(design.max())
 
@@ -142,8 +146,8 @@ def test_desi_matrix_path_equals_gaussian_lsf_of_same_width():
     lines = line_list(wave_min=6500.0, wave_max=6600.0)
     z = torch.tensor([0.01], dtype=F64)
     args = (z, torch.tensor([10.0]), torch.tensor([20.0]))
-    r_desi = line_design(desi, lines, *args, dtype=F64)[0][:, desi.arm == 1]
-    r_gauss = line_design(generic, lines, *args, dtype=F64)[0]
+    r_desi = line_design(desi, lines, *args, dtype=F64).dense()[0][:, desi.arm == 1]
+    r_gauss = line_design(generic, lines, *args, dtype=F64).dense()[0]
     assert float((r_desi - r_gauss).abs().max()) < 1e-6 * float(r_gauss.max())
 
 
@@ -158,7 +162,7 @@ def test_real_desi_resolution_matrix_agrees_with_gaussian_of_its_width():
     lines = line_list(wave_min=6500.0, wave_max=6600.0)
     z = torch.tensor([0.02], dtype=F64)
     args = (z, torch.tensor([0.0]), torch.tensor([40.0]))
-    r_desi = line_design(desi, lines, *args, dtype=F64)[0, lines.index("Halpha")]
+    r_desi = line_design(desi, lines, *args, dtype=F64).dense()[0, lines.index("Halpha")]
     on = desi.arm == 1
     wave_r = desi.wave[on].double()
     prof = r_desi[on]
@@ -168,7 +172,7 @@ def test_real_desi_resolution_matrix_agrees_with_gaussian_of_its_width():
     offs = torch.arange(5, -6, -1, dtype=F64) * 0.8
     lsf_sigma = float(torch.sqrt((col * offs**2).sum() / col.sum()))
     generic = GenericInstrument(wave_r, sigma=lsf_sigma)
-    r_gauss = line_design(generic, lines, *args, dtype=F64)[0, lines.index("Halpha")]
+    r_gauss = line_design(generic, lines, *args, dtype=F64).dense()[0, lines.index("Halpha")]
     width = 0.8
     # Same flux (the real matrix is row-normalised: columns sum to 1 within ~1 %),
     # same centroid, and the profiles differ by a few per cent of the peak (a real LSF is
@@ -328,7 +332,7 @@ def test_equivalent_width_of_a_line_on_a_flat_continuum():
     inst = SDSSInstrument()
     lm = LinearModel(inst, line_list(wave_min=6500.0, wave_max=6600.0)).to(F64)
     z = torch.tensor([0.1], dtype=F64)
-    rows, comps = lm.design(z, torch.zeros(1), torch.tensor([60.0]), dtype=F64)
+    rows = lm.design(z, torch.zeros(1), torch.tensor([60.0]), dtype=F64).dense()
     cont = torch.full((1, inst.npix), 3.0, dtype=F64)
     k = lm.lines.index("Halpha")
     data = cont + 90.0 * rows[:, k]
@@ -342,7 +346,8 @@ def test_solution_is_differentiable_in_the_continuum():
     inst = GenericInstrument(wave, resolution=3000.0).to(F64)
     lm = LinearModel(inst, line_list(wave_min=6500.0, wave_max=6600.0), degree=1).to(F64)
     z = torch.tensor([0.0], dtype=F64) + 1e-3
-    rows, comps = lm.design(z, torch.zeros(1), torch.tensor([50.0]), dtype=F64)
+    rows = lm.design(z, torch.zeros(1), torch.tensor([50.0]), dtype=F64).dense()
+    comps = component_design(rows, lm.lines)
     data = 2.0 + 40.0 * comps[:, 1] + 10.0 * comps[:, 0] + 0.05 * torch.randn(1, wave.shape[0])
 
     def f(level):
@@ -352,3 +357,34 @@ def test_solution_is_differentiable_in_the_continuum():
 
     level = torch.tensor(1.9, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(f, (level,), eps=1e-6, atol=1e-6)
+
+
+def test_windowed_design_operations_equal_dense_products():
+    """project / gram / combine on the windows equal the dense (B, L, M) matrix products."""
+    desi = DESIInstrument()
+    lines = line_list(broad_balmer=True)
+    b = 5
+    z = torch.tensor([0.02, 0.05, 0.2, 0.31, 0.45], dtype=F64)  # lines on arm overlaps too
+    res = desi.resolution.double().expand(b, -1, -1) * (1 + 0.1 * torch.rand(b, 1, desi.npix))
+    design = line_design(
+        desi,
+        lines,
+        z,
+        30.0 * torch.randn(b),
+        80.0 + 50.0 * torch.rand(b),
+        sigma_broad=2500.0 * torch.ones(b),
+        resolution=res,
+        dtype=F64,
+    )
+    dense = design.dense()
+    w = torch.rand(b, desi.npix, dtype=F64)
+    x = torch.randn(b, 3, desi.npix, dtype=F64)
+    f = torch.rand(b, lines.n_lines, dtype=F64)
+    assert torch.allclose(design.gram(w), (dense * w[:, None]) @ dense.transpose(1, 2))
+    assert torch.allclose(design.project(x), x @ dense.transpose(1, 2))
+    assert torch.allclose(design.project(w), (dense @ w[..., None])[..., 0])
+    assert torch.allclose(design.combine(f), (f[:, None] @ dense)[:, 0])
+    # With the (flux-conserving) Gaussian matrices, lines in both overlapping arms carry their
+    # flux twice, once per arm.
+    plain = line_design(desi, lines, z, torch.zeros(b), 80.0 * torch.ones(b), sigma_broad=2500.0)
+    assert float((plain.dense() * 0.8).sum(-1).max()) == pytest.approx(2.0, abs=1e-3)

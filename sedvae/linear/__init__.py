@@ -22,6 +22,7 @@ kinematics, fluxes and equivalent widths against the fitted continuum), batched 
 """
 
 from sedvae.linear.design import (
+    LineDesign,
     arm_index,
     calibration_basis,
     component_design,
@@ -44,6 +45,7 @@ __all__ = [
     "CATALOG_LINES",
     "NARROW_LINES",
     "TIED_RATIOS",
+    "LineDesign",
     "LineList",
     "LinearFit",
     "LinearModel",

@@ -33,10 +33,10 @@ import torch
 from torch import nn
 
 from sedvae.linear.design import (
+    LineDesign,
     _crop,
     arm_index,
     calibration_basis,
-    component_design,
     default_calibration_degree,
     line_design,
 )
@@ -198,13 +198,12 @@ def solve_linear(
     continuum: torch.Tensor,
     flux: torch.Tensor,
     ivar: torch.Tensor,
-    components: torch.Tensor,
+    design: LineDesign,
+    tie: torch.Tensor,
     calib_basis: torch.Tensor,
     calib_sigma: torch.Tensor,
     *,
     mask: torch.Tensor | None = None,
-    tie: torch.Tensor | None = None,
-    line_design: torch.Tensor | None = None,
     pixel_width: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
     max_iter: int | None = None,
@@ -216,19 +215,16 @@ def solve_linear(
     continuum : (B, M) tensor, 1e-17 erg/s/cm^2/A
         Model continuum on the instrument pixels (e.g. the instrument's ``forward``).
     flux, ivar : (B, M) tensors, 1e-17 erg/s/cm^2/A and its inverse variance
-    components : (B, K, M) tensor
-        Component design (:func:`sedvae.linear.design.component_design`).
+    design : LineDesign
+        Per-line profiles (:func:`sedvae.linear.design.line_design`), L lines.
+    tie : (K, L) tensor
+        :meth:`LineList.tie_matrix`: component k's design is sum_l tie[k, l] D_l.
     calib_basis : (J, M) tensor
         Per-arm Legendre basis (:func:`sedvae.linear.design.calibration_basis`); J may be 0.
     calib_sigma : (J,) tensor
         Prior standard deviation of each calibration coefficient (> 0).
     mask : (B, M) bool tensor, optional
         True for good pixels (pixels with ivar <= 0 are excluded anyway).
-    tie : (K, L) tensor, optional
-        :meth:`LineList.tie_matrix`; needed for per-line outputs (else L = K, tie = identity).
-    line_design : (B, L, M) tensor, optional
-        Per-line design, for equivalent widths under each line's own profile (else the
-        components' rows are used, L = K).
     pixel_width : (M,) tensor, Angstrom, optional
         Output pixel widths, for the ``measured`` test (default: 1 A, i.e. a row-sum test).
     z : (B,) tensor, optional
@@ -240,62 +236,66 @@ def solve_linear(
     -------
     LinearFit
         Amplitudes, calibration, model and chi2 are differentiable with respect to
-        ``continuum`` and ``components`` (see the module docstring); errors and EWs are too.
+        ``continuum`` and the design's kinematics (see the module docstring); errors and EWs
+        are too.
     """
     check_ndim("continuum", continuum, (2,), "(B, M)")
     bsz, m = continuum.shape
     for name, t in (("flux", flux), ("ivar", ivar)):
         if t.shape != (bsz, m):
             raise ValueError(f"{name} must have shape ({bsz}, {m}); got {tuple(t.shape)}")
-    check_ndim("components", components, (3,), "(B, K, M)")
-    if components.shape[0] != bsz or components.shape[-1] != m:
-        raise ValueError(f"components must have shape ({bsz}, K, {m}); got {components.shape}")
-    calib_basis = calib_basis.to(continuum.device, continuum.dtype)
+    if design.batch != bsz or design.npix != m:
+        raise ValueError(
+            f"design is for {design.batch} galaxies x {design.npix} pixels; data are {bsz} x {m}"
+        )
+    dt = continuum.dtype
+    tie = tie.to(continuum.device, dt)
+    if tie.ndim != 2 or tie.shape[1] != design.n_lines:
+        raise ValueError(f"tie must have shape (K, {design.n_lines}); got {tuple(tie.shape)}")
+    calib_basis = calib_basis.to(continuum.device, dt)
     if calib_basis.ndim != 2 or calib_basis.shape[-1] != m:
         raise ValueError(f"calib_basis must have shape (J, {m}); got {tuple(calib_basis.shape)}")
-    n_j, n_k = calib_basis.shape[0], components.shape[1]
+    n_j, n_k = calib_basis.shape[0], tie.shape[0]
     calib_sigma = as_tensor("calib_sigma", calib_sigma, dtype=torch.float64).to(continuum.device)
     if calib_sigma.shape != (n_j,) or not bool((calib_sigma > 0).all()):
         raise ValueError(f"calib_sigma must be ({n_j},) and > 0; got {tuple(calib_sigma.shape)}")
     good = ivar > 0
     if mask is not None:
         good = good & mask.to(torch.bool)
-    w = torch.where(good, ivar, torch.zeros_like(ivar)).to(continuum.dtype)  # (B, M)
-    resid = torch.where(good, flux - continuum, torch.zeros_like(flux)).to(continuum.dtype)
+    w = torch.where(good, ivar, torch.zeros_like(ivar)).to(dt)  # (B, M)
+    resid = torch.where(good, flux - continuum, torch.zeros_like(flux)).to(dt)
 
-    # Normal equations, block by block (never the (B, n, M) stack).
+    # Normal equations: lines through their windows (O(B L W)), calibration by products with
+    # the (J, M) basis (no (B, J, M) array: memory traffic, not arithmetic, bounds this).
     cw = continuum * w  # (B, M)
-    xc = continuum.unsqueeze(1) * calib_basis  # (B, J, M): columns C P_j
-    kw = components * w.unsqueeze(1)  # (B, K, M)
-    a_cc = (xc * cw.unsqueeze(1)) @ calib_basis.T  # (B, J, J)
-    a_kc = kw @ xc.transpose(1, 2)  # (B, K, J)
-    a_kk = kw @ components.transpose(1, 2)  # (B, K, K)
-    b_c = (xc * (w * resid).unsqueeze(1)).sum(-1)  # (B, J)
-    b_k = (kw * resid.unsqueeze(1)).sum(-1)  # (B, K)
-    a = torch.cat([torch.cat([a_cc, a_kc.transpose(1, 2)], 2), torch.cat([a_kc, a_kk], 2)], 1).to(
-        torch.float64
-    )
+    pp = (calib_basis.unsqueeze(0) * calib_basis.unsqueeze(1)).reshape(n_j * n_j, m)
+    a_cc = ((cw * continuum) @ pp.T).reshape(bsz, n_j, n_j)  # sum_m C^2 w P_i P_j
+    a_kc = tie @ design.project_basis(cw, calib_basis).transpose(1, 2)  # (B, K, J)
+    a_kk = tie @ design.gram(w) @ tie.T  # (B, K, K)
+    b_c = (cw * resid) @ calib_basis.T  # (B, J)
+    b_k = design.project(w * resid) @ tie.T  # (B, K)
+    a = torch.cat([torch.cat([a_cc, a_kc.transpose(1, 2)], 2), torch.cat([a_kc, a_kk], 2)], 1)
+    a = a.to(torch.float64)
     b = torch.cat([b_c, b_k], 1).to(torch.float64)
     prior = torch.cat([calib_sigma**-2, calib_sigma.new_zeros(n_k)])
     a = a + torch.diag_embed(prior).unsqueeze(0)
 
     # A component with (almost) none of its light on good pixels is held at 0, unmeasured.
-    width = torch.ones(m, dtype=components.dtype, device=components.device)
+    width = torch.ones(m, dtype=dt, device=continuum.device)
     if pixel_width is not None:
-        width = pixel_width.to(components.device, components.dtype)
+        width = pixel_width.to(continuum.device, dt)
     with torch.no_grad():
-        seen = (components * (good.to(components.dtype) * width).unsqueeze(1)).sum(-1)
-        measured = seen >= 0.5  # (B, K): at least half of the primary line's unit flux
+        seen = design.project(good.to(dt) * width) @ tie.T  # (B, K)
+        measured = seen >= 0.5  # at least half of the primary line's unit flux
         measured = measured & (a_kk.diagonal(dim1=1, dim2=2) > 0)
     keep = torch.cat([torch.ones(bsz, n_j, dtype=torch.bool, device=a.device), measured], 1)
     a, b = _masked_system(a, b, keep)
 
-    nonneg = torch.cat([torch.zeros(n_j, dtype=torch.bool), torch.ones(n_k, dtype=torch.bool)]).to(
-        a.device
-    )
+    nonneg = torch.cat([torch.zeros(n_j, dtype=torch.bool), torch.ones(n_k, dtype=torch.bool)])
+    nonneg = nonneg.to(a.device)
     # Normal equations formed in float32 carry relative errors ~1e-6: a KKT test finer than
     # that would chase round-off.
-    tol = max(1e-10, 30.0 * torch.finfo(continuum.dtype).eps)
+    tol = max(1e-10, 30.0 * torch.finfo(dt).eps)
     res = nnls_normal(a, b, nonneg, max_iter=max_iter, tol=tol)
     free = res.free & keep
     # The differentiable step: one solve on the active set, with gradients.
@@ -312,33 +312,25 @@ def solve_linear(
     err = var.sqrt()
     err = torch.where(keep, err, torch.full_like(err, float("nan")))
 
-    dt = continuum.dtype
     calib = u[:, :n_j].to(dt)
     amp = u[:, n_j:].to(dt)
     calibration = 1.0 + calib @ calib_basis  # (B, M)
-    lines_model = (amp.unsqueeze(1) @ components).squeeze(1)  # (B, M)
+    line_flux = amp @ tie  # (B, L)
+    lines_model = design.combine(line_flux)  # (B, M)
     model = continuum * calibration + lines_model
     chi2 = (w * (flux - model) ** 2).sum(-1)
 
-    if tie is None:
-        tie = torch.eye(n_k, dtype=dt, device=amp.device)
-    tie = tie.to(amp.device, dt)
-    line_flux = amp @ tie  # (B, L)
     amp_err = err[:, n_j:].to(dt)
     # Each line belongs to one component, so its error is that component's times its ratio
     # (gathered, not a matrix product, so that one unmeasured component's NaN stays its own).
     comp = tie.abs().argmax(0)  # (L,)
     ratio = tie.gather(0, comp.unsqueeze(0)).squeeze(0)  # (L,)
     line_flux_err = amp_err[:, comp] * ratio
-    rows = components if line_design is None else line_design
-    if rows.shape[1] != tie.shape[1]:
-        raise ValueError(f"line_design has {rows.shape[1]} lines; tie has {tie.shape[1]}")
     # Equivalent width against the calibrated continuum weighted by the line's own profile.
-    cal_cont = (continuum * calibration).unsqueeze(-1)  # (B, M, 1)
-    prof_sum = rows.sum(-1)  # (B, L)
-    cont_line = (rows @ cal_cont).squeeze(-1) / prof_sum.clamp(min=torch.finfo(dt).tiny)
+    prof_sum = design.project(torch.ones_like(continuum))  # (B, L)
+    cont_line = design.project(continuum * calibration) / prof_sum.clamp(min=torch.finfo(dt).tiny)
     onepz = 1.0 if z is None else (1.0 + as_tensor("z", z, dtype=dt, device=amp.device)[:, None])
-    line_measured = (measured.to(dt) @ (tie != 0).to(dt)) > 0  # (B, L)
+    line_measured = measured[:, comp]  # (B, L)
     ok = line_measured & (cont_line > 0) & (prof_sum > 0)
     ew = line_flux / cont_line.clamp(min=torch.finfo(dt).tiny) / onepz
     line_ew = torch.where(ok, ew, torch.full_like(ew, float("nan")))
@@ -418,11 +410,10 @@ class LinearModel(nn.Module):
         self.register_buffer("pixel_width", width)  # (M,) Angstrom, float64
         self.register_buffer("tie", self.lines.tie_matrix(dtype=torch.float64))  # (K, L)
 
-    def design(self, z, velocity, sigma, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-line (B, L, M) and per-component (B, K, M) designs in the continuum's dtype;
-        ``kwargs`` as :func:`sedvae.linear.design.line_design`."""
-        rows = line_design(self.instrument, self.lines, z, velocity, sigma, **kwargs)
-        return rows, component_design(rows, self.lines)
+    def design(self, z, velocity, sigma, **kwargs) -> LineDesign:
+        """Per-line profiles through the instrument; ``kwargs`` as
+        :func:`sedvae.linear.design.line_design`."""
+        return line_design(self.instrument, self.lines, z, velocity, sigma, **kwargs)
 
     def forward(
         self,
@@ -457,7 +448,7 @@ class LinearModel(nn.Module):
         -------
         LinearFit
         """
-        rows, comps = self.design(
+        design = self.design(
             z,
             velocity,
             sigma,
@@ -471,12 +462,11 @@ class LinearModel(nn.Module):
             continuum,
             flux,
             ivar,
-            comps,
+            design,
+            self.tie,
             self.calib_basis,
             self.calib_sigma,
             mask=mask,
-            tie=self.tie,
-            line_design=rows,
             pixel_width=self.pixel_width,
             z=z,
             max_iter=max_iter,
