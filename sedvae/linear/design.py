@@ -124,15 +124,19 @@ def _lsf_window(diag: torch.Tensor, start: torch.Tensor, val: torch.Tensor) -> t
     h = ndiag // 2
     b, n_l, w = val.shape
     cols = start.unsqueeze(-1) + torch.arange(w, device=val.device)  # (B, L, W)
+    n = diag.shape[-1]
+    # Rows of a (columns, ndiag) table picked by flat indices: a column's ndiag values are
+    # contiguous, far faster than fancy indexing of (ndiag, N).
     if diag.shape[0] == 1:
-        d = diag[0][:, cols]  # (ndiag, B, L, W)
-    else:
-        d = diag.transpose(0, 1)[:, torch.arange(b, device=val.device)[:, None, None], cols]
-    prod = d * val.unsqueeze(0)  # (ndiag, B, L, W): column j's contribution on diagonal k
+        d = diag[0].T.contiguous().index_select(0, cols.flatten())  # (B L W, ndiag)
+    else:  # per-galaxy matrices: column j of galaxy b at b N + j
+        flat = (cols + n * torch.arange(b, device=val.device)[:, None, None]).flatten()
+        d = diag.transpose(1, 2).reshape(b * n, ndiag).index_select(0, flat)
+    d = d.reshape(b, n_l, w, ndiag)
     # Row i = j - h + k sits at window position (j - start) + k in a window starting at -h.
     out = val.new_zeros(b, n_l, w + 2 * h)
     for k in range(ndiag):
-        out[..., k : k + w] += prod[k]
+        out[..., k : k + w] += d[..., k] * val  # column j's contribution on diagonal k
     return out
 
 
@@ -185,10 +189,12 @@ class LineDesign:
         (B, J, M) product (the calibration columns C P_j against the lines)."""
         b, j = y.shape[0], basis.shape[0]
         out = y.new_zeros(b, j, self.n_lines)
+        basis_t = basis.T.contiguous()  # (M, J): one pixel's J values contiguous
         for _, ids, start, val, _ in self.blocks:
             pos = self._pos(start, val.shape[-1])  # (B, G, W)
             vy = val.to(y.dtype) * y.gather(1, pos.flatten(1)).reshape(pos.shape)
-            out = out.index_add(2, ids, torch.einsum("bgw,jbgw->bjg", vy, basis[:, pos]))
+            bp = basis_t.index_select(0, pos.flatten()).reshape(tuple(pos.shape) + (j,))
+            out = out.index_add(2, ids, torch.einsum("bgw,bgwj->bjg", vy, bp))
         return out
 
     def combine(self, flux: torch.Tensor) -> torch.Tensor:
@@ -293,7 +299,8 @@ def line_design(
     sig = (mu * sig_v / C_KMS).clamp(min=MIN_SIGMA_A)  # (B, L) Angstrom
 
     diag = model_diagonals(instrument, resolution=resolution, lsf_sigma=lsf_sigma)
-    diag = (diag if diag.ndim == 3 else diag.unsqueeze(0)).to(dtype=torch.float64, device=dev)
+    # The LSF runs in the output dtype (the instruments store their diagonals in float32).
+    diag = (diag if diag.ndim == 3 else diag.unsqueeze(0)).to(dtype=dtype, device=dev)
     if diag.shape[0] not in (1, b):
         raise ValueError(f"resolution batch {diag.shape[0]} does not match z batch {b}")
     h = diag.shape[-2] // 2
@@ -312,13 +319,13 @@ def line_design(
             if gi.numel() == 0:
                 continue
             start, val = _window_profiles(lo, hi, mu[:, gi], sig[:, gi], N_SIGMA)
-            conv = _lsf_window(diag[..., s0 : s0 + n], start, val)  # (B, G, W + 2h)
+            conv = _lsf_window(diag[..., s0 : s0 + n], start, val.to(dtype))  # (B, G, W + 2h)
             rows = start.unsqueeze(-1) - h + torch.arange(conv.shape[-1], device=dev)
             out_pix = s0 + rows - c0  # output pixel of every window row
             # Rows beyond the segment fall off the detector; beyond the output grid, cropped.
             keep = (rows >= 0) & (rows < n) & (out_pix >= 0) & (out_pix < npix)
             keep = keep & on[:, gi].unsqueeze(-1)  # (erf tails beyond 6 sigma are < 2e-9)
-            conv = torch.where(keep, conv, torch.zeros_like(conv)).to(dtype)
+            conv = torch.where(keep, conv, torch.zeros_like(conv))
             blocks.append((si, gi, s0 + start - h - c0, conv, on[:, gi]))
     return LineDesign(blocks, lines.n_lines, npix, b, dtype, dev)
 
