@@ -115,25 +115,34 @@ def test_design_row_integrates_to_line_flux(instrument):
     assert torch.allclose(total[inside].double(), expected[inside], atol=2e-6, rtol=0)
 
 
-def test_line_takes_the_continuum_path_through_the_instrument():
+@pytest.mark.parametrize("kind", ["sdss", "generic_per_galaxy_lsf", "desi_per_galaxy_matrix"])
+def test_line_takes_the_continuum_path_through_the_instrument(kind):
     """A resolved rest-frame Gaussian through ``instrument.forward`` equals the design row."""
-    inst = SDSSInstrument()
+    z = torch.tensor([0.08, 0.1], dtype=F64)
+    if kind == "sdss":
+        inst, fwd, kw = SDSSInstrument().to(F64), {}, {}
+    elif kind == "generic_per_galaxy_lsf":
+        inst = GenericInstrument(np.arange(6500.0, 7500.0, 1.2), resolution=2500.0).to(F64)
+        sig = inst.sigma.double() * torch.tensor([[0.7], [1.0]], dtype=F64)
+        fwd, kw = {"sigma": sig}, {"lsf_sigma": sig}
+    else:
+        inst = DESIInstrument().to(F64)
+        res = inst.resolution.double().expand(2, -1, -1).clone()
+        res[1] = res[1] * (1.0 + 0.2 * torch.rand(inst.npix, dtype=F64))  # not a Gaussian
+        fwd, kw = {"resolution": res}, {"resolution": res}
     lines = line_list(wave_min=6500.0, wave_max=6600.0)
-    z = torch.tensor([0.08], dtype=F64)
     sigma_v, vel = 80.0, 30.0
-    wave_rest = torch.arange(6000.0, 7000.0, 0.02, dtype=F64)
+    wave_rest = torch.arange(6300.0, 6800.0, 0.02, dtype=F64)
     k = lines.index("Halpha")
     mu = lines.wave[k] * math.exp(vel / C_KMS)
     s = mu * sigma_v / C_KMS
     unit = torch.exp(-0.5 * ((wave_rest - mu) / s) ** 2) / (s * math.sqrt(2 * math.pi))
     # L_sun/A giving an observed line flux of 1e-17 erg/s/cm^2 after redshift_spectrum
-    _, scale = redshift_spectrum(wave_rest, torch.ones(1, wave_rest.shape[0], dtype=F64), z)
-    lum = unit[None] / (scale[0, 0] * (1 + z[0]))
-    via_instrument = inst.to(F64)(wave_rest, lum, z)[0]
-    rows = line_design(
-        inst, lines, z, torch.tensor([vel]), torch.tensor([sigma_v]), dtype=F64
-    ).dense()
-    design = rows[0, k]
+    _, scale = redshift_spectrum(wave_rest, torch.ones(2, wave_rest.shape[0], dtype=F64), z)
+    lum = unit[None] / (scale[:, :1] * (1 + z[:, None]))
+    via_instrument = inst(wave_rest, lum, z, **fwd)
+    vel_t, sig_t = torch.full((2,), vel), torch.full((2,), sigma_v)
+    design = line_design(inst, lines, z, vel_t, sig_t, dtype=F64, **kw).dense()[:, k]
     assert float((via_instrument - design).abs().max()) < 1e-4 * float(design.max())
 
 
@@ -388,3 +397,23 @@ def test_windowed_design_operations_equal_dense_products():
     # flux twice, once per arm.
     plain = line_design(desi, lines, z, torch.zeros(b), 80.0 * torch.ones(b), sigma_broad=2500.0)
     assert float((plain.dense() * 0.8).sum(-1).max()) == pytest.approx(2.0, abs=1e-3)
+
+
+def test_solution_is_differentiable_in_the_line_kinematics():
+    """The chi^2 of the solved fit has exact gradients in velocity and width (refinement)."""
+    wave = torch.arange(6400.0, 6800.0, 1.0, dtype=F64)
+    inst = GenericInstrument(wave, resolution=3000.0).to(F64)
+    lm = LinearModel(inst, line_list(wave_min=6500.0, wave_max=6600.0), degree=1).to(F64)
+    z = torch.tensor([0.001], dtype=F64)
+    rows = lm.design(z, torch.tensor([20.0]), torch.tensor([70.0]), dtype=F64).dense()
+    data = 2.0 + 40.0 * rows[:, 1] + 10.0 * rows[:, 2] + 0.05 * torch.randn(1, wave.shape[0])
+    cont = torch.full_like(data, 2.0)
+
+    def chi2(vel, sig):
+        return lm(cont, data, torch.full_like(cont, 400.0), z, vel, sig).chi2.sum()
+
+    vel = torch.tensor([0.0], dtype=F64, requires_grad=True)
+    sig = torch.tensor([50.0], dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(chi2, (vel, sig), eps=1e-4, atol=1e-4, rtol=1e-4)
+    g_vel, g_sig = torch.autograd.grad(chi2(vel, sig), (vel, sig))
+    assert float(g_vel) < 0 and float(g_sig) < 0  # towards the truth (20, 70) km/s

@@ -102,7 +102,7 @@ def _window_profiles(lo, hi, mu, sig, n_sigma: float) -> tuple[torch.Tensor, tor
     """
     n = lo.shape[0]
     width = (hi - lo).min()
-    w = min(n, 2 * math.ceil(n_sigma * float(sig.max()) / float(width)) + 3)
+    w = min(n, 2 * math.ceil(n_sigma * float(sig.detach().max()) / float(width)) + 3)
     centre = torch.searchsorted(lo.contiguous(), mu.contiguous()) - 1  # (B, L)
     start = (centre - w // 2).clamp(0, n - w)  # (B, L)
     idx = start.unsqueeze(-1) + torch.arange(w, device=lo.device)  # (B, L, W)
