@@ -45,7 +45,7 @@ def make_problems(lm: LinearModel, b: int, seed: int, dtype) -> dict[str, torch.
     amp = 30.0 * torch.rand(b, lm.lines.n_components, generator=g, dtype=torch.float64)
     amp = amp * (torch.rand(amp.shape, generator=g, dtype=torch.float64) > 1 / 3)
     calib = 0.02 * torch.randn(b, lm.calib_basis.shape[0], generator=g, dtype=torch.float64)
-    model = cont * (1.0 + calib @ lm.calib_basis) + (amp.unsqueeze(1) @ comps)[:, 0]
+    model = cont * (1.0 + calib @ lm.calib_basis.double()) + (amp.unsqueeze(1) @ comps)[:, 0]
     sigma = cont / 20.0
     flux = model + sigma * torch.randn(model.shape, generator=g, dtype=torch.float64)
     out = {"cont": cont, "flux": flux, "ivar": sigma**-2, "z": z, "vel": vel, "sig": sig}
@@ -94,7 +94,7 @@ def main() -> None:
 
     inst = DESIInstrument() if args.instrument == "desi" else SDSSInstrument()
     dtype = getattr(torch, args.dtype)
-    lm = LinearModel(inst).to(dtype)
+    lm = LinearModel(inst)  # float64 buffers; the solve casts them to the data dtype
     p = make_problems(lm, args.batch, args.seed, dtype)
     b = args.batch
 
