@@ -40,7 +40,7 @@ from sedvae.linear.design import (
     default_calibration_degree,
     line_design,
 )
-from sedvae.linear.lines import LineList, line_list
+from sedvae.linear.lines import CATALOG_LINES, LineList, line_list
 from sedvae.physics._checks import as_tensor, check_ndim
 
 
@@ -471,3 +471,15 @@ class LinearModel(nn.Module):
             z=z,
             max_iter=max_iter,
         )
+
+    def columns(self, fit: LinearFit, names=CATALOG_LINES) -> dict[str, torch.Tensor]:
+        """Catalog columns for ``names``: ``flux_<name>``, ``flux_err_<name>`` (1e-17
+        erg/s/cm^2) and ``ew_<name>`` (rest-frame Angstrom), each (B,); names are those of
+        :attr:`lines` (e.g. ``"Halpha"``, ``"[OIII]5007"``)."""
+        out = {}
+        for name in names:
+            i = self.lines.index(name)
+            out[f"flux_{name}"] = fit.line_flux[:, i]
+            out[f"flux_err_{name}"] = fit.line_flux_err[:, i]
+            out[f"ew_{name}"] = fit.line_ew[:, i]
+        return out
