@@ -224,7 +224,8 @@ def solve_linear(
     calib_sigma : (J,) tensor
         Prior standard deviation of each calibration coefficient (> 0).
     mask : (B, M) bool tensor, optional
-        True for good pixels (pixels with ivar <= 0 are excluded anyway).
+        True for a bad pixel, as in :class:`sedvae.io.Spectra` (pixels with ivar <= 0 are
+        excluded anyway).
     pixel_width : (M,) tensor, Angstrom, optional
         Output pixel widths, for the ``measured`` test (default: 1 A, i.e. a row-sum test).
     z : (B,) tensor, optional
@@ -261,7 +262,7 @@ def solve_linear(
         raise ValueError(f"calib_sigma must be ({n_j},) and > 0; got {tuple(calib_sigma.shape)}")
     good = ivar > 0
     if mask is not None:
-        good = good & mask.to(torch.bool)
+        good = good & ~mask.to(torch.bool)
     w = torch.where(good, ivar, torch.zeros_like(ivar)).to(dt)  # (B, M)
     resid = torch.where(good, flux - continuum, torch.zeros_like(flux)).to(dt)
 
@@ -437,7 +438,8 @@ class LinearModel(nn.Module):
         ----------
         continuum : (B, M) tensor, 1e-17 erg/s/cm^2/A
             The continuum through this instrument (``instrument(wave_rest, lum_rest, z)``).
-        flux, ivar, mask : (B, M) tensors: the data (mask True = good)
+        flux, ivar, mask : (B, M) tensors: the data (mask True = bad pixel, as in
+            :class:`sedvae.io.Spectra`)
         z : (B,) tensor
         velocity, sigma : (B,) tensors, km/s: narrow-line offset and intrinsic dispersion
         sigma_broad, velocity_broad : (B,) tensors, km/s, optional: broad Balmer kinematics
