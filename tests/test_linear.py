@@ -460,3 +460,13 @@ def test_masked_line_is_held_at_zero_and_unmeasured():
     j = lm.lines.index("[OIII]5007")
     assert bool(fit.measured[:, lm.lines.component[j]].all())
     assert torch.equal(fit.n_pix, (~near).sum(-1))
+
+
+def test_tied_arm_scales_leave_out_the_constant_terms():
+    desi = DESIInstrument()
+    free, tied = LinearModel(desi), LinearModel(desi, scale_sigma=0.0)
+    assert free.calib_basis.shape[0] == 9 and tied.calib_basis.shape[0] == 6
+    assert bool((tied.calib_order > 0).all())
+    assert torch.equal(free.calib_sigma, torch.full((9,), 0.05, dtype=F64))
+    # Derived buffers are rebuilt from the arguments, not saved.
+    assert not any(k.startswith(("calib", "tie", "pixel")) for k in free.state_dict())

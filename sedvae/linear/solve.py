@@ -392,7 +392,8 @@ class LinearModel(nn.Module):
     ) -> None:
         super().__init__()
         # Buffers are float64 (1/2.98 and the Legendre values exact); the solve casts them to
-        # the continuum's dtype.
+        # the continuum's dtype. They derive from the arguments, so checkpoints leave them out
+        # (persistent=False); the instrument's own buffers are saved with it.
         if calib_sigma <= 0 or scale_sigma < 0:
             raise ValueError("calib_sigma must be > 0 and scale_sigma >= 0")
         self.instrument = instrument
@@ -404,12 +405,15 @@ class LinearModel(nn.Module):
         order = torch.arange(basis.shape[0]) % (self.degree + 1)  # arm-major: P_0..P_K per arm
         keep = order > 0 if scale_sigma == 0 else torch.ones_like(order, dtype=torch.bool)
         sigma = torch.where(order == 0, scale_sigma, calib_sigma).to(torch.float64)
-        self.register_buffer("calib_basis", basis[keep])  # (J, M) float64
-        self.register_buffer("calib_sigma", sigma[keep])  # (J,)
-        self.register_buffer("calib_order", order[keep])  # (J,) Legendre order of each term
-        width = (instrument.model_hi - instrument.model_lo)[_crop(instrument)]
-        self.register_buffer("pixel_width", width)  # (M,) Angstrom, float64
-        self.register_buffer("tie", self.lines.tie_matrix(dtype=torch.float64))  # (K, L)
+        derived = {
+            "calib_basis": basis[keep],  # (J, M) float64
+            "calib_sigma": sigma[keep],  # (J,)
+            "calib_order": order[keep],  # (J,) Legendre order of each term
+            "pixel_width": (instrument.model_hi - instrument.model_lo)[_crop(instrument)],  # (M,) A
+            "tie": self.lines.tie_matrix(dtype=torch.float64),  # (K, L)
+        }
+        for name, value in derived.items():
+            self.register_buffer(name, value, persistent=False)
 
     def design(self, z, velocity, sigma, **kwargs) -> LineDesign:
         """Per-line profiles through the instrument; ``kwargs`` as
