@@ -404,7 +404,8 @@ class LinearModel(nn.Module):
         basis = calibration_basis(centres, arm, self.degree)
         order = torch.arange(basis.shape[0]) % (self.degree + 1)  # arm-major: P_0..P_K per arm
         keep = order > 0 if scale_sigma == 0 else torch.ones_like(order, dtype=torch.bool)
-        sigma = torch.where(order == 0, scale_sigma, calib_sigma).to(torch.float64)
+        sigma = torch.full(order.shape, calib_sigma, dtype=torch.float64)
+        sigma[order == 0] = scale_sigma
         derived = {
             "calib_basis": basis[keep],  # (J, M) float64
             "calib_sigma": sigma[keep],  # (J,)
