@@ -470,3 +470,16 @@ def test_tied_arm_scales_leave_out_the_constant_terms():
     assert torch.equal(free.calib_sigma, torch.full((9,), 0.05, dtype=F64))
     # Derived buffers are rebuilt from the arguments, not saved.
     assert not any(k.startswith(("calib", "tie", "pixel")) for k in free.state_dict())
+
+
+def test_fit_kinematics_recovers_injected_velocity_and_width():
+    inst = SDSSInstrument()
+    lm = LinearModel(inst).to(F64)
+    t = _mock(lm, 6, seed=3)
+    sigma = 0.02 * t["cont"]
+    data = t["model"] + sigma * torch.randn_like(sigma)
+    v, s, fit = lm.fit_kinematics(t["cont"], data, sigma**-2, t["z"])
+    assert float((v - t["vel"]).abs().max()) < 3.0  # km/s
+    assert float(((s - t["sig"]) / t["sig"]).abs().max()) < 0.03
+    truth = lm(t["cont"], data, sigma**-2, t["z"], t["vel"], t["sig"])
+    assert float((fit.chi2 - truth.chi2).max()) < 1.0  # as good as the true kinematics

@@ -27,6 +27,7 @@ alone, 1 / sqrt(A_kk - A_kF A_FF^-1 A_Fk), a usable upper limit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -490,3 +491,80 @@ class LinearModel(nn.Module):
             out[f"flux_err_{name}"] = fit.line_flux_err[:, i]
             out[f"ew_{name}"] = fit.line_ew[:, i]
         return out
+
+    @torch.no_grad()
+    def fit_kinematics(
+        self,
+        continuum: torch.Tensor,
+        flux: torch.Tensor,
+        ivar: torch.Tensor,
+        z,
+        *,
+        velocity=None,
+        sigma=None,
+        mask: torch.Tensor | None = None,
+        velocity_range: float = 300.0,  # km/s: redshift errors of DESI/SDSS pipelines are smaller
+        sigma_range: tuple[float, float] = (10.0, 500.0),  # km/s: narrow (nebular) lines
+        n_grid: int = 13,
+        n_refine: int = 4,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor, LinearFit]:
+        """Narrow-line velocity and width minimising the solved chi^2, by batched scans.
+
+        A grid in width (log-spaced over ``sigma_range``) at the starting velocity, then a grid
+        in velocity (``+-velocity_range`` around the start) at the best width, then
+        ``n_refine`` rounds of a three-point parabola in each, the step halving every round.
+        Every point is one :meth:`forward` of the whole batch; lines and calibration are solved
+        exactly at each. Use it where no encoder gives the kinematics, or to refine them.
+
+        Parameters
+        ----------
+        continuum, flux, ivar, z, mask : as :meth:`forward`
+        velocity, sigma : (B,) tensors, km/s, optional
+            Starting values (default 0 and the scan's best width).
+        kwargs : passed to :meth:`forward` (sigma_broad, resolution, lsf_sigma, ...)
+
+        Returns
+        -------
+        velocity, sigma : (B,) tensors, km/s
+        fit : LinearFit at them
+        """
+        bsz = continuum.shape[0]
+        kw = dict(mask=mask, **kwargs)
+        dt, dev = continuum.dtype, continuum.device
+        v = torch.zeros(bsz, dtype=dt, device=dev) if velocity is None else velocity.to(dt)
+
+        def chi2(vel, sig):
+            return self(continuum, flux, ivar, z, vel, sig, **kw).chi2
+
+        def scan(values, make):  # values (G,) or (B, G) -> best value (B,)
+            vals = values.expand(bsz, -1) if values.ndim == 1 else values
+            c = torch.stack([chi2(*make(vals[:, g])) for g in range(vals.shape[1])], 1)
+            return vals.gather(1, c.argmin(1, keepdim=True))[:, 0]
+
+        lo, hi = sigma_range
+        log_s = torch.linspace(math.log(lo), math.log(hi), n_grid, dtype=dt, device=dev)
+        s = scan(log_s.exp(), lambda x: (v, x)) if sigma is None else sigma.to(dt)
+        dv = torch.linspace(-velocity_range, velocity_range, n_grid, dtype=dt, device=dev)
+        v = scan(v[:, None] + dv, lambda x: (x, s))
+        step_v = torch.full_like(v, float(dv[1] - dv[0]))
+        step_ls = torch.full_like(s, float(log_s[1] - log_s[0]))
+        for _ in range(n_refine):
+            v = _parabola_step(lambda x, s=s: chi2(x, s), v, step_v)
+            ls = _parabola_step(lambda x, v=v: chi2(v, x.exp()), s.log(), step_ls)
+            s = ls.exp().clamp(lo, hi)
+            step_v, step_ls = step_v / 2, step_ls / 2
+        return v, s, self(continuum, flux, ivar, z, v, s, **kw)
+
+
+def _parabola_step(f, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Vertex of the parabola through f(x - step), f(x), f(x + step), kept within one step;
+    the best of the three points where the parabola opens downwards."""
+    fm, f0, fp = f(x - step), f(x), f(x + step)
+    curv = fp + fm - 2 * f0
+    shift = 0.5 * step * (fm - fp) / curv.clamp(min=torch.finfo(x.dtype).tiny)
+    shift = torch.minimum(torch.maximum(shift, -step), step)
+    best = torch.stack([x - step, x, x + step], 1).gather(
+        1, torch.stack([fm, f0, fp], 1).argmin(1, keepdim=True)
+    )[:, 0]
+    return torch.where(curv > 0, x + shift, best)
