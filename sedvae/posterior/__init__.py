@@ -10,13 +10,6 @@ from the flow's.
 """
 
 from .api import FATAL, Posterior, PosteriorFlag, PosteriorSamples, load_posterior
-from .checkpoint import (
-    ExportPosterior,
-    PosteriorCheckpointError,
-    export_posterior,
-    load_posterior_net,
-    save_posterior,
-)
 from .embedding import AutoencoderEmbedding, ConvTrunk, MLPTrunk, SpectrumEmbedding
 from .flow import PosteriorFlow
 from .model import NeuralPosterior
@@ -25,17 +18,12 @@ __all__ = [
     "FATAL",
     "AutoencoderEmbedding",
     "ConvTrunk",
-    "ExportPosterior",
     "MLPTrunk",
     "NeuralPosterior",
     "Posterior",
-    "PosteriorCheckpointError",
     "PosteriorFlag",
     "PosteriorFlow",
     "PosteriorSamples",
     "SpectrumEmbedding",
-    "export_posterior",
     "load_posterior",
-    "load_posterior_net",
-    "save_posterior",
 ]
