@@ -240,27 +240,26 @@ def check_config(config: Any, path: str | os.PathLike = "<config>") -> Any:
 
     def walk(node: Any, where: str) -> Any:
         if isinstance(node, Mapping):
+            target = node.get("_target_")
+            if "_target_" in node:  # the target first: the error names it, not its arguments
+                if not isinstance(target, str):
+                    raise CheckpointError(f"{path}: refusing non-string _target_ at {where}")
+                if target not in ALLOWED_TARGETS and not _sedvae_target_allowed(target):
+                    target = _moved(target)
+                    if target is None:
+                        raise CheckpointError(
+                            f"{path}: refusing to build _target_ {node['_target_']!r} at "
+                            f"{where}: only sedvae network classes, sedvae builder functions "
+                            f"{sorted(BUILDER_FUNCTIONS)} and {sorted(ALLOWED_TARGETS)} are "
+                            "allowed in a checkpoint"
+                        )
             out = {}
             for key, value in node.items():
                 if not isinstance(key, str):
                     raise CheckpointError(f"{path}: config key {key!r} at {where} is not a string")
                 if key.startswith("_") and key.endswith("_") and key not in HYDRA_KEYS:
                     raise CheckpointError(f"{path}: refusing config key {key!r} at {where}")
-                out[key] = walk(value, f"{where}.{key}")
-            if "_target_" in out:
-                target = out["_target_"]
-                if not isinstance(target, str):
-                    raise CheckpointError(f"{path}: refusing non-string _target_ at {where}")
-                if target not in ALLOWED_TARGETS and not _sedvae_target_allowed(target):
-                    moved = _moved(target)
-                    if moved is None:
-                        raise CheckpointError(
-                            f"{path}: refusing to build _target_ {target!r} at {where}: only "
-                            "sedvae network classes, sedvae builder functions "
-                            f"{sorted(BUILDER_FUNCTIONS)} and {sorted(ALLOWED_TARGETS)} are "
-                            "allowed in a checkpoint"
-                        )
-                    out["_target_"] = moved
+                out[key] = target if key == "_target_" else walk(value, f"{where}.{key}")
             return out
         if isinstance(node, list | tuple):
             return [walk(v, f"{where}[{i}]") for i, v in enumerate(node)]
@@ -383,16 +382,16 @@ def load_checkpoint(
             f"reads version {FORMAT_VERSION} (it was written by sedvae "
             f"{header.get('sedvae_version', '?')})"
         )
-    meta = dict(header.get("meta") or {})
-    check_fingerprint(meta.get("fingerprint"), path)
-    config = header.get("config")
+    config = check_config(header.get("config"), path)  # before anything else reads the config
+    if not isinstance(config, dict) or "_target_" not in config:
+        raise CheckpointError(f"{path}: its config has no _target_ to build the net from")
     if config_overrides:
         from omegaconf import OmegaConf
 
-        config = OmegaConf.to_container(
-            OmegaConf.merge(OmegaConf.create(config), dict(config_overrides))
-        )
-    config = check_config(config, path)
+        merged = OmegaConf.merge(OmegaConf.create(config), dict(config_overrides))
+        config = check_config(OmegaConf.to_container(merged), path)
+    meta = dict(header.get("meta") or {})
+    check_fingerprint(meta.get("fingerprint"), path)
     state = header.get("state_dict")
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: no state_dict")
@@ -455,7 +454,7 @@ def _emulator_wave(state: dict, path: Path, check_grid: bool) -> torch.Tensor:
 
 def _check_input_fingerprint(net: nn.Module, stored: Any, path: Path, header: dict) -> None:
     """A posterior is only valid for the spectrum preprocessing it was trained with."""
-    if stored is None or not hasattr(net.embedding, "input_fingerprint"):
+    if stored is None or not hasattr(getattr(net, "embedding", None), "input_fingerprint"):
         return
     now = net.embedding.input_fingerprint()
     if not all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(now, stored, strict=True)):
@@ -483,7 +482,7 @@ def checkpoint_header(kind: str, net: nn.Module, config: Any = None, training: d
         "fingerprint": physics_fingerprint(),
         "training": dict(training or {}),
     }
-    if kind == "posterior" and hasattr(net.embedding, "input_fingerprint"):
+    if kind == "posterior" and hasattr(getattr(net, "embedding", None), "input_fingerprint"):
         meta["input_fingerprint"] = net.embedding.input_fingerprint()
     if kind == "emulator":
         from .emulator.speculator import INPUT_NAMES
