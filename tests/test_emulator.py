@@ -314,7 +314,8 @@ def test_smoke_experiment_fast_dev_run(tmp_path, cache_dir, clean_hydra):
 
 
 def test_smoke_checkpoint_loads_as_emulator(tmp_path, cache_dir, clean_hydra):
-    """The Lightning checkpoint of a training run is itself a loadable emulator."""
+    """The Lightning checkpoint of a training run is itself a loadable emulator, and
+    ``sedvae.checkpoint.export`` turns it into the shipped format."""
     import h5py
 
     from sedvae.train import train
@@ -330,6 +331,14 @@ def test_smoke_checkpoint_loads_as_emulator(tmp_path, cache_dir, clean_hydra):
         theta = torch.from_numpy(f["theta"][-8:])
         z = torch.from_numpy(f["z"][-8:])
     assert torch.isfinite(net(theta, z)).all()
+    # the export command turns it into the shipped format with the same predictions
+    from sedvae.checkpoint import export, load_checkpoint
+
+    out = export(tmp_path / "checkpoints" / "last.ckpt", tmp_path / "emulator.ckpt")
+    exported, meta = load_checkpoint(out, "emulator")
+    assert meta["training"]["lightning_checkpoint"] == "last.ckpt"
+    assert meta["training"]["n_train"] > 0  # the data module's provenance travels along
+    assert torch.equal(exported(theta, z), net(theta, z))
 
 
 @pytest.mark.parametrize("experiment", ["emulator", "emulator_gpu"])
