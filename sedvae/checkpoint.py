@@ -77,8 +77,9 @@ ALLOWED_TARGETS = frozenset(
 BUILDER_FUNCTIONS = frozenset({"desi_instrument", "load_emulator"})
 # Hydra's reserved keys; any other ``_name_`` key is refused.
 HYDRA_KEYS = frozenset({"_target_", "_args_", "_partial_", "_recursive_", "_convert_"})
-# Targets of files written before a module moved: tried when the stored one no longer exists.
-MOVED_TARGETS = {"sedvae.nets.": "sedvae.autoencoder."}
+# Targets of files written before a module moved: tried only when the stored one is not an
+# allowed target of this sedvae (the shipped files name sedvae.nets.* and sedvae.data.*).
+MOVED_TARGETS = {"sedvae.nets.": "sedvae.autoencoder.", "sedvae.data.": "sedvae.simulation."}
 
 
 class CheckpointError(ValueError):
