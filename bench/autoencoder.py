@@ -72,10 +72,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
+    from sedvae.checkpoint import load_checkpoint
     from sedvae.data import MockDataModule
-    from sedvae.nets.checkpoint import load_autoencoder
 
-    net = load_autoencoder(args.model)
+    net, _ = load_checkpoint(args.model, "autoencoder")
     dm = MockDataModule(cache_dir=args.cache_dir, n_test=args.n, seed=1, on_the_fly=True,
                         batch_size=args.batch_size)  # fmt: skip
     test = dm.path("test")

@@ -93,20 +93,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from sedvae.emulator import load_emulator
-    from sedvae.emulator.io import META_KEY
+    from sedvae.checkpoint import load_checkpoint
     from sedvae.sps import PROVABGSPrior
 
-    emu = load_emulator(args.checkpoint)
-    meta = torch.load(args.checkpoint, weights_only=True)[META_KEY]
-    if meta.get("training_seed") == args.seed:
+    emu, meta = load_checkpoint(args.checkpoint, "emulator")
+    trained = meta["training"]
+    if trained.get("training_seed") == args.seed:
         raise SystemExit(f"--seed {args.seed} is the training set's seed: pick another")
     z_max = float(emu.z_max)
     direct, cols = direct_on(emu, z_max)
     wave = emu.wave
     print(f"emulator {args.checkpoint.name}: {emu.n_wave} pixels, {float(wave[0]):.0f}-"
-          f"{float(wave[-1]):.0f} A, z <= {z_max:.3f}; trained on {meta.get('n_train')} "
-          f"spectra (seed {meta.get('training_seed')}); hold-out seed {args.seed}")  # fmt: skip
+          f"{float(wave[-1]):.0f} A, z <= {z_max:.3f}; trained on {trained.get('n_train')} "
+          f"spectra (seed {trained.get('training_seed')}); hold-out seed {args.seed}")  # fmt: skip
 
     gen = torch.Generator().manual_seed(args.seed)
     theta = PROVABGSPrior().sample(args.n, gen)

@@ -140,12 +140,12 @@ def evaluate_autoencoder(model: str, output_dir: str | Path, n_mocks: int = 4, s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .checkpoint import load_checkpoint
     from .data import MockGenerator
-    from .nets.checkpoint import load_autoencoder
     from .plotting import plot_reconstruction
 
     out_dir = Path(output_dir)
-    net = load_autoencoder(model)
+    net, _ = load_checkpoint(model, "autoencoder")
     batches = {
         "mock": MockGenerator().sample(n_mocks, torch.Generator().manual_seed(seed)),
         "desi": desi_example_batch(),

@@ -31,6 +31,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual mode
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -58,6 +59,12 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
     """JSON with sorted keys and floats for numpy scalars, written atomically."""
     text = json.dumps(payload, indent=2, sort_keys=True, default=float) + "\n"
     return write_text_atomic(path, text)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -48,7 +48,8 @@ from pathlib import Path
 import torch
 
 from bench.common import test_batch
-from sedvae.posterior import NeuralPosterior, Posterior, load_posterior_net
+from sedvae.checkpoint import load_checkpoint
+from sedvae.posterior import NeuralPosterior, Posterior
 from sedvae.posterior.diagnostics import recovery, spectral_snr
 from sedvae.posterior.pca import GappyPCA
 from sedvae.posterior.summaries import summarise_batch, summarise_dataset, summary_nll
@@ -145,7 +146,7 @@ def main() -> None:
                                  seed=11, train_seeds=seeds)  # fmt: skip
     dm.prepare_data()  # writes missing training / validation files
     dm.setup()
-    net = load_posterior_net(args.checkpoint).eval()
+    net, _ = load_checkpoint(args.checkpoint, "posterior")
     t0 = time.perf_counter()
     features = None
     if args.pca:

@@ -224,7 +224,7 @@ def test_noise_model_median_snr_and_reproducibility(generator):
 
 
 def test_checkpoint_round_trip_excludes_sps_tables(generator, batch, tmp_path):
-    from sedvae.nets.checkpoint import load_autoencoder, save_autoencoder
+    from sedvae.checkpoint import load_checkpoint, save_checkpoint
 
     cfg = {
         "_target_": "sedvae.nets.SpectrumAutoencoder",
@@ -243,9 +243,9 @@ def test_checkpoint_round_trip_excludes_sps_tables(generator, batch, tmp_path):
     net = _tiny_net(generator)
     state = net.state_dict()
     assert not any(k.startswith(("decoder.sps.", "decoder.instrument.")) for k in state)
-    path = save_autoencoder(tmp_path / "ae.pt", net, cfg)
+    path = save_checkpoint(tmp_path / "ae.pt", "autoencoder", net, cfg)
     assert path.stat().st_size < 2e6
-    loaded = load_autoencoder(path)
+    loaded, _ = load_checkpoint(path, "autoencoder")
     net.eval()
     with torch.no_grad():
         a = net(batch)["model"]["flux"]

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from sedvae.emulator import EmulatorCheckpointError, Speculator, load_emulator, save_emulator
-from sedvae.emulator.io import META_KEY, simulator_wave
+from sedvae.checkpoint import CheckpointError, save_checkpoint
+from sedvae.emulator import Speculator, load_emulator
 from sedvae.sps import PROVABGSPrior
+from sedvae.sps.ssp import grid_wavelengths
 
 # a small emulator for fast tests: two optical segments, few components, a narrow MLP
 TINY = {
@@ -25,7 +26,7 @@ TINY = {
 def grid(sed_model):
     """The simulator's wavelengths (float64). Not ``sed_model.wave``: other tests cast the shared
     model to float32 and back, which rounds that buffer."""
-    wave = torch.as_tensor(simulator_wave())
+    wave = torch.as_tensor(grid_wavelengths())
     first = int(torch.searchsorted(wave, 1000.0))  # below 2000 A, air = vacuum
     wave = wave[first : first + sed_model.n_wave]
     torch.testing.assert_close(wave.float(), sed_model.wave.float())
@@ -180,7 +181,7 @@ def test_float64(trained, sims):
 def test_runs_on_gpu(trained, sims, tmp_path):
     net, _ = trained
     theta, z, _ = sims
-    path = save_emulator(net, tmp_path / "emu.ckpt")
+    path = save_checkpoint(tmp_path / "emu.ckpt", "emulator", net)
     gpu = load_emulator(path, map_location="cuda")
     out = gpu(theta[:8].cuda(), z[:8].cuda())
     assert out.device.type == "cuda"
@@ -191,8 +192,9 @@ def test_runs_on_gpu(trained, sims, tmp_path):
 def test_save_load_round_trip_is_identical(trained, sims, tmp_path):
     net, _ = trained
     theta, z, _ = sims
-    path = save_emulator(net, tmp_path / "emu.ckpt", note="test")
+    path = save_checkpoint(tmp_path / "emu.ckpt", "emulator", net, training={"note": "test"})
     loaded = load_emulator(path)
+    assert loaded.meta["training"] == {"note": "test"}
     assert not any(p.requires_grad for p in loaded.parameters())  # frozen for decoders
     assert torch.equal(loaded(theta[:16], z[:16]), net(theta[:16], z[:16]))
     assert torch.equal(loaded.wave, net.wave)
@@ -210,19 +212,25 @@ def _tampered(path, tmp_path, edit):
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (lambda c: c[META_KEY].update(format_version=99), "format version 99"),
-        (lambda c: c[META_KEY]["physics"]["param_names"].reverse(), "'param_names'"),
-        (lambda c: c[META_KEY]["physics"]["prior"][3].__setitem__(2, 1e-1), "'prior'"),
-        (lambda c: c[META_KEY]["physics"].update(histories="0" * 16), "'histories'"),
-        (lambda c: c[META_KEY]["physics"].update(ssp_grid="fsps.fits"), "'ssp_grid'"),
+        (lambda c: c.update(format_version=99), "format version 99"),
+        (lambda c: c["meta"]["fingerprint"]["param_names"].reverse(), "'param_names'"),
+        (lambda c: c["meta"]["fingerprint"]["param_ranges"][7].__setitem__(2, 1e-1),
+         "'param_ranges'"),
+        (lambda c: c["meta"]["fingerprint"].update(physics_version=0), "'physics_version'"),
+        (lambda c: c["meta"]["fingerprint"]["files"].update(
+            {"NMF_2basis_SFH_components_nowgt_lin_Nc4.txt": "0" * 16}), "NMF_2basis_SFH"),
+        (lambda c: c["meta"]["fingerprint"]["files"].update(
+            {"bc03_miles_stellar_grids.fits": "0" * 16}), "bc03_miles_stellar_grids.fits"),
+        (lambda c: c["meta"].update(inputs=["t_univ_gyr"]), "inputs"),
         (lambda c: c["state_dict"].__setitem__("wave", c["state_dict"]["wave"] + 0.1), "grid"),
-        (lambda c: c.pop(META_KEY), "not a sedvae Speculator checkpoint"),
+        (lambda c: c.pop("format"), "not a sedvae checkpoint"),
+        (lambda c: c.update(kind="posterior"), "kind 'posterior', expected kind 'emulator'"),
     ],
 )
 def test_mismatched_checkpoint_raises_clear_error(trained, tmp_path, edit, match):
     net, _ = trained
-    path = save_emulator(net, tmp_path / "emu.ckpt")
-    with pytest.raises(EmulatorCheckpointError, match=match):
+    path = save_checkpoint(tmp_path / "emu.ckpt", "emulator", net)
+    with pytest.raises(CheckpointError, match=match):
         load_emulator(_tampered(path, tmp_path, edit))
 
 
@@ -306,7 +314,8 @@ def test_smoke_experiment_fast_dev_run(tmp_path, cache_dir, clean_hydra):
 
 
 def test_smoke_checkpoint_loads_as_emulator(tmp_path, cache_dir, clean_hydra):
-    """The Lightning checkpoint of a training run is itself a loadable emulator."""
+    """The Lightning checkpoint of a training run is itself a loadable emulator, and
+    ``sedvae.checkpoint.export`` turns it into the shipped format."""
     import h5py
 
     from sedvae.train import train
@@ -322,6 +331,14 @@ def test_smoke_checkpoint_loads_as_emulator(tmp_path, cache_dir, clean_hydra):
         theta = torch.from_numpy(f["theta"][-8:])
         z = torch.from_numpy(f["z"][-8:])
     assert torch.isfinite(net(theta, z)).all()
+    # the export command turns it into the shipped format with the same predictions
+    from sedvae.checkpoint import export, load_checkpoint
+
+    out = export(tmp_path / "checkpoints" / "last.ckpt", tmp_path / "emulator.ckpt")
+    exported, meta = load_checkpoint(out, "emulator")
+    assert meta["training"]["lightning_checkpoint"] == "last.ckpt"
+    assert meta["training"]["n_train"] > 0  # the data module's provenance travels along
+    assert torch.equal(exported(theta, z), net(theta, z))
 
 
 @pytest.mark.parametrize("experiment", ["emulator", "emulator_gpu"])

@@ -19,3 +19,12 @@ def test_failed_write_keeps_old_file_and_removes_temp(tmp_path):
         raise RuntimeError("disk full")
     assert out.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_written_file_gets_the_usual_mode(tmp_path):
+    import os
+
+    out = write_json_atomic(tmp_path / "m.json", {})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -14,8 +14,8 @@ from test_posterior import (  # noqa: F401 (autouse fixture)
     net_config,
 )
 
+from sedvae.checkpoint import CheckpointError, save_checkpoint
 from sedvae.lightning.posterior import PosteriorModule
-from sedvae.posterior import PosteriorCheckpointError, save_posterior
 from sedvae.posterior.data import SummaryBatches
 from sedvae.posterior.summaries import summarise_batch
 from sedvae.sps import PROVABGSPrior
@@ -31,7 +31,7 @@ def batch_with_truth(b: int = 6, seed: int = 0) -> dict:
 def trained_file(tmp_path):
     torch.manual_seed(0)
     net = hydra_net(net_config()).eval()
-    return net, save_posterior(tmp_path / "p.pt", net, net_config())
+    return net, save_checkpoint(tmp_path / "p.pt", "posterior", net, net_config())
 
 
 def frozen_module(path) -> PosteriorModule:
@@ -90,7 +90,7 @@ def test_freeze_embedding_needs_a_trained_file_and_matching_summaries(trained_fi
     torch.manual_seed(5)
     other = hydra_net(net_config())
     theirs = other.summary_state()
-    with pytest.raises(PosteriorCheckpointError, match="summary_from"):
+    with pytest.raises(CheckpointError, match="summary_from"):
         module._check_frozen_summaries(theirs)
     joint = PosteriorModule(hydra_net(net_config()), optimizer=torch.optim.Adam,
                             init_from=str(path))  # fmt: skip
@@ -123,7 +123,7 @@ def test_train_posterior_flow_fast_dev_run(tmp_path):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
         torch.manual_seed(0)
-        save_posterior(tmp_path / "start.pt", hydra.utils.instantiate(cfg.model.net),
+        save_checkpoint(tmp_path / "start.pt", "posterior", hydra.utils.instantiate(cfg.model.net),
                        cfg.model.net)  # fmt: skip
         dm = hydra.utils.instantiate(cfg.data)
         assert isinstance(dm, FrozenSummaryDataModule) and dm.summary_from == cfg.model.init_from
@@ -143,22 +143,23 @@ def test_train_posterior_flow_fast_dev_run(tmp_path):
 
 
 def test_exported_file_counts_the_epochs_it_trained(tmp_path):
-    """ExportPosterior's metadata: a 2-epoch run says 2 epochs (Lightning's current_epoch after
+    """ExportCheckpoint's metadata: a 2-epoch run says 2 epochs (Lightning's current_epoch after
     fit counts completed epochs)."""
     import pytorch_lightning as pl
     from omegaconf import OmegaConf
 
-    from sedvae.posterior import ExportPosterior, load_posterior_net
+    from sedvae.checkpoint import ExportCheckpoint, load_checkpoint
 
     OmegaConf.save({"model": {"net": net_config()}}, tmp_path / "config.yaml")
     module = PosteriorModule(hydra_net(net_config()), optimizer=torch.optim.Adam)
     batches = [batch_with_truth(4, seed=s) for s in range(2)]
     trainer = pl.Trainer(
         max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        callbacks=[ExportPosterior(str(tmp_path / "p.pt"), str(tmp_path / "config.yaml"))],
+        callbacks=[ExportCheckpoint("posterior", str(tmp_path / "p.pt"),
+                                    str(tmp_path / "config.yaml"))],
     )  # fmt: skip
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-    meta = load_posterior_net(tmp_path / "p.pt").meta
+    meta = load_checkpoint(tmp_path / "p.pt", "posterior")[0].meta["training"]
     assert meta["epochs"] == 2 and meta["global_step"] == 4
 
 

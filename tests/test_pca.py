@@ -13,7 +13,7 @@ from test_posterior import (  # noqa: F401 (autouse fixture)
     net_config,
 )
 
-from sedvae.posterior import PosteriorCheckpointError, load_posterior_net, save_posterior
+from sedvae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from sedvae.posterior.pca import GappyPCA
 
 N = 64
@@ -146,7 +146,7 @@ def test_embedding_option_fits_saves_widens_and_fits_in_setup(tmp_path):
 
     torch.manual_seed(0)
     src = hydra_net(net_config()).eval()
-    path = save_posterior(tmp_path / "p.pt", src, net_config())
+    path = save_checkpoint(tmp_path / "p.pt", "posterior", src, net_config())
     cfg = net_config()
     cfg["embedding"]["pca"] = 4
     wide = hydra_net(cfg)
@@ -155,7 +155,7 @@ def test_embedding_option_fits_saves_widens_and_fits_in_setup(tmp_path):
     batch["theta"] = PROVABGSPrior().sample(6, torch.Generator().manual_seed(0))
     with pytest.raises(RuntimeError, match="not fitted"):
         wide.loss(batch)
-    with pytest.raises(PosteriorCheckpointError, match="differs"):
+    with pytest.raises(CheckpointError, match="differs"):
         PosteriorModule(hydra_net(cfg), optimizer=torch.optim.Adam, init_from=str(path))
     module = PosteriorModule(wide, optimizer=torch.optim.Adam, init_from=str(path), init_widen=True)
     assert not bool(module.net.embedding.pca.fitted)  # the file has no basis
@@ -167,8 +167,8 @@ def test_embedding_option_fits_saves_widens_and_fits_in_setup(tmp_path):
     assert_widened_start(module.net, src, batch, 9)
 
     # the basis is part of the file, and the features come back identical
-    out = save_posterior(tmp_path / "wide.pt", module.net, cfg)
-    back = load_posterior_net(out)
+    out = save_checkpoint(tmp_path / "wide.pt", "posterior", module.net, cfg)
+    back = load_checkpoint(out, "posterior")[0]
     assert torch.equal(back.embedding.pca.basis, module.net.embedding.pca.basis)
     keys = ("flux", "ivar", "z", "photometry", "photometry_ivar")
     a = module.net.embedding.inputs(*(batch[k] for k in keys))[1]

@@ -9,17 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from sedvae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from sedvae.posterior import (
     MLPTrunk,
     NeuralPosterior,
     Posterior,
-    PosteriorCheckpointError,
     PosteriorFlag,
     PosteriorFlow,
     SpectrumEmbedding,
     load_posterior,
-    load_posterior_net,
-    save_posterior,
 )
 from sedvae.posterior.diagnostics import (
     recovery,
@@ -348,9 +346,9 @@ def test_checkpoint_roundtrip_and_mismatch(tmp_path):
 
     cfg = OmegaConf.create(net_config())
     net = hydra.utils.instantiate(cfg)
-    path = save_posterior(tmp_path / "post.pt", net, cfg, {"note": "test"})
+    path = save_checkpoint(tmp_path / "post.pt", "posterior", net, cfg, {"note": "test"})
     post = load_posterior(path)
-    assert post.meta == {"note": "test"}
+    assert post.meta["training"] == {"note": "test"}
     batch = fake_batch(2)
     a = Posterior(net).sample(batch, 4, torch.Generator().manual_seed(0))
     b = post.sample(batch, 4, torch.Generator().manual_seed(0))
@@ -360,25 +358,25 @@ def test_checkpoint_roundtrip_and_mismatch(tmp_path):
     payload = torch.load(path, weights_only=True)
     payload["config"]["flow"]["hidden"] = [64]
     torch.save(payload, tmp_path / "edited.pt")
-    with pytest.raises(PosteriorCheckpointError, match="config/version mismatch"):
+    with pytest.raises(CheckpointError, match="config/version mismatch"):
         load_posterior(tmp_path / "edited.pt")
     # another pixel grid than the one trained on
     payload = torch.load(path, weights_only=True)
     payload["config"]["embedding"]["instrument"]["waves"] = arm_waves(100)
     torch.save(payload, tmp_path / "grid.pt")
-    with pytest.raises(PosteriorCheckpointError, match="wave_obs"):
+    with pytest.raises(CheckpointError, match="wave_obs"):
         load_posterior(tmp_path / "grid.pt")
     payload = torch.load(path, weights_only=True)
-    payload["input_fingerprint"][0] += 1.0  # as if the rest-frame binning had changed
+    payload["meta"]["input_fingerprint"][0] += 1.0  # as if the rest-frame binning had changed
     torch.save(payload, tmp_path / "binning.pt")
-    with pytest.raises(PosteriorCheckpointError, match="prepares spectra"):
+    with pytest.raises(CheckpointError, match="prepares spectra"):
         load_posterior(tmp_path / "binning.pt")
     payload["format_version"] = 99
     torch.save(payload, tmp_path / "future.pt")
-    with pytest.raises(PosteriorCheckpointError, match="format version 99"):
+    with pytest.raises(CheckpointError, match="format version 99"):
         load_posterior(tmp_path / "future.pt")
     torch.save({"state_dict": {}, "pytorch-lightning_version": "2"}, tmp_path / "pl.ckpt")
-    with pytest.raises(PosteriorCheckpointError, match="export_posterior"):
+    with pytest.raises(CheckpointError, match="export it first"):
         load_posterior(tmp_path / "pl.ckpt")
     with pytest.raises(FileNotFoundError):
         load_posterior(tmp_path / "missing.pt")
@@ -550,18 +548,25 @@ def test_train_posterior_fast_dev_run(tmp_path, pca):
     assert np.isfinite(metrics["train/loss"])  # with pca, an unfitted basis would raise
 
 
-def test_exported_file_names_its_checkpoint_without_the_machine_path(tmp_path, monkeypatch):
+def test_exported_file_names_its_checkpoint_without_the_machine_path(tmp_path):
     """Shipped posterior files must not carry the directory they were trained in."""
-    import sedvae.hydra_utils
-    from sedvae.posterior import export_posterior
+    from omegaconf import OmegaConf
 
-    monkeypatch.setattr(sedvae.hydra_utils, "net_from_lightning_checkpoint",
-                        lambda ckpt, cfg: (tiny_net(), net_config()))  # fmt: skip
-    ckpt = tmp_path / "outputs" / "run" / "checkpoints" / "epoch007.ckpt"
-    out = export_posterior(ckpt, tmp_path / "config.yaml", tmp_path / "posterior.pt", epochs=8)
-    meta = load_posterior(out).meta
+    from sedvae.checkpoint import export
+
+    run = tmp_path / "outputs" / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    OmegaConf.save({"model": {"_target_": "sedvae.lightning.posterior.PosteriorModule",
+                              "net": net_config()}}, run / "config.yaml")  # fmt: skip
+    ckpt = run / "checkpoints" / "epoch007.ckpt"
+    state = {f"net.{k}": v for k, v in hydra_net(net_config()).state_dict().items()}
+    torch.save({"state_dict": state, "epoch": 7, "global_step": 80,
+                "pytorch-lightning_version": "2"}, ckpt)  # fmt: skip
+    out = export(ckpt, tmp_path / "posterior.pt")
+    meta = load_posterior(out).meta["training"]
     assert meta["lightning_checkpoint"] == "epoch007.ckpt"
     assert meta["epochs"] == 8
+    assert str(tmp_path) not in repr(meta)
 
 
 def test_init_from_copies_weights_and_refuses_another_network(tmp_path):
@@ -573,7 +578,7 @@ def test_init_from_copies_weights_and_refuses_another_network(tmp_path):
 
     torch.manual_seed(0)
     src = hydra.utils.instantiate(net_config()).eval()
-    path = save_posterior(tmp_path / "p.pt", src, net_config())
+    path = save_checkpoint(tmp_path / "p.pt", "posterior", src, net_config())
     torch.manual_seed(1)
     dst = hydra.utils.instantiate(net_config()).eval()
     batch = fake_batch(3)
@@ -587,7 +592,7 @@ def test_init_from_copies_weights_and_refuses_another_network(tmp_path):
         assert module.net.loss(batch)[0].item() == pytest.approx(src.loss(batch)[0].item())
         assert module.net.loss(batch)[0].item() != pytest.approx(before)
     other = hydra.utils.instantiate(net_config(hidden=(24,)))
-    with pytest.raises(PosteriorCheckpointError, match="differs from the configured one.*flow"):
+    with pytest.raises(CheckpointError, match="differs from the configured one.*flow"):
         PosteriorModule(other, optimizer=torch.optim.Adam, init_from=str(path))
 
 
@@ -599,12 +604,12 @@ def test_init_widen_adds_index_inputs_without_changing_the_density(tmp_path):
 
     torch.manual_seed(0)
     src = hydra_net(net_config()).eval()
-    path = save_posterior(tmp_path / "p.pt", src, net_config())
+    path = save_checkpoint(tmp_path / "p.pt", "posterior", src, net_config())
     cfg = net_config()
     cfg["embedding"]["indices"] = True
     wide = hydra_net(cfg)
     assert wide.embedding.n_extras == src.embedding.n_extras + wide.embedding.indices.n_features
-    with pytest.raises(PosteriorCheckpointError, match="differs"):
+    with pytest.raises(CheckpointError, match="differs"):
         PosteriorModule(hydra_net(cfg), optimizer=torch.optim.Adam, init_from=str(path))
     module = PosteriorModule(wide, optimizer=torch.optim.Adam, init_from=str(path), init_widen=True)
     batch = fake_batch(3)
@@ -634,10 +639,10 @@ def test_affine_head_starts_as_the_identity_and_narrows_a_posterior(tmp_path):
 
     torch.manual_seed(0)
     src = hydra_net(net_config()).eval()
-    path = save_posterior(tmp_path / "p.pt", src, net_config())
+    path = save_checkpoint(tmp_path / "p.pt", "posterior", src, net_config())
     cfg = net_config()
     cfg["flow"]["affine_head"] = [16]
-    with pytest.raises(PosteriorCheckpointError, match="differs"):
+    with pytest.raises(CheckpointError, match="differs"):
         PosteriorModule(hydra_net(cfg), optimizer=torch.optim.Adam, init_from=str(path))
     module = PosteriorModule(hydra_net(cfg), optimizer=torch.optim.Adam, init_from=str(path),
                              init_widen=True)  # fmt: skip
@@ -651,8 +656,8 @@ def test_affine_head_starts_as_the_identity_and_narrows_a_posterior(tmp_path):
     assert module.net.flow.affine[-1].weight.grad.abs().sum() > 0
     with torch.no_grad():  # a file with a trained head reloads with it
         torch.nn.init.normal_(module.net.flow.affine[-1].weight, std=0.1)
-        saved = save_posterior(tmp_path / "affine.pt", module.net, cfg)
-        reloaded = load_posterior_net(saved).eval()
+        saved = save_checkpoint(tmp_path / "affine.pt", "posterior", module.net, cfg)
+        reloaded = load_checkpoint(saved, "posterior")[0].eval()
         assert reloaded.flow.affine is not None
         assert reloaded.loss(batch)[0].item() == pytest.approx(module.net.loss(batch)[0].item())
         assert reloaded.loss(batch)[0].item() != pytest.approx(loss.item())

@@ -81,9 +81,9 @@ class PosteriorFitter(torch.nn.Module):
         self.seed = int(seed)
         self.refine_steps = int(refine_steps)
         if isinstance(autoencoder, str | Path):
-            from ..nets.checkpoint import load_autoencoder
+            from ..checkpoint import load_checkpoint
 
-            autoencoder = load_autoencoder(autoencoder)
+            autoencoder, _ = load_checkpoint(autoencoder, "autoencoder")
         self.autoencoder = autoencoder
 
     def manifest(self) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """LightningModule for the Speculator emulator: it fits the PCA in ``setup`` (training split
 only), then calls ``net.loss``; the checkpoint carries the PCA bases, the normalisations and
-the metadata :func:`sedvae.emulator.load_emulator` checks."""
+the header (kind, config, metadata) that :func:`sedvae.checkpoint.load_checkpoint` checks, so a
+Lightning checkpoint of this module loads and exports like a checkpoint file."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from collections.abc import Callable
 import pytorch_lightning as pl
 import torch
 
-from .io import META_KEY, metadata
 from .speculator import Speculator
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,9 @@ class EmulatorModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
         if self.net is None and self.init_from is not None:
-            from .io import load_emulator
+            from ..checkpoint import load_checkpoint
 
-            self.net = load_emulator(self.init_from, trainable=True)
+            self.net, _ = load_checkpoint(self.init_from, "emulator", trainable=True)
             log.info("starting from %s", self.init_from)
         elif self.net is None:
             self.net = self.net_factory(wave=dm.wave, z_max=dm.z_range[1])
@@ -107,7 +107,9 @@ class EmulatorModule(pl.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[META_KEY] = metadata(self.net, **self.data_info)
+        from ..checkpoint import LIGHTNING_KEY, checkpoint_header
+
+        checkpoint[LIGHTNING_KEY] = checkpoint_header("emulator", self.net, training=self.data_info)
 
 
 __all__ = ["EmulatorModule"]

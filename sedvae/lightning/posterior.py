@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
-from ..posterior.checkpoint import PosteriorCheckpointError, load_posterior_net
+from ..checkpoint import CheckpointError, load_checkpoint
 from ..posterior.model import NeuralPosterior
 
 
@@ -39,7 +39,7 @@ def init_weights(net: NeuralPosterior, path, widen: bool = False) -> None:
     ``widen``, layers of ``net`` that read more inputs take the old weights plus zeros, and a
     flow affine head or gappy-PCA basis the file lacks keeps its fresh state)."""
     try:
-        state = load_posterior_net(path).state_dict()
+        state = load_checkpoint(path, "posterior")[0].state_dict()
         if widen:
             state = widened_state(state, net.state_dict())
             for key, value in net.state_dict().items():
@@ -47,7 +47,7 @@ def init_weights(net: NeuralPosterior, path, widen: bool = False) -> None:
                     state[key] = value
         net.load_state_dict(state)
     except RuntimeError as err:  # torch lists the missing, unexpected and mis-shaped tensors
-        raise PosteriorCheckpointError(
+        raise CheckpointError(
             f"init_from={path}: its network differs from the configured one; start from a file "
             "trained with the same model.net config. " + " ".join(str(err).split())
         ) from err
@@ -60,7 +60,7 @@ class PosteriorModule(pl.LightningModule):
     optimizer : callable(params) -> torch.optim.Optimizer (a Hydra ``_partial_``)
     scheduler : callable(optimizer) -> LR scheduler, optional (stepped per epoch)
     init_from : str, optional
-        A posterior file (``sedvae.posterior.save_posterior``, e.g. a previous run's
+        A posterior checkpoint (``sedvae.checkpoint``, e.g. a previous run's
         ``posterior.pt``) whose weights start this run: fine-tuning, or a second cosine cycle
         with fresh optimiser state. Its network must be the one ``net`` is (same config); a
         different one is refused with the mismatch spelled out. Unlike ``ckpt_path`` (which
@@ -149,7 +149,7 @@ class PosteriorModule(pl.LightningModule):
             torch.equal(own[k].cpu(), frozen[k].cpu()) for k in own
         )
         if not same:
-            raise PosteriorCheckpointError(
+            raise CheckpointError(
                 "the frozen summaries were made by another embedding than the model's: set "
                 "data.summary_from to the model's init_from file"
             )

@@ -9,13 +9,6 @@ information, fits to the frozen summary) live in the top-level ``studies/`` fold
 """
 
 from .api import FATAL, Posterior, PosteriorFlag, PosteriorSamples, load_posterior
-from .checkpoint import (
-    ExportPosterior,
-    PosteriorCheckpointError,
-    export_posterior,
-    load_posterior_net,
-    save_posterior,
-)
 from .embedding import AutoencoderEmbedding, ConvTrunk, MLPTrunk, SpectrumEmbedding
 from .flow import PosteriorFlow
 from .model import NeuralPosterior
@@ -24,17 +17,12 @@ __all__ = [
     "FATAL",
     "AutoencoderEmbedding",
     "ConvTrunk",
-    "ExportPosterior",
     "MLPTrunk",
     "NeuralPosterior",
     "Posterior",
-    "PosteriorCheckpointError",
     "PosteriorFlag",
     "PosteriorFlow",
     "PosteriorSamples",
     "SpectrumEmbedding",
-    "export_posterior",
     "load_posterior",
-    "load_posterior_net",
-    "save_posterior",
 ]

@@ -329,16 +329,17 @@ class Posterior:
 
 
 def load_posterior(path, map_location="cpu", **kwargs) -> Posterior:
-    """A :class:`Posterior` from a file written by ``save_posterior`` / ``ExportPosterior``.
+    """A :class:`Posterior` from a posterior checkpoint (:mod:`sedvae.checkpoint`).
 
     Raises ``FileNotFoundError`` for a missing file and
-    :class:`~sedvae.posterior.checkpoint.PosteriorCheckpointError` (a ValueError) with the
-    reason when the file is not a posterior file, has another format version, or its weights do
-    not fit the network its config builds. ``kwargs`` go to :class:`Posterior`.
+    :class:`~sedvae.checkpoint.CheckpointError` (a ValueError naming the file) when the file is
+    not a posterior checkpoint, is unsafe or corrupt, has another format version, was trained
+    for other physics, or its weights do not fit the network its config builds. ``kwargs`` go
+    to :class:`Posterior`.
     """
-    from .checkpoint import load_posterior_net
+    from ..checkpoint import load_checkpoint
 
-    return Posterior(load_posterior_net(path, map_location), **kwargs)
+    return Posterior(load_checkpoint(path, "posterior", map_location)[0], **kwargs)
 
 
 __all__ = [

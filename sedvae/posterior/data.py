@@ -221,10 +221,10 @@ class FrozenSummaryDataModule(PosteriorMockDataModule):
         super().setup(stage)
         if stage not in (None, "fit") or "train_summaries" in self.datasets:
             return
-        from .checkpoint import load_posterior_net
+        from ..checkpoint import load_checkpoint
         from .summaries import summarise_dataset
 
-        net = load_posterior_net(self.summary_from)
+        net, _ = load_checkpoint(self.summary_from, "posterior")
         log.info("summarising %d training galaxies x %d noise draws with %s",
                  len(self.datasets["train"]), self.draws, self.summary_from)  # fmt: skip
         s = summarise_dataset(net, self.datasets["train"], n_draws=self.draws,

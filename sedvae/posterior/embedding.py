@@ -348,8 +348,8 @@ class AutoencoderEmbedding(nn.Module):
     encoder : nn.Module, optional
         A ``SpectrumEncoder``.
     autoencoder : str, optional
-        Path of a ``sedvae.nets.checkpoint.save_autoencoder`` file (e.g.
-        ``data/autoencoder/autoencoder.pt``) whose encoder is used; one of the two is needed.
+        Path of an autoencoder checkpoint (``sedvae.checkpoint``, e.g.
+        ``data/autoencoder/autoencoder_laptop.pt``) whose encoder is used; one of the two is needed.
     instrument : nn.Module, optional
         Pixels of the spectra (``wave``, ``arm``); default: the autoencoder's decoder's.
     freeze : bool
@@ -370,9 +370,9 @@ class AutoencoderEmbedding(nn.Module):
         if (encoder is None) == (autoencoder is None):
             raise ValueError("give exactly one of encoder= or autoencoder=")
         if autoencoder is not None:
-            from ..nets.checkpoint import load_autoencoder
+            from ..checkpoint import load_checkpoint
 
-            ae = load_autoencoder(autoencoder)
+            ae, _ = load_checkpoint(autoencoder, "autoencoder")
             encoder, instrument = ae.encoder, instrument or ae.decoder.instrument
         if instrument is None:
             raise ValueError("give the instrument the encoder is bound to (its pixel grid)")

@@ -180,6 +180,7 @@ class PROVABGSPrior:
         (10, *TAU_RANGE, False),
         (11, *NDUST_RANGE, False),
     )
+    boxes = _boxes  # public: the checkpoint fingerprint records these ranges
 
     def sample(
         self,
