@@ -20,8 +20,10 @@ def device_dir(tmp_path_factory):
     are not needed where hydra, omegaconf and zuko are installed)."""
     from sedvae.sps.tables import export_tables
 
-    folder = tmp_path_factory.mktemp("device")
-    export_tables(folder / "sps_tables.npz")
+    # one export per test run, shared with tests/test_sps_tables.py (~40 s on one core)
+    folder = tmp_path_factory.getbasetemp() / "sps_tables_export"
+    if not (folder / "sps_tables.npz").is_file():
+        export_tables(folder / "sps_tables.npz")
     return folder
 
 

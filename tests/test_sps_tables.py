@@ -21,8 +21,10 @@ WAVE = (2000.0, 60000.0)  # the export's default range: the mocks' and the emula
 def table_file(tmp_path_factory):
     from sedvae.sps.__main__ import main
 
-    path = tmp_path_factory.mktemp("tables") / "sps_tables.npz"
-    main(["export-tables", str(path)])
+    # one export per test run, shared with tests/test_device_train.py (~40 s on one core)
+    path = tmp_path_factory.getbasetemp() / "sps_tables_export" / "sps_tables.npz"
+    if not path.is_file():
+        main(["export-tables", str(path)])
     return path
 
 
