@@ -45,15 +45,21 @@ def _astropy_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(z, d_L in Mpc, age in Gyr) from astropy, else from :func:`set_cosmology_tables`."""
-    try:
+    if _has_astropy():
         return _astropy_tables()
-    except ModuleNotFoundError:
-        if _FALLBACK is None:
-            raise ModuleNotFoundError(
-                "astropy is not installed and no exported cosmology table was given: build "
-                "SEDModel(tables=...) first, or install astropy"
-            ) from None
-        return _FALLBACK
+    if _FALLBACK is None:
+        raise ModuleNotFoundError(
+            "astropy is not installed and no exported cosmology table was given: build "
+            "SEDModel(tables=...) first, or install astropy"
+        )
+    return _FALLBACK
+
+
+@functools.lru_cache(maxsize=1)
+def _has_astropy() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("astropy") is not None
 
 
 def _interp(z: torch.Tensor | float, column: int) -> torch.Tensor:
