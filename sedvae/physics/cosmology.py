@@ -2,7 +2,9 @@
 
 One cosmology everywhere: ``astropy.cosmology.Planck18``. Distances and ages are computed by
 astropy once on a dense grid in z and linearly interpolated in torch (relative interpolation
-error < 1e-6 over the table range).
+error < 1e-6 over the table range). Where astropy is not installed (a device that receives the
+exported simulator tables), the same table comes from that file (:func:`set_cosmology_tables`,
+called by ``SEDModel(tables=...)``).
 """
 
 from __future__ import annotations
@@ -18,14 +20,46 @@ MPC_CM = 3.0856775814913673e24  # cm per Mpc
 L_SUN_ERG_S = 3.828e33  # IAU 2015 nominal solar luminosity (erg/s)
 
 
+_FALLBACK: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+
+def set_cosmology_tables(z: np.ndarray, d_l_mpc: np.ndarray, age_gyr: np.ndarray) -> None:
+    """The table to use where astropy is not installed (astropy's own numbers, exported by
+    ``python -m sedvae.sps export-tables``); with astropy installed it is not consulted."""
+    global _FALLBACK
+    z = np.asarray(z, dtype=np.float64)
+    if z.shape != (_N_TABLE,) or abs(z[-1] - Z_MAX_TABLE) > 1e-12:
+        raise ValueError(f"a cosmology table needs {_N_TABLE} redshifts from 0 to {Z_MAX_TABLE}")
+    _FALLBACK = (z, np.asarray(d_l_mpc, np.float64), np.asarray(age_gyr, np.float64))
+
+
 @functools.lru_cache(maxsize=1)
-def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _astropy_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from astropy.cosmology import Planck18
 
     z = np.linspace(0.0, Z_MAX_TABLE, _N_TABLE)
     d_l = Planck18.luminosity_distance(z).to_value("Mpc")
     age = Planck18.age(z).to_value("Gyr")
     return z, d_l, age
+
+
+def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z, d_L in Mpc, age in Gyr) from astropy, else from :func:`set_cosmology_tables`."""
+    if _has_astropy():
+        return _astropy_tables()
+    if _FALLBACK is None:
+        raise ModuleNotFoundError(
+            "astropy is not installed and no exported cosmology table was given: build "
+            "SEDModel(tables=...) first, or install astropy"
+        )
+    return _FALLBACK
+
+
+@functools.lru_cache(maxsize=1)
+def _has_astropy() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("astropy") is not None
 
 
 def _interp(z: torch.Tensor | float, column: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ single (B, n_bins) @ (n_bins, n_bands) product, for any per-galaxy wavelength gr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -67,6 +67,9 @@ class Photometry(nn.Module):
     strict : bool
         Raise if a spectrum does not cover a filter's full response; otherwise the missing part
         counts as zero flux.
+    curves : mapping name -> (wavelength in A, response), optional
+        The filter curves themselves (e.g. ``sedvae.sps.tables.SPSTables.filter_curves()``,
+        speclite's tabulations exported for a machine without speclite); default: speclite.
     """
 
     def __init__(
@@ -75,19 +78,27 @@ class Photometry(nn.Module):
         *,
         bin_resolution: float = 1000.0,
         strict: bool = True,
+        curves: Mapping[str, tuple] | None = None,
     ) -> None:
         super().__init__()
-        import speclite.filters  # heavy import (astropy), only where filters are built
-
         if isinstance(bands, str) or len(bands) == 0:
             raise ValueError(f"bands must be a non-empty sequence of filter names; got {bands!r}")
         self.bands = tuple(bands)
         self.strict = strict
-        filters = speclite.filters.load_filters(*self.bands)
+        if curves is None:
+            import speclite.filters  # heavy import (astropy), only where filters are built
+
+            filters = speclite.filters.load_filters(*self.bands)
+            curves = {
+                b: (f.wavelength, f.response) for b, f in zip(self.bands, filters, strict=True)
+            }
+        missing = [b for b in self.bands if b not in curves]
+        if missing:
+            raise ValueError(f"no filter curves for {missing}")
         los, his, cols, weights, ranges = [], [], [], [], []
-        for b, filt in enumerate(filters):
-            wave = np.asarray(filt.wavelength, dtype=np.float64)
-            resp = np.asarray(filt.response, dtype=np.float64)
+        for b, name in enumerate(self.bands):
+            wave = np.asarray(curves[name][0], dtype=np.float64)
+            resp = np.asarray(curves[name][1], dtype=np.float64)
             edges = _quadrature_bins(wave, bin_resolution)
             lo, hi = edges[:-1], edges[1:]
             centre = 0.5 * (lo + hi)

