@@ -10,9 +10,9 @@ makes the wheels and the table file first, where bagpipes is installed.)
 Steps: (1) simulated spectra per second of the on-the-fly simulator alone (after a warm-up,
 device synchronised); (2) ``experiment=posterior_simulator`` for ``--posterior-s`` seconds
 (cosine learning rate over that time, TF32 matrix products: the noise is ~1e3 times larger
-than TF32's round-off), saved with ``sedvae.posterior.save_posterior``; (3)
+than TF32's round-off), saved with ``sedvae.checkpoint.save_checkpoint``; (3)
 ``experiment=emulator_simulator`` for ``--emulator-s`` seconds in full float32 (its targets
-need 1e-4 precision), saved with ``sedvae.emulator.save_emulator``. Written to ``--out``:
+need 1e-4 precision), saved with ``sedvae.checkpoint.save_checkpoint``. Written to ``--out``:
 ``posterior.pt``, ``emulator.pt``, both runs' ``*_metrics.csv`` and ``throughput.json``; the
 last line printed is that JSON. Every table comes from ``$SEDVAE_SPS_TABLES`` where bagpipes
 is absent.
@@ -143,11 +143,11 @@ def main(argv: list[str] | None = None) -> dict:
     report["posterior"] = {**stats, "batch": args.batch,
                            "spectra_per_s": stats["steps_per_s"] * args.batch,
                            **metrics}  # fmt: skip
-    from sedvae.posterior import save_posterior
+    from sedvae.checkpoint import save_checkpoint
 
     meta = {"trained": "on-the-fly simulations (bench/device_train.py)", "device": report["device"],
             "steps": int(stats["steps"]), "seconds": round(stats["seconds"], 1)}  # fmt: skip
-    save_posterior(out / "posterior.pt", module.net.cpu(), cfg.model.net, meta)
+    save_checkpoint(out / "posterior.pt", "posterior", module.net.cpu(), cfg.model.net, meta)
     if log_csv.is_file():
         shutil.copyfile(log_csv, out / "posterior_metrics.csv")
     del module, dm
@@ -168,10 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
     report["emulator"] = {**stats, "batch": args.emulator_batch,
                           "spectra_per_s": stats["steps_per_s"] * args.emulator_batch,
                           **metrics}  # fmt: skip
-    from sedvae.emulator import save_emulator
-
-    save_emulator(module.net.cpu(), out / "emulator.pt", training_set="on-the-fly simulator",
-                  training_seed=int(cfg.data.seed), **meta)  # fmt: skip
+    save_checkpoint(out / "emulator.pt", "emulator", module.net.cpu(),
+                    training={**meta, "data": "on-the-fly simulator",
+                              "seed": int(cfg.data.seed)})  # fmt: skip
     if log_csv.is_file():
         shutil.copyfile(log_csv, out / "emulator_metrics.csv")
 

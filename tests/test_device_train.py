@@ -50,12 +50,12 @@ def test_device_train_at_toy_size(device_dir, tmp_path):
                      "posterior_metrics.csv", "throughput.json"]  # fmt: skip
     assert all((out / f).stat().st_size <= 16 * 2**20 for f in files)
 
+    from sedvae.checkpoint import load_checkpoint
     from sedvae.emulator import load_emulator
-    from sedvae.posterior import load_posterior_net
     from sedvae.sps import PROVABGSPrior
 
-    net = load_posterior_net(out / "posterior.pt")
-    assert net.meta["steps"] == report["posterior"]["steps"]
+    net, meta = load_checkpoint(out / "posterior.pt", "posterior")
+    assert meta["training"]["steps"] == report["posterior"]["steps"]
     emulator = load_emulator(out / "emulator.pt")
     import torch
 

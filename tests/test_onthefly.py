@@ -91,7 +91,7 @@ def test_train_py_posterior_simulator_lowers_the_loss(generator, tmp_path):
     from hydra.core.global_hydra import GlobalHydra
 
     from sedvae.paths import config_dir
-    from sedvae.posterior import load_posterior_net
+    from sedvae.checkpoint import load_checkpoint
     from sedvae.train import train
 
     GlobalHydra.instance().clear()
@@ -112,7 +112,7 @@ def test_train_py_posterior_simulator_lowers_the_loss(generator, tmp_path):
         before = sum(float(net.loss(b)[0]) * len(b["z"]) for b in dm.datasets["val"]) / 64
     metrics = train(cfg)
     assert metrics["val/loss"] < before - 0.5, (metrics["val/loss"], before)
-    net = load_posterior_net(tmp_path / "posterior.pt")
+    net, _ = load_checkpoint(tmp_path / "posterior.pt", "posterior")
     with torch.no_grad():
         after = sum(float(net.loss(b)[0]) * len(b["z"]) for b in dm.datasets["val"]) / 64
     assert after == pytest.approx(metrics["val/loss"], rel=1e-4)
