@@ -119,7 +119,8 @@ def test_train_py_posterior_simulator_lowers_the_loss(generator, tmp_path):
 
 
 def test_emulator_trains_on_the_fly(tmp_path):
-    from sedvae.emulator import EmulatorModule, Speculator, load_emulator, save_emulator
+    from sedvae.checkpoint import save_checkpoint
+    from sedvae.emulator import EmulatorModule, Speculator, load_emulator
     from sedvae.simulation.onthefly import WallClockSchedule
 
     dm = EmulatorSimulatorDataModule(batch_size=32, steps_per_epoch=10, n_val=64, seed=2)
@@ -143,7 +144,7 @@ def test_emulator_trains_on_the_fly(tmp_path):
     trainer.fit(module, datamodule=dm)
     first = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"]
     assert clock.stats["steps"] == 30 and clock.stats["steps_per_s"] > 0
-    path = save_emulator(module.net, tmp_path / "emulator.pt")
+    path = save_checkpoint(tmp_path / "emulator.pt", "emulator", module.net)
     loaded = load_emulator(path)
     val = dm.datasets["val"][0]
     with torch.no_grad():
