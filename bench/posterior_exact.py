@@ -373,7 +373,6 @@ def main() -> None:
 
     from posterior import test_batch  # bench/posterior.py: the same held-out set
 
-    from sedvae.data import MockGenerator
     from sedvae.posterior.exact import (
         JointCoordinates,
         MockLikelihood,
@@ -381,6 +380,7 @@ def main() -> None:
         laplace_fit,
         nested_posterior,
     )
+    from sedvae.simulation import MockGenerator
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -162,8 +162,7 @@ def main() -> None:
 
     from posterior import test_batch  # bench/posterior.py: the same held-out set
 
-    from sedvae.data import MockGenerator
-    from sedvae.nets.encoder import RestFrameBinner
+    from sedvae.physics.restframe import RestFrameBinner
     from sedvae.posterior.exact import MockLikelihood
     from sedvae.posterior.information import (
         GaussianCoordinates,
@@ -174,6 +173,7 @@ def main() -> None:
         summary_fisher,
         whitened_jacobian,
     )
+    from sedvae.simulation import MockGenerator
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,9 @@ from test_posterior import (  # noqa: F401 (autouse fixture)
     net_config,
 )
 
-from sedvae.lightning.posterior import PosteriorModule
 from sedvae.posterior import PosteriorCheckpointError, save_posterior
 from sedvae.posterior.data import SummaryBatches
+from sedvae.posterior.lightning import PosteriorModule
 from sedvae.posterior.summaries import summarise_batch
 from sedvae.sps import PROVABGSPrior
 

@@ -141,7 +141,7 @@ def test_embedding_option_fits_saves_widens_and_fits_in_setup(tmp_path):
     """embedding.pca=K: the head reads 2K + 1 more inputs; without a basis the embedding
     refuses to run; PosteriorModule.setup fits it from the training set; the basis travels
     with the file; a file trained without PCA starts a widened run at exactly its density."""
-    from sedvae.lightning.posterior import PosteriorModule
+    from sedvae.posterior.lightning import PosteriorModule
     from sedvae.sps import PROVABGSPrior
 
     torch.manual_seed(0)

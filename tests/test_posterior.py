@@ -569,7 +569,7 @@ def test_init_from_copies_weights_and_refuses_another_network(tmp_path):
     another architecture is refused with the differing tensors named."""
     import hydra
 
-    from sedvae.lightning.posterior import PosteriorModule
+    from sedvae.posterior.lightning import PosteriorModule
 
     torch.manual_seed(0)
     src = hydra.utils.instantiate(net_config()).eval()
@@ -594,7 +594,7 @@ def test_init_from_copies_weights_and_refuses_another_network(tmp_path):
 def test_init_widen_adds_index_inputs_without_changing_the_density(tmp_path):
     """model.init_widen: a net given spectral-index inputs starts from a file trained without
     them and, before training, has exactly its density; the new inputs do get gradients."""
-    from sedvae.lightning.posterior import PosteriorModule
+    from sedvae.posterior.lightning import PosteriorModule
     from sedvae.sps import PROVABGSPrior
 
     torch.manual_seed(0)
@@ -629,7 +629,7 @@ def test_affine_head_starts_as_the_identity_and_narrows_a_posterior(tmp_path):
     wide (x = theta + N(0, 0.01^2)), a small flow with the head comes within 2.5x of the
     posterior's width (0.023; 0.03 asserted) and places it within 0.01 in 600 steps; the same
     flow without the head stays 2.6x wider (0.060) and 3x further off."""
-    from sedvae.lightning.posterior import PosteriorModule
+    from sedvae.posterior.lightning import PosteriorModule
     from sedvae.sps import PROVABGSPrior
 
     torch.manual_seed(0)
@@ -696,7 +696,7 @@ def test_warmup_ramps_each_step_and_leaves_the_schedule(tmp_path):
 
     import pytorch_lightning as pl
 
-    from sedvae.lightning.posterior import PosteriorModule
+    from sedvae.posterior.lightning import PosteriorModule
     from sedvae.sps import PROVABGSPrior
 
     seen: list[float] = []
@@ -739,7 +739,7 @@ def test_warmup_ramps_each_step_and_leaves_the_schedule(tmp_path):
 
 def test_autoencoder_encoder_as_embedding():
     """The adapter runs the autoencoder's encoder (frozen) under the flow."""
-    from sedvae.nets import LatentMap, SpectrumEncoder
+    from sedvae.autoencoder import LatentMap, SpectrumEncoder
     from sedvae.posterior import AutoencoderEmbedding
 
     enc = SpectrumEncoder(LatentMap(), n_bins=N_BINS, channels=(4, 8), kernels=(3, 5),

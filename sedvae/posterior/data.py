@@ -1,6 +1,7 @@
-"""Training data for the posterior: an adapter around ``sedvae.data`` (``MockDataModule``).
+"""Training data for the posterior: an adapter around the autoencoder's ``MockDataModule``
+(:mod:`sedvae.autoencoder.data`), reading the same ``write_mocks`` files.
 
-What it adds, and why it lives here rather than in ``sedvae.data``:
+What it adds, and why it lives here rather than in ``sedvae.autoencoder.data``:
 
 - several pre-generated training files used as one set (``write_mocks`` files of the same
   generator with different seeds), so the training set can grow without regenerating it;
@@ -21,7 +22,8 @@ import h5py
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data import MockDataModule, write_mocks
+from ..autoencoder.data import MockDataModule
+from ..simulation.writer import write_mocks
 
 log = logging.getLogger(__name__)
 

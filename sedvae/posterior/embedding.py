@@ -3,7 +3,8 @@
 Inputs are made comparable across redshifts and brightnesses before any learning:
 
 - the observed pixels are binned onto a fixed rest-frame ln(lambda) grid, ivar-weighted
-  (``sedvae.nets.RestFrameBinner``), so a spectral feature always lands in the same bin;
+  (``sedvae.physics.restframe.RestFrameBinner``), so a spectral feature always lands in the
+  same bin;
 - the binned spectrum is divided by its median (shape only) and given as three channels:
   asinh(flux / norm), log(1 + S/N per bin at the norm level), and the coverage mask;
 - the absolute scale enters as luminosities: log10 of the spectrum's norm and of each band's
@@ -30,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nets.encoder import RestFrameBinner
 from ..physics.cosmology import luminosity_distance_mpc
+from ..physics.restframe import RestFrameBinner
 from .indices import SpectralIndices
 from .pca import GappyPCA
 
@@ -131,7 +132,7 @@ class SpectrumEmbedding(nn.Module):
     ----------
     instrument : nn.Module
         Anything with ``wave`` (M,) Angstrom and optional ``arm`` (M,) int: the pixels the
-        spectra come on (e.g. ``sedvae.data.desi_instrument()``). Only the grid is kept, as
+        spectra come on (e.g. ``sedvae.simulation.desi_instrument()``). Only the grid is kept, as
         buffers, so a saved embedding knows the pixels it was trained on.
     trunk : MLPTrunk or ConvTrunk
     n_bins : int
@@ -336,7 +337,7 @@ class SpectrumEmbedding(nn.Module):
 
 class AutoencoderEmbedding(nn.Module):
     """Summary from the physics-embedded autoencoder's encoder (an adapter: the encoder is
-    ``sedvae.nets.SpectrumEncoder``, used through its public ``forward``).
+    ``sedvae.autoencoder.SpectrumEncoder``, used through its public ``forward``).
 
     x = head(u, ln sigma_star, ln sigma_gas, ln aperture, calib, s, log_lum): the encoder's
     point estimates and nuisances, which the flow turns into a posterior. With ``freeze`` the

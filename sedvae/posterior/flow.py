@@ -323,8 +323,4 @@ class PosteriorFlow(nn.Module):
         return v * self.u_scale + self.u_loc, log_q
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-__all__ = ["ContextCoupling", "PosteriorFlow", "prior_standardisation", "count_parameters"]
+__all__ = ["ContextCoupling", "PosteriorFlow", "prior_standardisation"]

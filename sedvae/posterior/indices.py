@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..nets.encoder import RestFrameBinner
+from ..physics.restframe import RestFrameBinner
 from ..sps.ssp import air_to_vacuum
 
 # name: (blue continuum, index band, red continuum), air Angstrom; D4000n: (blue, red)

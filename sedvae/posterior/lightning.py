@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
-from ..posterior.checkpoint import PosteriorCheckpointError, load_posterior_net
-from ..posterior.model import NeuralPosterior
+from .checkpoint import PosteriorCheckpointError, load_posterior_net
+from .model import NeuralPosterior
 
 
 def widened_state(old: dict, new: dict) -> dict:
