@@ -122,8 +122,9 @@ def test_fit_recovers_a_subspace_from_gapped_spectra():
     assert bool(pca.fitted)
 
 
-class _Train:
-    """A training set that can give noiseless spectra, as ``BatchNoiseMocks`` does."""
+class _Data:
+    """A data module that can give noiseless training spectra, as ``PosteriorMockDataModule``
+    does."""
 
     def __init__(self, flux, ivar, z):
         self.spectra = (flux, ivar, z)
@@ -133,8 +134,8 @@ class _Train:
 
 
 class _Trainer:
-    def __init__(self, train):
-        self.datamodule = type("DM", (), {"datasets": {"train": train}})()
+    def __init__(self, data):
+        self.datamodule = data
 
 
 def test_embedding_option_fits_saves_widens_and_fits_in_setup(tmp_path):
@@ -160,7 +161,7 @@ def test_embedding_option_fits_saves_widens_and_fits_in_setup(tmp_path):
     module = PosteriorModule(wide, optimizer=torch.optim.Adam, init_from=str(path), init_widen=True)
     assert not bool(module.net.embedding.pca.fitted)  # the file has no basis
     clean = fake_batch(40, seed=1)
-    trainer = _Trainer(_Train(clean["flux"], clean["ivar"], clean["z"]))
+    trainer = _Trainer(_Data(clean["flux"], clean["ivar"], clean["z"]))
     module.trainer = trainer
     module.setup("fit")
     assert bool(module.net.embedding.pca.fitted)
@@ -176,6 +177,6 @@ def test_embedding_option_fits_saves_widens_and_fits_in_setup(tmp_path):
     assert torch.equal(a, b)
     # a run resumed from a fitted file does not refit
     before = module.net.embedding.pca.basis.clone()
-    trainer.datamodule.datasets["train"] = _Train(2 * clean["flux"], clean["ivar"], clean["z"])
+    trainer.datamodule = _Data(2 * clean["flux"], clean["ivar"], clean["z"])
     module.setup("fit")
     assert torch.equal(module.net.embedding.pca.basis, before)

@@ -149,6 +149,11 @@ class PosteriorMockDataModule(MockDataModule):
     def train_dataset(self, noise) -> BatchNoiseMocks:
         return BatchNoiseMocks([self.train_path(s) for s in self.train_seeds], noise)
 
+    def clean_spectra(self, n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Noiseless spectra of ``n`` random training galaxies
+        (:meth:`BatchNoiseMocks.clean_spectra`), for the embedding's gappy-PCA basis."""
+        return self.datasets["train"].clean_spectra(n, seed)
+
     def train_dataloader(self) -> DataLoader:
         data = self.datasets["train"]
         return DataLoader(
@@ -192,7 +197,8 @@ class FrozenSummaryDataModule(PosteriorMockDataModule):
     ----------
     summary_from : str
         The posterior file whose embedding makes the summaries; it must be the file the
-        model starts from (``model.init_from``; checked in ``PosteriorModule.setup``).
+        model starts from (``model.init_from``; ``PosteriorModule.setup`` checks it, given it as
+        ``model.summary_from``).
     draws : int
         Noise draws per training galaxy.
     noise_seed : int, optional
@@ -217,7 +223,6 @@ class FrozenSummaryDataModule(PosteriorMockDataModule):
         self.summary_from = str(summary_from)
         self.draws = int(draws)
         self.noise_seed = self.seed if noise_seed is None else int(noise_seed)
-        self.embedding_state: dict[str, torch.Tensor] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
@@ -234,7 +239,6 @@ class FrozenSummaryDataModule(PosteriorMockDataModule):
         self.datasets["train_summaries"] = SummaryBatches(
             {k: s[k] for k in ("context", "y", "log_dy_du", "theta")}
         )
-        self.embedding_state = net.summary_state()
 
     def train_dataloader(self) -> DataLoader:
         data = self.datasets["train_summaries"]
