@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_posterior import (  # noqa: F401 (autouse fixture)
-    _one_thread,
-    assert_widened_start,
-    fake_batch,
-    hydra_net,
-    net_config,
-)
+from posterior_helpers import assert_widened_start, fake_batch, hydra_net, net_config
 
 from sedvae.posterior import PosteriorCheckpointError, load_posterior_net, save_posterior
 from sedvae.posterior.pca import GappyPCA
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N = 64
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from test_posterior import _one_thread, fake_batch, tiny_net  # noqa: F401 (autouse fixture)
+from posterior_helpers import fake_batch, tiny_net
 
 from sedvae.posterior import PosteriorFlow
 from sedvae.posterior.summaries import (
@@ -21,6 +21,8 @@ from sedvae.posterior.summaries import (
     summary_nll,
 )
 from sedvae.sps import PROVABGSPrior
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net(gaussianize: bool):

@@ -52,7 +52,7 @@ class RestFrameBinner(nn.Module):
         self.register_buffer("edges", edges.to(torch.float64), persistent=False)  # (N + 1,)
 
     @staticmethod
-    def _cumulative(pix_edges, values, x):
+    def cumulative(pix_edges, values, x):
         """Integral of piecewise-constant ``values`` (B, M) from the first edge to x (B, X)."""
         width = torch.diff(pix_edges)
         cum = F.pad(torch.cumsum(values * width, -1), (1, 0))  # (B, M + 1)
@@ -73,7 +73,7 @@ class RestFrameBinner(nn.Module):
             width = torch.diff(e)
             # per Angstrom, so that integrating over a whole pixel gives back that pixel
             both = torch.cat([w * flux[:, sl].to(torch.float64), w], 0) / width
-            cum = self._cumulative(e, both, x.repeat(2, 1))
+            cum = self.cumulative(e, both, x.repeat(2, 1))
             integral = torch.diff(cum, dim=-1)
             num += integral[: flux.shape[0]]
             den += integral[flux.shape[0] :]

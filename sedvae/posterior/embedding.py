@@ -45,9 +45,11 @@ MASS_ANCHORS = ((3, 2.77), (2, 2.92))  # (band index, offset): W1, then z (Legac
 MASS_ANCHOR_SPECTRUM = 4.12
 
 
-def _mlp(
+def mlp(
     n_in: int, hidden: Sequence[int], n_out: int, dropout: float = 0.0, activation=nn.GELU
 ) -> nn.Sequential:
+    """(Linear, activation[, dropout]) per hidden width, then a Linear to ``n_out``; shared by
+    the summary networks and the flow's affine head."""
     layers: list[nn.Module] = []
     for h in hidden:
         h = int(h)
@@ -76,7 +78,7 @@ class MLPTrunk(nn.Module):
         super().__init__()
         self.n_bins = int(n_bins)
         self.n_out = int(n_out)
-        self.net = _mlp(3 * self.n_bins, hidden, n_out, dropout)
+        self.net = mlp(3 * self.n_bins, hidden, n_out, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.net(x.flatten(1)))
@@ -197,7 +199,7 @@ class SpectrumEmbedding(nn.Module):
         if self.pca is not None:
             self.n_extras += self.pca.n_features
         self.n_out = int(n_out)
-        self.head = _mlp(trunk.n_out + self.n_extras, head, self.n_out)
+        self.head = mlp(trunk.n_out + self.n_extras, head, self.n_out)
 
     @property
     def npix(self) -> int:
@@ -387,7 +389,7 @@ class AutoencoderEmbedding(nn.Module):
         self.n_latent = lm.n_raw + 1  # u (11) + 3 dispersions/aperture + calib + s, + log_lum
         self.n_bands = int(encoder.n_bands)
         self.n_out = int(n_out)
-        self.head = _mlp(self.n_latent, head, self.n_out)
+        self.head = mlp(self.n_latent, head, self.n_out)
         self.register_buffer("wave_obs", torch.as_tensor(instrument.wave, dtype=torch.float64))
 
     @property
