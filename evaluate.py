@@ -1,6 +1,6 @@
 """Evaluate sedvae: ``python evaluate.py evaluation=<name> ...`` (see conf/evaluation/)."""
 
-from sedvae.evaluate import main
+from sedvae.evaluation.evaluate import main
 
 if __name__ == "__main__":
     main()

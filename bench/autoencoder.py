@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sedvae.evaluation_autoencoder import desi_example_batch, galaxy_metrics, summarise
+from sedvae.evaluation.autoencoder import desi_example_batch, galaxy_metrics, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,8 +72,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
+    from sedvae.autoencoder.data import MockDataModule
     from sedvae.checkpoint import load_checkpoint
-    from sedvae.data import MockDataModule
 
     net, _ = load_checkpoint(args.model, "autoencoder")
     dm = MockDataModule(cache_dir=args.cache_dir, n_test=args.n, seed=1, on_the_fly=True,
@@ -81,7 +81,7 @@ def main() -> None:
     test = dm.path("test")
     if not test.exists():
         dm.n["val"] = 0  # only the test file is needed
-        from sedvae.data import write_mocks
+        from sedvae.simulation import write_mocks
 
         write_mocks(test, args.n, dm.seed + 2, dm.generator)
     dm.setup("test")

@@ -32,8 +32,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from sedvae.data.mocks import write_mocks
     from sedvae.posterior.data import BatchNoiseMocks
+    from sedvae.simulation.mocks import write_mocks
     from sedvae.simulation.onthefly import SimulatorDataModule, build_generator
 
     t0 = time.perf_counter()

@@ -75,7 +75,7 @@ def vacuum_to_air(wave_vac: np.ndarray) -> np.ndarray:
 
 def make_mocks(n: int, seed: int) -> dict[str, np.ndarray]:
     """n noisy DESI mocks with aperture 1 (see the module docstring), as numpy arrays."""
-    from sedvae.data import MockGenerator
+    from sedvae.simulation import MockGenerator
 
     gen = MockGenerator()
     rng = torch.Generator().manual_seed(seed)

@@ -42,7 +42,7 @@ class MockLikelihood:
 
     Parameters
     ----------
-    generator : sedvae.data.MockGenerator
+    generator : sedvae.simulation.MockGenerator
         The simulator, instrument and photometry the observation was made with.
     n_aperture : int
         Quadrature nodes of the aperture integral: a quarter on a log grid over the prior

@@ -2,8 +2,8 @@
 information of mock observations under the simulator, on the native pixels, on the binned
 spectrum and on any summary of the data.
 
-The flow sees each spectrum through :class:`sedvae.nets.RestFrameBinner` (512 ln-uniform
-bins of 880 km/s by default); the exact posterior (:mod:`studies.exact`) sees every
+The flow sees each spectrum through :class:`sedvae.physics.restframe.RestFrameBinner` (512
+ln-uniform bins of 880 km/s by default); the exact posterior (:mod:`studies.exact`) sees every
 pixel. Whether the flow's excess error over the exact posterior is an amortisation gap (the
 network extracts less than its inputs hold) or an information gap (its inputs hold less than
 the pixels) is a question about the binning, and the Fisher information answers it locally,

@@ -30,11 +30,12 @@ from pathlib import Path
 
 import torch
 
-from sedvae.data import MockDataset, desi_instrument, desi_noise_model
+from sedvae.autoencoder.data import MockDataset
 from sedvae.posterior.data import BatchNoiseMocks
 from sedvae.posterior.embedding import ConvTrunk, MLPTrunk, SpectrumEmbedding
 from sedvae.posterior.flow import PosteriorFlow
 from sedvae.posterior.model import NeuralPosterior
+from sedvae.simulation import desi_instrument, desi_noise_model
 
 N_BINS = 512
 

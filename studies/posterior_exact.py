@@ -349,7 +349,7 @@ def main() -> None:
     logging.getLogger().setLevel(logging.ERROR)  # emcee's autocorrelation-length warnings
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="emcee")
 
-    from sedvae.data import MockGenerator
+    from sedvae.simulation import MockGenerator
     from studies.exact import (
         JointCoordinates,
         MockLikelihood,

@@ -160,8 +160,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from sedvae.data import MockGenerator
-    from sedvae.nets.encoder import RestFrameBinner
+    from sedvae.physics.restframe import RestFrameBinner
+    from sedvae.simulation import MockGenerator
     from studies.exact import MockLikelihood
     from studies.information import (
         GaussianCoordinates,

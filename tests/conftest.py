@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+# helper modules whose asserts should report like a test's
+pytest.register_assert_rewrite("posterior_helpers")
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -63,3 +66,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.timeout(DISTRIBUTED_TIMEOUT_S))
         if reason:
             item.add_marker(pytest.mark.skip(reason=reason))
+@pytest.fixture(scope="module")
+def one_thread():
+    """One thread: the test machine's cores are shared (and tiny ops gain nothing)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,4 +1,4 @@
-"""Tests of the physics-embedded autoencoder (sedvae.nets, sedvae.data.mocks, noise model)."""
+"""Tests of the physics-embedded autoencoder (sedvae.autoencoder, its mocks, noise model)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from sedvae.nets import (
+from sedvae.autoencoder import (
     LatentMap,
     LogGrid,
     PhysicsDecoder,
     ResidualNet,
-    RestFrameBinner,
     SpectrumAutoencoder,
     SpectrumEncoder,
 )
-from sedvae.nets.autoencoder import safe_log_prior
+from sedvae.autoencoder.model import safe_log_prior
+from sedvae.physics.restframe import RestFrameBinner
 from sedvae.sps.provabgs import N_FREE, check_support
 
 BANDS = ("BASS-g", "BASS-r", "MzLS-z", "wise2010-W1", "wise2010-W2")
@@ -26,7 +26,7 @@ BANDS = ("BASS-g", "BASS-r", "MzLS-z", "wise2010-W1", "wise2010-W2")
 @pytest.fixture(scope="module")
 def generator():
     """Mock generator on the real SPS with nebular emission (built once: ~6 s)."""
-    from sedvae.data import MockGenerator
+    from sedvae.simulation import MockGenerator
 
     return MockGenerator()
 
@@ -227,17 +227,17 @@ def test_checkpoint_round_trip_excludes_sps_tables(generator, batch, tmp_path):
     from sedvae.checkpoint import load_checkpoint, save_checkpoint
 
     cfg = {
-        "_target_": "sedvae.nets.SpectrumAutoencoder",
-        "encoder": {"_target_": "sedvae.nets.SpectrumEncoder", "n_bins": 256,
+        "_target_": "sedvae.autoencoder.SpectrumAutoencoder",
+        "encoder": {"_target_": "sedvae.autoencoder.SpectrumEncoder", "n_bins": 256,
                     "channels": [4, 8, 8], "kernels": [3, 5, 5], "mlp": [32],
-                    "latent_map": {"_target_": "sedvae.nets.LatentMap", "n_s": 4}},
-        "decoder": {"_target_": "sedvae.nets.PhysicsDecoder",
+                    "latent_map": {"_target_": "sedvae.autoencoder.LatentMap", "n_s": 4}},
+        "decoder": {"_target_": "sedvae.autoencoder.PhysicsDecoder",
                     "sps": {"_target_": "sedvae.sps.SEDModel", "wave_min": 2000.0,
                             "wave_max": 60000.0, "z_max": 0.8},
-                    "instrument": {"_target_": "sedvae.data.desi_instrument"},
-                    "residual": {"_target_": "sedvae.nets.ResidualNet", "n_s": 4,
+                    "instrument": {"_target_": "sedvae.simulation.desi_instrument"},
+                    "residual": {"_target_": "sedvae.autoencoder.ResidualNet", "n_s": 4,
                                  "hidden": [32], "n_knots": 8},
-                    "grid": {"_target_": "sedvae.nets.LogGrid", "dlnlam": 5e-4},
+                    "grid": {"_target_": "sedvae.autoencoder.LogGrid", "dlnlam": 5e-4},
                     "photometry": {"_target_": "sedvae.physics.Photometry", "bands": list(BANDS)}},
     }  # fmt: skip
     net = _tiny_net(generator)
@@ -288,7 +288,7 @@ def test_milky_way_transmission_matches_av():
 
 
 def test_bgs_redshifts_follow_the_stated_distribution():
-    from sedvae.data import sample_bgs_redshift
+    from sedvae.simulation import sample_bgs_redshift
 
     z = sample_bgs_redshift(20000, torch.Generator().manual_seed(0)).numpy()
     assert z.min() >= 0.01 and z.max() <= 0.6

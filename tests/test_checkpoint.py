@@ -233,7 +233,7 @@ def test_export_takes_the_best_checkpoint_of_a_run(tmp_path, capsys):
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    OmegaConf.save({"model": {"_target_": "sedvae.lightning.posterior.PosteriorModule",
+    OmegaConf.save({"model": {"_target_": "sedvae.posterior.lightning.PosteriorModule",
                               "net": FLOW}}, run / "config.yaml")  # fmt: skip
     best, last = small_flow(1), small_flow(2)
     torch.save({"state_dict": {f"net.{k}": v for k, v in best.state_dict().items()},

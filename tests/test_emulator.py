@@ -275,7 +275,7 @@ def test_datamodule_lazy_and_in_memory_agree(tmp_path, grid, sims):
 def test_datamodule_missing_file_without_n_raises(tmp_path):
     from sedvae.emulator import SimulationDataModule
 
-    with pytest.raises(FileNotFoundError, match="sedvae.simulate"):
+    with pytest.raises(FileNotFoundError, match="sedvae.simulation"):
         SimulationDataModule(str(tmp_path / "none.h5")).prepare_data()
 
 

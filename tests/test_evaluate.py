@@ -26,7 +26,7 @@ FAST = [
 
 
 def test_evaluate_logs_metrics_and_figures_to_wandb_offline(tmp_path, monkeypatch):
-    from sedvae.evaluate import evaluate
+    from sedvae.evaluation.evaluate import evaluate
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -86,7 +86,7 @@ def test_main_job_default_is_the_catalog_of_the_bundled_desi_spectrum(tmp_path):
     """`python evaluate.py` with no argument (the README's main job), as configured."""
     from astropy.table import Table
 
-    from sedvae.evaluate import evaluate
+    from sedvae.evaluation.evaluate import evaluate
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("evaluate", overrides=[f"paths.output_dir={tmp_path}"])

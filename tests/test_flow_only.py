@@ -7,18 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_posterior import (  # noqa: F401 (autouse fixture)
-    _one_thread,
-    fake_batch,
-    hydra_net,
-    net_config,
-)
+from posterior_helpers import fake_batch, hydra_net, net_config
 
 from sedvae.checkpoint import CheckpointError, save_checkpoint
-from sedvae.lightning.posterior import PosteriorModule
 from sedvae.posterior.data import SummaryBatches
+from sedvae.posterior.lightning import PosteriorModule
 from sedvae.posterior.summaries import summarise_batch
 from sedvae.sps import PROVABGSPrior
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch_with_truth(b: int = 6, seed: int = 0) -> dict:

@@ -52,7 +52,7 @@ def test_noise_is_consistent_with_ivar(generator):
 
 def test_batched_noise_matches_the_noise_model():
     """Without random scatter or masked runs, the batched noise levels are the noise model's."""
-    from sedvae.data.mocks import desi_noise_model
+    from sedvae.simulation.mocks import desi_noise_model
 
     noise = desi_noise_model(snr_scatter=0.0, arm_scatter=0.0, phot_scatter=0.0,
                              mask_segments=0.0)  # fmt: skip
@@ -90,8 +90,8 @@ def test_train_py_posterior_simulator_lowers_the_loss(generator, tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from sedvae.paths import config_dir
     from sedvae.checkpoint import load_checkpoint
+    from sedvae.paths import config_dir
     from sedvae.train import train
 
     GlobalHydra.instance().clear()

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_posterior import (  # noqa: F401 (autouse fixture)
-    _one_thread,
-    assert_widened_start,
-    fake_batch,
-    hydra_net,
-    net_config,
-)
+from posterior_helpers import assert_widened_start, fake_batch, hydra_net, net_config
 
 from sedvae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from sedvae.posterior.pca import GappyPCA
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N = 64
 
@@ -122,8 +118,9 @@ def test_fit_recovers_a_subspace_from_gapped_spectra():
     assert bool(pca.fitted)
 
 
-class _Train:
-    """A training set that can give noiseless spectra, as ``BatchNoiseMocks`` does."""
+class _Data:
+    """A data module that can give noiseless training spectra, as ``PosteriorMockDataModule``
+    does."""
 
     def __init__(self, flux, ivar, z):
         self.spectra = (flux, ivar, z)
@@ -133,15 +130,15 @@ class _Train:
 
 
 class _Trainer:
-    def __init__(self, train):
-        self.datamodule = type("DM", (), {"datasets": {"train": train}})()
+    def __init__(self, data):
+        self.datamodule = data
 
 
 def test_embedding_option_fits_saves_widens_and_fits_in_setup(tmp_path):
     """embedding.pca=K: the head reads 2K + 1 more inputs; without a basis the embedding
     refuses to run; PosteriorModule.setup fits it from the training set; the basis travels
     with the file; a file trained without PCA starts a widened run at exactly its density."""
-    from sedvae.lightning.posterior import PosteriorModule
+    from sedvae.posterior.lightning import PosteriorModule
     from sedvae.sps import PROVABGSPrior
 
     torch.manual_seed(0)
@@ -160,7 +157,7 @@ def test_embedding_option_fits_saves_widens_and_fits_in_setup(tmp_path):
     module = PosteriorModule(wide, optimizer=torch.optim.Adam, init_from=str(path), init_widen=True)
     assert not bool(module.net.embedding.pca.fitted)  # the file has no basis
     clean = fake_batch(40, seed=1)
-    trainer = _Trainer(_Train(clean["flux"], clean["ivar"], clean["z"]))
+    trainer = _Trainer(_Data(clean["flux"], clean["ivar"], clean["z"]))
     module.trainer = trainer
     module.setup("fit")
     assert bool(module.net.embedding.pca.fitted)
@@ -176,6 +173,6 @@ def test_embedding_option_fits_saves_widens_and_fits_in_setup(tmp_path):
     assert torch.equal(a, b)
     # a run resumed from a fitted file does not refit
     before = module.net.embedding.pca.basis.clone()
-    trainer.datamodule.datasets["train"] = _Train(2 * clean["flux"], clean["ivar"], clean["z"])
+    trainer.datamodule = _Data(2 * clean["flux"], clean["ivar"], clean["z"])
     module.setup("fit")
     assert torch.equal(module.net.embedding.pca.basis, before)

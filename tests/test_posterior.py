@@ -8,6 +8,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from posterior_helpers import (
+    N_BINS,
+    arm_waves,
+    assert_widened_start,
+    fake_batch,
+    fake_instrument,
+    hydra_net,
+    net_config,
+    tiny_net,
+)
 
 from sedvae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from sedvae.posterior import (
@@ -32,80 +42,7 @@ from sedvae.posterior.diagnostics import (
 )
 from sedvae.sps.provabgs import PROVABGSPrior, check_support
 
-N_BINS = 64
-
-
-def arm_waves(npix_per_arm: int = 150) -> list[list[float]]:
-    """Three overlapping arms like DESI's, with few (coarse) pixels: fast."""
-    return [
-        np.linspace(lo, hi, npix_per_arm).tolist()
-        for lo, hi in ((3600, 5930), (5660, 7720), (7520, 9824))
-    ]
-
-
-def fake_instrument(npix_per_arm: int = 150):
-    from sedvae.physics import DESIInstrument
-
-    return DESIInstrument(waves=arm_waves(npix_per_arm))
-
-
-def net_config(npix_per_arm: int = 150, hidden=(32,)) -> dict:
-    """A Hydra config of a tiny NeuralPosterior on the fake instrument."""
-    return {
-        "_target_": "sedvae.posterior.NeuralPosterior",
-        "embedding": {
-            "_target_": "sedvae.posterior.SpectrumEmbedding",
-            "instrument": {
-                "_target_": "sedvae.physics.DESIInstrument",
-                "waves": arm_waves(npix_per_arm),
-            },  # fmt: skip
-            "n_bins": N_BINS,
-            "head": [32],
-            "n_out": 16,
-            "trunk": {
-                "_target_": "sedvae.posterior.MLPTrunk",
-                "n_bins": N_BINS,
-                "hidden": [32],
-                "n_out": 32,
-            },  # fmt: skip
-        },
-        "flow": {
-            "_target_": "sedvae.posterior.PosteriorFlow",
-            "context": 16,
-            "transforms": 3,
-            "hidden": list(hidden),
-            "bins": 4,
-        },  # fmt: skip
-    }
-
-
-def tiny_net(bins: int | None = 4) -> NeuralPosterior:
-    inst = fake_instrument()
-    emb = SpectrumEmbedding(inst, MLPTrunk(N_BINS, (32,), 32), n_bins=N_BINS, head=(32,), n_out=16)
-    return NeuralPosterior(emb, PosteriorFlow(16, transforms=3, hidden=(32,), bins=bins))
-
-
-def fake_batch(b: int = 5, npix: int = 450, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    wave = fake_instrument().wave.float()
-    flux = (1 + 0.2 * torch.sin(wave / 300))[None] * (1 + torch.rand(b, 1, generator=g))
-    return {
-        "flux": flux + 0.05 * torch.randn(b, npix, generator=g),
-        "ivar": torch.full((b, npix), 400.0),
-        "mask": torch.zeros(b, npix, dtype=torch.bool),
-        "z": 0.05 + 0.4 * torch.rand(b, generator=g),
-        "photometry": 10 + torch.rand(b, 5, generator=g),
-        "photometry_ivar": torch.full((b, 5), 100.0),
-    }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One thread: the test machine's cores are shared (and tiny ops gain nothing)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -556,7 +493,7 @@ def test_exported_file_names_its_checkpoint_without_the_machine_path(tmp_path):
 
     run = tmp_path / "outputs" / "run"
     (run / "checkpoints").mkdir(parents=True)
-    OmegaConf.save({"model": {"_target_": "sedvae.lightning.posterior.PosteriorModule",
+    OmegaConf.save({"model": {"_target_": "sedvae.posterior.lightning.PosteriorModule",
                               "net": net_config()}}, run / "config.yaml")  # fmt: skip
     ckpt = run / "checkpoints" / "epoch007.ckpt"
     state = {f"net.{k}": v for k, v in hydra_net(net_config()).state_dict().items()}
@@ -574,7 +511,7 @@ def test_init_from_copies_weights_and_refuses_another_network(tmp_path):
     another architecture is refused with the differing tensors named."""
     import hydra
 
-    from sedvae.lightning.posterior import PosteriorModule
+    from sedvae.posterior.lightning import PosteriorModule
 
     torch.manual_seed(0)
     src = hydra.utils.instantiate(net_config()).eval()
@@ -599,7 +536,7 @@ def test_init_from_copies_weights_and_refuses_another_network(tmp_path):
 def test_init_widen_adds_index_inputs_without_changing_the_density(tmp_path):
     """model.init_widen: a net given spectral-index inputs starts from a file trained without
     them and, before training, has exactly its density; the new inputs do get gradients."""
-    from sedvae.lightning.posterior import PosteriorModule
+    from sedvae.posterior.lightning import PosteriorModule
     from sedvae.sps import PROVABGSPrior
 
     torch.manual_seed(0)
@@ -617,24 +554,13 @@ def test_init_widen_adds_index_inputs_without_changing_the_density(tmp_path):
     assert_widened_start(module.net, src, batch, wide.embedding.indices.n_features)
 
 
-def assert_widened_start(net, src, batch: dict, n_new: int) -> None:
-    """A net widened from ``src`` (``model.init_widen``) has exactly its loss on ``batch``,
-    and the head's weights for the ``n_new`` new (last) inputs get gradients."""
-    net.eval()
-    loss = net.loss(batch)[0]
-    with torch.no_grad():
-        assert loss.item() == pytest.approx(src.loss(batch)[0].item(), rel=1e-6)
-    loss.backward()
-    assert net.embedding.head[0].weight.grad[:, -n_new:].abs().sum() > 0
-
-
 def test_affine_head_starts_as_the_identity_and_narrows_a_posterior(tmp_path):
     """flow.affine_head: added to a trained file (model.init_widen) the run starts at exactly
     its density and the head's last layer gets gradients; on a toy whose posterior is 0.01
     wide (x = theta + N(0, 0.01^2)), a small flow with the head comes within 2.5x of the
     posterior's width (0.023; 0.03 asserted) and places it within 0.01 in 600 steps; the same
     flow without the head stays 2.6x wider (0.060) and 3x further off."""
-    from sedvae.lightning.posterior import PosteriorModule
+    from sedvae.posterior.lightning import PosteriorModule
     from sedvae.sps import PROVABGSPrior
 
     torch.manual_seed(0)
@@ -688,12 +614,6 @@ def test_affine_head_starts_as_the_identity_and_narrows_a_posterior(tmp_path):
     assert width_none > 1.5 * width and offset_none > offset
 
 
-def hydra_net(cfg: dict) -> NeuralPosterior:
-    import hydra
-
-    return hydra.utils.instantiate(cfg)
-
-
 def test_warmup_ramps_each_step_and_leaves_the_schedule(tmp_path):
     """model.warmup_steps scales the first steps' lr by (step + 1) / warmup_steps on top of
     the per-epoch cosine schedule, which itself is left as it would be without warm-up."""
@@ -701,7 +621,7 @@ def test_warmup_ramps_each_step_and_leaves_the_schedule(tmp_path):
 
     import pytorch_lightning as pl
 
-    from sedvae.lightning.posterior import PosteriorModule
+    from sedvae.posterior.lightning import PosteriorModule
     from sedvae.sps import PROVABGSPrior
 
     seen: list[float] = []
@@ -744,7 +664,7 @@ def test_warmup_ramps_each_step_and_leaves_the_schedule(tmp_path):
 
 def test_autoencoder_encoder_as_embedding():
     """The adapter runs the autoencoder's encoder (frozen) under the flow."""
-    from sedvae.nets import LatentMap, SpectrumEncoder
+    from sedvae.autoencoder import LatentMap, SpectrumEncoder
     from sedvae.posterior import AutoencoderEmbedding
 
     enc = SpectrumEncoder(LatentMap(), n_bins=N_BINS, channels=(4, 8), kernels=(3, 5),

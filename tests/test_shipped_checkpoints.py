@@ -26,7 +26,7 @@ SHIPPED = {
 @pytest.fixture(scope="module")
 def mocks():
     """16 noisy DESI-like mocks with their truth (fixed seed), as the training sets are made."""
-    from sedvae.data import MockGenerator
+    from sedvae.simulation import MockGenerator
 
     torch.set_num_threads(1)
     return MockGenerator().sample(16, torch.Generator().manual_seed(2024))
@@ -111,7 +111,7 @@ def test_shipped_posterior_recovers_stellar_mass(mocks):
 def test_shipped_autoencoder_fits_mocks_to_the_noise(mocks):
     """bench/autoencoder.py: median reduced chi^2 1.08 for the encoder alone on 1,024 held-out
     mocks (the truth scores 1.00); on 16 mocks the median lies in [0.8, 1.4]."""
-    from sedvae.evaluation_autoencoder import galaxy_metrics
+    from sedvae.evaluation.autoencoder import galaxy_metrics
 
     net, _ = load_checkpoint(SHIPPED["autoencoder"], "autoencoder")
     with torch.no_grad():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sedvae import simulate as sim
+from sedvae.simulation import writer as sim
 from sedvae.sps import PROVABGSPrior
 
 

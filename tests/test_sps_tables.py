@@ -116,8 +116,8 @@ def test_cosmology_and_observation_tables(table_file):
     tables = load_tables(table_file)
     for ours, theirs in zip(tables.cosmology(), _astropy_tables(), strict=True):
         assert np.array_equal(ours, theirs)  # astropy's own numbers
-    from sedvae.data.mocks import desi_instrument
     from sedvae.physics import DESIInstrument
+    from sedvae.simulation.mocks import desi_instrument
 
     desi = tables.desi_example()
     inst = DESIInstrument.from_coadd_arrays(desi["waves"], desi["resolution"])

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_posterior import _one_thread, fake_batch, tiny_net  # noqa: F401 (autouse fixture)
+from posterior_helpers import fake_batch, tiny_net
 
 from sedvae.posterior.summaries import summarise_batch, summarise_dataset, summary_nll
 from sedvae.sps import PROVABGSPrior
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net(gaussianize: bool):

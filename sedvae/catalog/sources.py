@@ -180,7 +180,7 @@ def to_batch(spectra) -> dict[str, Any]:
 
 
 class MockSource:
-    """Mock DESI BGS galaxies (``sedvae.data.mocks.write_mocks`` files) as a catalog source, with
+    """Mock DESI BGS galaxies (``sedvae.simulation.write_mocks`` files) as a catalog source, with
     noise fixed by ``noise_seed`` and the truth (``theta``) in every batch, for coverage and
     recovery plots. A missing file is written first (``n`` galaxies from ``seed``); an existing
     file made with another ``n`` or ``seed`` is refused (CatalogError), never silently used."""
@@ -190,7 +190,8 @@ class MockSource:
     def __init__(self, path, n: int = 256, seed: int = 3, noise_seed: int = 0):
         import h5py
 
-        from ..data.mocks import MockDataset, desi_noise_model, write_mocks
+        from ..autoencoder.data import MockDataset
+        from ..simulation import desi_noise_model, write_mocks
         from .shards import CatalogError
 
         path = Path(path)

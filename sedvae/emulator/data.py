@@ -1,6 +1,6 @@
-"""Simulated spectra for emulator training: the HDF5 files of ``python -m sedvae.simulate``.
+"""Simulated spectra for emulator training: the HDF5 files of ``python -m sedvae.simulation``.
 
-Layout read (see ``sedvae.simulate``): ``theta`` (N, 12) float32, ``z`` (N,) float32, ``wave``
+Layout read (see ``sedvae.simulation``): ``theta`` (N, 12) float32, ``z`` (N,) float32, ``wave``
 (L,) float64 rest-frame Angstrom, ``lum`` (N, L) float32 rest-frame L_lambda per unit formed
 mass (L_sun/A/M_sun), attributes ``seed``, ``n``, ``z_min``, ``z_max``.
 
@@ -113,7 +113,7 @@ class SimulationDataModule(pl.LightningDataModule):
 
     Parameters
     ----------
-    path : HDF5 file written by ``python -m sedvae.simulate``
+    path : HDF5 file written by ``python -m sedvae.simulation``
     n, seed, z_max : used only to create a missing file (``simulate_to_hdf5(path, n, seed,
         z_max=z_max)``); an existing file is used as it is.
     val_fraction : fraction of the rows held out for validation (the last rows).
@@ -153,10 +153,10 @@ class SimulationDataModule(pl.LightningDataModule):
             return
         if self.n is None:
             raise FileNotFoundError(
-                f"{self.path} does not exist; make it with `python -m sedvae.simulate n=... "
+                f"{self.path} does not exist; make it with `python -m sedvae.simulation n=... "
                 f"out={self.path}` or give data.n to create it"
             )
-        from ..simulate import simulate_to_hdf5
+        from ..simulation.writer import simulate_to_hdf5
 
         log.info("simulating %d spectra into %s", self.n, self.path)
         simulate_to_hdf5(self.path, self.n, self.seed, z_max=self.z_max_create, progress=False)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from astropy.table import Table
 
-from sedvae.io._fits import column, hdu_data, native, open_fits
+from sedvae.io.fits import column, hdu_data, native, open_fits
 from sedvae.io.spectrum import (
     Z_RANGE,
     SpecFlag,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sedvae.io._fits import column, hdu_data, open_fits, read_data
+from sedvae.io.fits import column, hdu_data, open_fits, read_data
 from sedvae.io.spectrum import Z_RANGE, MissingHDUError, SpecFlag, Spectra, SpectrumFileError
 
 DLOGLAM = 1e-4  # SDSS/BOSS coadd pixel width in log10(wavelength / Angstrom)

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from sedvae.linear.lines import LineList
-from sedvae.physics._checks import as_tensor, check_finite, check_ndim
 from sedvae.physics.calibration import legendre_basis
+from sedvae.physics.checks import as_tensor, check_finite, check_ndim
 from sedvae.physics.instruments import DESIInstrument, GenericInstrument
 from sedvae.physics.lsf import check_diagonals
 

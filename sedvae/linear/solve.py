@@ -42,7 +42,7 @@ from sedvae.linear.design import (
     line_design,
 )
 from sedvae.linear.lines import CATALOG_LINES, LineList, line_list
-from sedvae.physics._checks import as_tensor, check_ndim
+from sedvae.physics.checks import as_tensor, check_ndim
 
 
 def _masked_system(a, b, free):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sedvae.physics._checks import as_tensor, check_ndim
+from sedvae.physics.checks import as_tensor, check_ndim
 
 
 def legendre_basis(x: torch.Tensor, order: int) -> torch.Tensor:

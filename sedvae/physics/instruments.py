@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sedvae.physics._checks import as_tensor, check_finite, check_increasing, check_ndim
+from sedvae.physics.checks import as_tensor, check_finite, check_increasing, check_ndim
 from sedvae.physics.lsf import (
     DESI_NDIAG,
     FWHM_PER_SIGMA,

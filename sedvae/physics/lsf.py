@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from sedvae.physics._checks import as_tensor, check_finite, check_increasing, check_ndim
+from sedvae.physics.checks import as_tensor, check_finite, check_increasing, check_ndim
 from sedvae.physics.resample import pixel_edges
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548: Gaussian FWHM / sigma

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sedvae.physics._checks import as_tensor, check_ndim
+from sedvae.physics.checks import as_tensor, check_ndim
 
 DESI_BGS_SNR = (3.9, 7.0, 6.9)  # median S/N per pixel, b/r/z, of the bundled BGS example
 LS_PHOT_SNR = (75.0, 79.0, 62.0, 14.0, 6.3)  # its g, r, z, W1, W2 photometric S/N

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sedvae.physics._checks import as_tensor
+from sedvae.physics.checks import as_tensor
 from sedvae.physics.redshift import FLUX_UNIT
 from sedvae.physics.resample import integrate_bins
 

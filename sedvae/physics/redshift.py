@@ -11,13 +11,13 @@ import math
 
 import torch
 
-from sedvae.physics._checks import as_tensor, check_finite, check_increasing, check_ndim
+from sedvae.physics.checks import as_tensor, check_finite, check_increasing, check_ndim
 from sedvae.physics.cosmology import L_SUN_ERG_S, MPC_CM, luminosity_distance_mpc
 
 FLUX_UNIT = 1e-17  # erg/s/cm^2/A: the DESI/SDSS flux unit used for every observed spectrum
 # L_sun/A at 1 Mpc -> 1e-17 erg/s/cm^2/A. Folding 4 pi Mpc^2 into a constant keeps d_L in Mpc,
 # so d_L^2 (~1e10 at most) stays far from float32 overflow (4 pi d_L^2 in cm^2 is ~1e56).
-_LSUN_PER_MPC2_IN_FLUX_UNIT = L_SUN_ERG_S / (4.0 * math.pi * MPC_CM**2) / FLUX_UNIT
+LSUN_PER_MPC2_IN_FLUX_UNIT = L_SUN_ERG_S / (4.0 * math.pi * MPC_CM**2) / FLUX_UNIT
 
 
 def _check_z(z, batch: int | None, *, allow_zero: bool, like: torch.Tensor) -> torch.Tensor:
@@ -104,7 +104,7 @@ def redshift_spectrum(
     z_t = _check_z(z, lum_rest.shape[0], allow_zero=False, like=lum_rest)
 
     d_l = luminosity_distance_mpc(z_t)  # (B,) Mpc, differentiable in z
-    scale = _LSUN_PER_MPC2_IN_FLUX_UNIT / (d_l**2 * (1.0 + z_t))  # (B,)
+    scale = LSUN_PER_MPC2_IN_FLUX_UNIT / (d_l**2 * (1.0 + z_t))  # (B,)
     wave_obs = wave_rest.unsqueeze(0) * (1.0 + z_t).unsqueeze(1)  # (B, L)
     flux = lum_rest * scale.unsqueeze(1)  # (B, L)
     return wave_obs, flux

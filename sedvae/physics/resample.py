@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from sedvae.physics._checks import as_tensor, check_finite, check_increasing, check_ndim
+from sedvae.physics.checks import as_tensor, check_finite, check_increasing, check_ndim
 
 
 def pixel_edges(centres: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ def plot_reconstruction(net, batch: dict, index: int = 0, output: dict | None = 
 
     Parameters
     ----------
-    net : sedvae.nets.SpectrumAutoencoder
+    net : sedvae.autoencoder.SpectrumAutoencoder
     batch : dict
         A batch as for ``net.loss`` (flux, ivar, mask, z, ...).
     index : int

@@ -1,6 +1,7 @@
-"""Training data for the posterior: an adapter around ``sedvae.data`` (``MockDataModule``).
+"""Training data for the posterior: an adapter around the autoencoder's ``MockDataModule``
+(:mod:`sedvae.autoencoder.data`), reading the same ``write_mocks`` files.
 
-What it adds, and why it lives here rather than in ``sedvae.data``:
+What it adds, and why it lives here rather than in ``sedvae.autoencoder.data``:
 
 - several pre-generated training files used as one set (``write_mocks`` files of the same
   generator with different seeds), so the training set can grow without regenerating it;
@@ -21,7 +22,8 @@ import h5py
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data import MockDataModule, write_mocks
+from ..autoencoder.data import MockDataModule
+from ..simulation.writer import write_mocks
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +149,11 @@ class PosteriorMockDataModule(MockDataModule):
     def train_dataset(self, noise) -> BatchNoiseMocks:
         return BatchNoiseMocks([self.train_path(s) for s in self.train_seeds], noise)
 
+    def clean_spectra(self, n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Noiseless spectra of ``n`` random training galaxies
+        (:meth:`BatchNoiseMocks.clean_spectra`), for the embedding's gappy-PCA basis."""
+        return self.datasets["train"].clean_spectra(n, seed)
+
     def train_dataloader(self) -> DataLoader:
         data = self.datasets["train"]
         return DataLoader(
@@ -190,7 +197,8 @@ class FrozenSummaryDataModule(PosteriorMockDataModule):
     ----------
     summary_from : str
         The posterior file whose embedding makes the summaries; it must be the file the
-        model starts from (``model.init_from``; checked in ``PosteriorModule.setup``).
+        model starts from (``model.init_from``; ``PosteriorModule.setup`` checks it, given it as
+        ``model.summary_from``).
     draws : int
         Noise draws per training galaxy.
     noise_seed : int, optional
@@ -215,7 +223,6 @@ class FrozenSummaryDataModule(PosteriorMockDataModule):
         self.summary_from = str(summary_from)
         self.draws = int(draws)
         self.noise_seed = self.seed if noise_seed is None else int(noise_seed)
-        self.embedding_state: dict[str, torch.Tensor] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
@@ -232,7 +239,6 @@ class FrozenSummaryDataModule(PosteriorMockDataModule):
         self.datasets["train_summaries"] = SummaryBatches(
             {k: s[k] for k in ("context", "y", "log_dy_du", "theta")}
         )
-        self.embedding_state = net.summary_state()
 
     def train_dataloader(self) -> DataLoader:
         data = self.datasets["train_summaries"]

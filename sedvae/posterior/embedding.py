@@ -3,7 +3,8 @@
 Inputs are made comparable across redshifts and brightnesses before any learning:
 
 - the observed pixels are binned onto a fixed rest-frame ln(lambda) grid, ivar-weighted
-  (``sedvae.nets.RestFrameBinner``), so a spectral feature always lands in the same bin;
+  (``sedvae.physics.restframe.RestFrameBinner``), so a spectral feature always lands in the
+  same bin;
 - the binned spectrum is divided by its median (shape only) and given as three channels:
   asinh(flux / norm), log(1 + S/N per bin at the norm level), and the coverage mask;
 - the absolute scale enters as luminosities: log10 of the spectrum's norm and of each band's
@@ -30,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nets.encoder import RestFrameBinner
 from ..physics.cosmology import luminosity_distance_mpc
+from ..physics.restframe import RestFrameBinner
 from .indices import SpectralIndices
 from .pca import GappyPCA
 
@@ -44,9 +45,11 @@ MASS_ANCHORS = ((3, 2.77), (2, 2.92))  # (band index, offset): W1, then z (Legac
 MASS_ANCHOR_SPECTRUM = 4.12
 
 
-def _mlp(
+def mlp(
     n_in: int, hidden: Sequence[int], n_out: int, dropout: float = 0.0, activation=nn.GELU
 ) -> nn.Sequential:
+    """(Linear, activation[, dropout]) per hidden width, then a Linear to ``n_out``; shared by
+    the summary networks and the flow's affine head."""
     layers: list[nn.Module] = []
     for h in hidden:
         h = int(h)
@@ -75,7 +78,7 @@ class MLPTrunk(nn.Module):
         super().__init__()
         self.n_bins = int(n_bins)
         self.n_out = int(n_out)
-        self.net = _mlp(3 * self.n_bins, hidden, n_out, dropout)
+        self.net = mlp(3 * self.n_bins, hidden, n_out, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.net(x.flatten(1)))
@@ -131,7 +134,7 @@ class SpectrumEmbedding(nn.Module):
     ----------
     instrument : nn.Module
         Anything with ``wave`` (M,) Angstrom and optional ``arm`` (M,) int: the pixels the
-        spectra come on (e.g. ``sedvae.data.desi_instrument()``). Only the grid is kept, as
+        spectra come on (e.g. ``sedvae.simulation.desi_instrument()``). Only the grid is kept, as
         buffers, so a saved embedding knows the pixels it was trained on.
     trunk : MLPTrunk or ConvTrunk
     n_bins : int
@@ -196,7 +199,7 @@ class SpectrumEmbedding(nn.Module):
         if self.pca is not None:
             self.n_extras += self.pca.n_features
         self.n_out = int(n_out)
-        self.head = _mlp(trunk.n_out + self.n_extras, head, self.n_out)
+        self.head = mlp(trunk.n_out + self.n_extras, head, self.n_out)
 
     @property
     def npix(self) -> int:
@@ -336,7 +339,7 @@ class SpectrumEmbedding(nn.Module):
 
 class AutoencoderEmbedding(nn.Module):
     """Summary from the physics-embedded autoencoder's encoder (an adapter: the encoder is
-    ``sedvae.nets.SpectrumEncoder``, used through its public ``forward``).
+    ``sedvae.autoencoder.SpectrumEncoder``, used through its public ``forward``).
 
     x = head(u, ln sigma_star, ln sigma_gas, ln aperture, calib, s, log_lum): the encoder's
     point estimates and nuisances, which the flow turns into a posterior. With ``freeze`` the
@@ -386,7 +389,7 @@ class AutoencoderEmbedding(nn.Module):
         self.n_latent = lm.n_raw + 1  # u (11) + 3 dispersions/aperture + calib + s, + log_lum
         self.n_bands = int(encoder.n_bands)
         self.n_out = int(n_out)
-        self.head = _mlp(self.n_latent, head, self.n_out)
+        self.head = mlp(self.n_latent, head, self.n_out)
         self.register_buffer("wave_obs", torch.as_tensor(instrument.wave, dtype=torch.float64))
 
     @property

@@ -34,7 +34,7 @@ from zuko.transforms import (
 from zuko.utils import unpack
 
 from ..sps.provabgs import N_FREE, PROVABGSPrior
-from .embedding import _mlp
+from .embedding import mlp
 
 AFFINE_LOG_SCALE_MAX = 6.0  # the affine head's scales lie in (e^-6, e^6)
 
@@ -180,7 +180,7 @@ class PosteriorFlow(nn.Module):
         self.context = int(context)
         self.affine = None
         if affine_head is not None:
-            self.affine = _mlp(self.context, affine_head, 2 * self.features, activation=nn.SiLU)
+            self.affine = mlp(self.context, affine_head, 2 * self.features, activation=nn.SiLU)
             nn.init.zeros_(self.affine[-1].weight)  # the identity at the start
             nn.init.zeros_(self.affine[-1].bias)
         gen = torch.Generator().manual_seed(mask_seed)
@@ -323,8 +323,4 @@ class PosteriorFlow(nn.Module):
         return v * self.u_scale + self.u_loc, log_q
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-__all__ = ["ContextCoupling", "PosteriorFlow", "prior_standardisation", "count_parameters"]
+__all__ = ["ContextCoupling", "PosteriorFlow", "prior_standardisation"]

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..nets.encoder import RestFrameBinner
+from ..physics.restframe import RestFrameBinner
 from ..sps.ssp import air_to_vacuum
 
 # name: (blue continuum, index band, red continuum), air Angstrom; D4000n: (blue, red)
@@ -108,7 +108,7 @@ class SpectralIndices(nn.Module):
             # per Angstrom: flux x ivar, ivar and the good-pixel indicator (the last integrates
             # to the covered length)
             density = torch.cat([w * flux[:, sl] / width, w / width, (w > 0).to(dt)], 0)
-            upto = pix._cumulative(e, density, x.repeat(3, 1)).reshape(3, b, -1)  # (3, B, 2W)
+            upto = pix.cumulative(e, density, x.repeat(3, 1)).reshape(3, b, -1)  # (3, B, 2W)
             inside = upto[..., 1::2] - upto[..., 0::2]  # (3, B, W)
             total += inside
             cov = torch.maximum(cov, inside[2])  # overlapping arms: the better covered one

@@ -42,6 +42,27 @@ BATCH_KEYS = ("flux", "ivar", "z", "photometry", "photometry_ivar")
 BOX_DIMS = (0, 4, 5, 6, 7, 8, 9, 10)  # u coordinates that are logits of uniform fractions
 SIMPLEX_DIMS = ((1, 3), (2, 2), (3, 1))  # (u coordinate, K - k): z_k ~ Beta(1, K - k)
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+# modules a widened net may have that the weights it starts from lack: a flow affine head
+# starts as the identity (zero last layer); a gappy-PCA basis is fitted before training (the
+# head reads its features through zero weights at first)
+ADDED_BY_WIDENING = ("flow.affine.", "embedding.pca.")
+
+
+def widened_state(old: dict, new: dict) -> dict:
+    """``old`` state dict fitted into ``new``'s shapes: a tensor whose last dimension grew
+    (a layer given extra inputs, appended after the old ones) keeps its old entries and gets
+    zeros for the new ones, so the widened network computes exactly what the old one did
+    until training moves the new weights. Any other difference is left for
+    ``load_state_dict`` to report."""
+    out = dict(old)
+    for key, target in new.items():
+        src = old.get(key)
+        grew = src is not None and src.shape[-1] < target.shape[-1]
+        if grew and src.shape[:-1] == target.shape[:-1]:
+            grown = torch.zeros_like(target)
+            grown[..., : src.shape[-1]] = src
+            out[key] = grown
+    return out
 
 
 def _probit_from_logs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -190,6 +211,25 @@ class NeuralPosterior(nn.Module):
         )
         return out
 
+    def load_weights(self, state: dict[str, torch.Tensor], widen: bool = False) -> None:
+        """Start from another posterior's weights ``state`` (same architecture). With
+        ``widen``, layers of this net that read more inputs take the old weights plus zeros
+        (:func:`widened_state`), and a flow affine head or gappy-PCA basis that ``state`` lacks
+        keeps its fresh values: the net then has exactly the old density. Raises
+        ``RuntimeError`` (``load_state_dict``'s, naming the tensors) when they do not fit."""
+        if widen:
+            state = widened_state(state, self.state_dict())
+            for key, value in self.state_dict().items():
+                if key not in state and key.startswith(ADDED_BY_WIDENING):
+                    state[key] = value
+        self.load_state_dict(state)
+
+    def freeze_embedding(self) -> None:
+        """Train the flow alone: every weight outside ``flow`` (summary network, mass anchor,
+        gappy-PCA basis) stops taking gradients."""
+        for name, param in self.named_parameters():
+            param.requires_grad_(name.startswith("flow."))
+
     def summary_state(self) -> dict[str, torch.Tensor]:
         """Every tensor outside the flow (summary network, gappy-PCA basis, mass anchor): what
         makes the summaries, so two nets with equal ones summarise alike."""
@@ -215,4 +255,4 @@ class NeuralPosterior(nn.Module):
         return loss, {"nll_u": loss.detach(), "nll_theta": (nll + ladj).mean().detach()}
 
 
-__all__ = ["BATCH_KEYS", "NeuralPosterior", "u_to_w", "w_to_u"]
+__all__ = ["BATCH_KEYS", "NeuralPosterior", "u_to_w", "w_to_u", "widened_state"]

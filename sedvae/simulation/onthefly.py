@@ -1,7 +1,7 @@
 """Simulations drawn inside the training loop: a fresh batch of mock galaxies every step, made
 on the device the model trains on; no files, no fixed training set.
 
-The per-galaxy steps are the mock pipeline's own (:class:`sedvae.data.mocks.MockGenerator`):
+The per-galaxy steps are the mock pipeline's own (:class:`sedvae.simulation.mocks.MockGenerator`):
 prior draws (``draw``), the SPS with nebular emission and broadening (``sps.simulate``), the
 DESI instrument and Legacy Surveys photometry (``observe``), the fibre aperture, and the noise
 model's statistics (:func:`noisy_batch`: the same model as ``SpectralNoiseModel.forward``,
@@ -57,14 +57,14 @@ def resolve_tables(tables=None):
 
 
 def desi_instrument(coadd=None, index: int = 0, tables=None):
-    """``sedvae.data.desi_instrument`` (the bundled coadd's pixels and resolution) built from
+    """``sedvae.simulation.desi_instrument`` (the bundled coadd's pixels and resolution) built from
     the exported tables where they are given (``tables`` or ``$SEDVAE_SPS_TABLES``): the same
     instrument without astropy. A ``coadd`` file is always read from disk."""
     from ..physics import DESIInstrument
 
     found = resolve_tables(tables) if coadd is None and index == 0 else None
     if found is None:
-        from ..data.mocks import desi_instrument as from_coadd
+        from ..simulation.mocks import desi_instrument as from_coadd
 
         return from_coadd(coadd, index)
     desi = found.desi_example()
@@ -81,11 +81,11 @@ def build_generator(
     bands=None,
     noise: dict | None = None,
 ):
-    """A :class:`~sedvae.data.mocks.MockGenerator` (the mock files' settings by default),
+    """A :class:`~sedvae.simulation.mocks.MockGenerator` (the mock files' settings by default),
     from the exported tables when they are given (``resolve_tables``), else from bagpipes, the
     bundled coadd and speclite. ``noise``: ``SpectralNoiseModel`` keyword arguments."""
-    from ..data.mocks import MockGenerator, desi_noise_model
     from ..physics import LS_NORTH, Photometry, SpectralNoiseModel
+    from ..simulation.mocks import MockGenerator, desi_noise_model
     from ..sps import SEDModel
 
     found = resolve_tables(tables)
@@ -195,7 +195,7 @@ def simulate_batch(gen, n: int, seed: int, step: int, device=None) -> dict[str, 
 @torch.no_grad()
 def simulate_emulator_batch(sps, n: int, seed: int, step: int, z_max: float, cols: slice):
     """Batch ``step`` of (theta, z, lum): prior draws, z ~ U(0, z_max), and the attenuated
-    stellar spectrum per unit formed mass on ``sps.wave[cols]`` (``sedvae.simulate``'s ``lum``)."""
+    stellar spectrum per unit formed mass on ``sps.wave[cols]`` (the writer's ``lum``)."""
     device = sps.wave.device
     cpu = rng_for(seed, step)
     theta = sps.prior.sample(n, cpu, dtype=torch.float64).to(device)

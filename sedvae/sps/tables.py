@@ -281,8 +281,8 @@ def _observation_arrays() -> tuple[dict, dict]:
     """The bundled DESI coadd's galaxy 0 (pixels, resolution, ivar) and the LS filters."""
     import speclite.filters
 
-    from ..data.mocks import load_desi_example
     from ..physics.photometry import LS_NORTH, LS_SOUTH
+    from ..simulation.mocks import load_desi_example
 
     spectra = load_desi_example()
     names = list(spectra.arm_names)

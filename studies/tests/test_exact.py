@@ -55,7 +55,7 @@ def test_aperture_marginal_matches_adaptive_quadrature(a_coef, a_best):
 
 @pytest.fixture(scope="module")
 def generator():
-    from sedvae.data import MockGenerator
+    from sedvae.simulation import MockGenerator
 
     return MockGenerator()
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
-from sedvae.nets.encoder import RestFrameBinner
+from sedvae.physics.restframe import RestFrameBinner
 from sedvae.sps.provabgs import LOGM_RANGE, PROVABGSPrior, check_support
 from studies.information import (
     GaussianCoordinates,
@@ -26,7 +26,7 @@ from studies.information import (
 
 @pytest.fixture(scope="module")
 def generator():
-    from sedvae.data import MockGenerator
+    from sedvae.simulation import MockGenerator
 
     return MockGenerator()
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .nets.lines import BENCH_LINES, EMISSION_LINES
-from .physics.cosmology import luminosity_distance_mpc
-from .physics.redshift import _LSUN_PER_MPC2_IN_FLUX_UNIT
+from ..physics.cosmology import luminosity_distance_mpc
+from ..physics.lines import BENCH_LINES, EMISSION_LINES
+from ..physics.redshift import LSUN_PER_MPC2_IN_FLUX_UNIT
 
 C_KMS = 299792.458
 LSF_SIGMA = 0.75  # Angstrom, DESI's LSF (FWHM ~1.8 A), for line-flux noise windows
@@ -22,7 +22,7 @@ LSF_SIGMA = 0.75  # Angstrom, DESI's LSF (FWHM ~1.8 A), for line-flux noise wind
 def desi_example_batch(spectra=None) -> dict[str, torch.Tensor]:
     """The bundled real DESI spectrum as an autoencoder batch: its own resolution matrices
     and the Galactic E(B-V) of its FIBERMAP (the model is reddened, the data left as is)."""
-    from .data.mocks import load_desi_example
+    from ..simulation.mocks import load_desi_example
 
     s = spectra if spectra is not None else load_desi_example()
     t = s.to_torch(dtype=torch.float32)
@@ -47,7 +47,7 @@ def line_snr(batch: dict, wave_obs: torch.Tensor, line_lum: torch.Tensor,
     ``L K / d_L^2 * aperture`` over sqrt(sum dlambda^2 / ivar) in +-2.5 sigma of the line."""
     z = batch["z"].double()
     d_l = luminosity_distance_mpc(z)[:, None]
-    flux = line_lum.double() * _LSUN_PER_MPC2_IN_FLUX_UNIT / d_l**2  # 1e-17 erg/s/cm^2
+    flux = line_lum.double() * LSUN_PER_MPC2_IN_FLUX_UNIT / d_l**2  # 1e-17 erg/s/cm^2
     flux = flux * batch.get("aperture", torch.ones_like(z)).double()[:, None]
     # variance of sum(flux * dlambda) per pixel, DESI pixels of 0.8 A
     var = torch.where(batch["ivar"] > 0, 0.64 / batch["ivar"].clamp_min(1e-30), torch.inf)
@@ -140,9 +140,9 @@ def evaluate_autoencoder(model: str, output_dir: str | Path, n_mocks: int = 4, s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import load_checkpoint
-    from .data import MockGenerator
-    from .plotting import plot_reconstruction
+    from ..checkpoint import load_checkpoint
+    from ..plotting import plot_reconstruction
+    from ..simulation.mocks import MockGenerator
 
     out_dir = Path(output_dir)
     net, _ = load_checkpoint(model, "autoencoder")

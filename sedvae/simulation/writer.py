@@ -1,8 +1,12 @@
-"""Simulated training sets: prior draws through the real SPS simulator, written to HDF5.
+"""The one writer of simulated sets: prior draws through the real SPS simulator, to HDF5.
 
-``python -m sedvae.simulate n=20000 seed=1 out=cache/train.h5`` (config: ``conf/simulate.yaml``)
+Two layouts, one mechanism (chunk i drawn from its own generator of (seed, i), so a file is the
+same whatever the chunking of the work; written to ``<out>.partial`` and renamed only when every
+chunk is done, so a killed run never leaves a truncated ``<out>``):
 
-File layout (all rest frame; per unit formed mass so that logM* is a pure scale):
+**Rest-frame sets** (:func:`simulate_to_hdf5`; ``python -m sedvae.simulation n=20000 seed=1
+out=cache/train.h5``, config ``conf/simulate.yaml``), per unit formed mass so that logM* is a
+pure scale; read by the emulator's data module and by :func:`write_mocks`:
 
 - ``theta`` (N, 12) float32: PROVABGS parameters (``sedvae.sps.PARAM_NAMES``)
 - ``z`` (N,) float32: redshift, uniform in [z_min, z_max] (it sets where the SFH is cut)
@@ -13,11 +17,20 @@ File layout (all rest frame; per unit formed mass so that logM* is a pure scale)
   (N, L): attenuated nebular lines + continuum per M_sun formed, unbroadened (mocks broaden
   stars and gas by sigma_v with ``SEDModel.broaden``).
 
-Guarantees: chunk i is drawn from its own child of ``SeedSequence(seed)``, so the file is the
-same whatever the interruptions; a run writes ``<out>.partial`` and renames it only when every
-chunk is done (a killed run never leaves a truncated ``<out>``); rerunning the same command
-resumes from the finished chunks. Both cores are used by torch's intra-op threads (the work is
-a few large matrix products per chunk).
+A rerun of the same command resumes from the finished chunks. Both cores are used by torch's
+intra-op threads (the work is a few large matrix products per chunk).
+
+**Observed mock sets** (:func:`write_mocks`, a :class:`~sedvae.simulation.mocks.MockGenerator`
+observed through the DESI instrument; noiseless, noise is drawn when read so that every training
+epoch sees new noise and a test set is fixed by its seed); read by the autoencoder's and the
+posterior's data modules and the catalog's mock source:
+
+- ``theta`` (N, 12), ``z`` (N,), ``logU`` (N,), ``sigma_v`` (N,) km/s, ``aperture`` (N,)
+- ``flux_true`` (N, M) float32, 1e-17 erg/s/cm^2/A, on the instrument pixels (``wave``, ``arm``)
+- ``photometry_true`` (N, nb) nanomaggies (``bands`` attribute)
+- ``line_lum`` (N, n_lines) L_sun, attenuated, summed per :data:`~sedvae.physics.lines.BENCH_LINES`
+  entry (``line_names`` attribute); ``line_lum_all`` (N, 123) every Cloudy line
+  (``cloudy_wave``)
 """
 
 from __future__ import annotations
@@ -30,11 +43,22 @@ import h5py
 import numpy as np
 import torch
 
-from . import __version__
+from .. import __version__
+from ..physics.noise import rng_for
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of both layouts
+
+
+def partial_path(path: Path) -> Path:
+    """Where a set is written until every chunk is done (then renamed to ``path``)."""
+    return path.with_name(path.name + ".partial")
+
+
+def chunk_rows(n: int, chunk_size: int, index: int) -> slice:
+    """Rows of chunk ``index`` of a set of ``n`` rows."""
+    return slice(index * chunk_size, min(n, (index + 1) * chunk_size))
 
 
 def _chunk_generator(seed: int, index: int) -> torch.Generator:
@@ -118,7 +142,7 @@ def simulate_to_hdf5(
     """
     from tqdm.auto import tqdm
 
-    from .sps import SEDModel
+    from ..sps import SEDModel
 
     if n <= 0 or chunk_size <= 0:
         raise ValueError(f"n and chunk_size must be positive; got {n}, {chunk_size}")
@@ -138,7 +162,7 @@ def simulate_to_hdf5(
         model = SEDModel(z_max=max(z_max, 1e-3), nebular=nebular, compile=compile)
     if z_max > model.z_max:
         raise ValueError(f"z_max = {z_max} exceeds the simulator's supported z_max = {model.z_max}")
-    partial = path.with_name(path.name + ".partial")
+    partial = partial_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n_chunks = -(-n // chunk_size)
     f = _open_partial(partial, settings, model, n_chunks, overwrite)
@@ -151,7 +175,7 @@ def simulate_to_hdf5(
             )
         for i in tqdm(todo, desc=f"simulate {path.name}", disable=not progress, unit="chunk"):
             chunk = draw_chunk(model, i, settings)
-            sl = slice(i * chunk_size, i * chunk_size + len(chunk["z"]))
+            sl = chunk_rows(n, chunk_size, i)
             for key, value in chunk.items():
                 f[key][sl] = value
             done[i] = True
@@ -197,43 +221,84 @@ def _open_partial(
     return f
 
 
-def main() -> None:
-    import hydra
+def write_mocks(
+    path: str | os.PathLike,
+    n: int,
+    seed: int,
+    generator=None,
+    chunk_size: int = 256,
+    simulation: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> Path:
+    """Write a noiseless mock file (layout in the module docstring); returns its path.
 
-    from .paths import config_dir
+    ``generator``: a :class:`~sedvae.simulation.mocks.MockGenerator` (default: its defaults).
 
-    @hydra.main(version_base="1.3", config_path=config_dir(), config_name="simulate")
-    def _run(cfg) -> None:
-        from .hydra_utils import output_dir
+    Chunk i uses its own generator from (seed, i), so the file depends on (n, seed, chunk_size)
+    only. With ``simulation`` (a :func:`simulate_to_hdf5` file made with ``nebular=true``),
+    theta, z, logU, sigma_v and the rest-frame spectra are taken from it (its first n rows)
+    instead of being drawn; the aperture is still drawn. Written to ``<path>.partial`` then renamed.
+    """
+    from tqdm.auto import tqdm
 
-        path = simulate_to_hdf5(
-            cfg.out,
-            n=cfg.n,
-            seed=cfg.seed,
-            chunk_size=cfg.chunk_size,
-            z_min=cfg.z_min,
-            z_max=cfg.z_max,
-            nebular=cfg.nebular,
-            logu_range=tuple(cfg.logu_range),
-            sigma_v_range=tuple(cfg.sigma_v_range),
-            progress=cfg.progress,
-            overwrite=cfg.overwrite,
-            compile=cfg.compile,
-        )
-        log.info("training set: %s", path)
-        if cfg.plot:
-            import matplotlib
+    from .mocks import MockGenerator
 
-            matplotlib.use("Agg")
-            from .plots import plot_training_examples
-
-            fig, _ = plot_training_examples(path, n=cfg.plot_n)
-            figure = output_dir(cfg) / "training_examples.png"
-            fig.savefig(figure, dpi=110)
-            log.info("figure: %s", figure)
-
-    _run()
-
-
-if __name__ == "__main__":
-    main()
+    gen = generator if generator is not None else MockGenerator()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(path)
+    m, nb = gen.instrument.npix, len(gen.photometry.bands)
+    n_cloudy = gen.sps.line_wavelengths.shape[0]
+    sim = h5py.File(simulation, "r") if simulation is not None else None
+    if sim is not None and (sim.attrs.get("nebular") is not True and "lum_nebular" not in sim):
+        raise ValueError(f"{simulation} has no nebular emission: make it with nebular=true")
+    if sim is not None and len(sim["z"]) < n:
+        raise ValueError(f"{simulation} holds {len(sim['z'])} galaxies; asked for {n}")
+    f = None
+    try:
+        f = h5py.File(partial, "w")
+        rows = min(chunk_size, 256, n)
+        for key, shape in (("theta", (n, 12)), ("z", (n,)), ("logU", (n,)), ("sigma_v", (n,))):
+            f.create_dataset(key, shape, "f4")
+        f.create_dataset("aperture", (n,), "f4")
+        f.create_dataset("flux_true", (n, m), "f4", chunks=(rows, m))
+        f.create_dataset("photometry_true", (n, nb), "f4")
+        f.create_dataset("line_lum", (n, len(gen.line_names)), "f4")
+        f.create_dataset("line_lum_all", (n, n_cloudy), "f4")
+        f.create_dataset("wave", data=gen.instrument.wave.double().numpy())
+        f.create_dataset("arm", data=gen.instrument.arm.numpy())
+        f.attrs.update(
+            n=n, seed=seed, chunk_size=chunk_size, format_version=FORMAT_VERSION,
+            bands=list(gen.photometry.bands), line_names=list(gen.line_names),
+            z_dist=gen.z_dist, z_range=gen.z_range, source=str(simulation or "prior"),
+            units="flux: 1e-17 erg/s/cm^2/A; photometry: nanomaggies; line_lum: L_sun",
+        )  # fmt: skip
+        f.create_dataset("cloudy_wave", data=gen.sps.line_wavelengths.numpy())
+        n_chunks = -(-n // chunk_size)
+        for i in tqdm(range(n_chunks), disable=not progress, desc=path.name):
+            sl = chunk_rows(n, chunk_size, i)
+            rng = rng_for(seed, i)
+            count = sl.stop - sl.start
+            params = gen.draw(count, rng)
+            lum = None
+            if sim is not None:
+                for key in ("theta", "z"):
+                    params[key] = torch.as_tensor(sim[key][sl], dtype=torch.float64)
+                params["logU"] = torch.as_tensor(sim["nuisance/logU"][sl], dtype=torch.float64)
+                params["sigma_v"] = torch.as_tensor(sim["nuisance/sigma_v"][sl]).double()
+                unit = torch.as_tensor(sim["lum"][sl]) + torch.as_tensor(sim["lum_nebular"][sl])
+                mass = 10 ** params["theta"][:, :1].to(unit.dtype)
+                lum = gen.sps.broaden(unit * mass, params["sigma_v"].to(unit.dtype))
+            clean = gen.noiseless(params, lum)
+            for key in ("theta", "z", "logU", "sigma_v", "aperture"):
+                f[key][sl] = params[key].float().numpy()
+            for key, value in clean.items():
+                f[key][sl] = value.numpy()
+        f.attrs["complete"] = True
+    finally:
+        if f is not None:
+            f.close()
+        if sim is not None:
+            sim.close()
+    os.replace(partial, path)
+    return path

@@ -1,5 +1,6 @@
 """LightningModule for :class:`sedvae.posterior.NeuralPosterior`: it calls ``net.augment`` and
-``net.loss`` and logs; nothing else."""
+``net.loss`` and logs; the weight surgery of ``init_from``/``init_widen``/``freeze_embedding`` is
+the net's own (:meth:`NeuralPosterior.load_weights`, :meth:`NeuralPosterior.freeze_embedding`)."""
 
 from __future__ import annotations
 
@@ -7,45 +8,16 @@ import pytorch_lightning as pl
 import torch
 
 from ..checkpoint import CheckpointError, load_checkpoint
-from ..posterior.model import NeuralPosterior
+from .model import NeuralPosterior
 
-
-def widened_state(old: dict, new: dict) -> dict:
-    """``old`` state dict fitted into ``new``'s shapes: a tensor whose last dimension grew
-    (a layer given extra inputs, appended after the old ones) keeps its old entries and gets
-    zeros for the new ones, so the widened network computes exactly what the old one did
-    until training moves the new weights. Any other difference is left for
-    ``load_state_dict`` to report."""
-    out = dict(old)
-    for key, target in new.items():
-        src = old.get(key)
-        grew = src is not None and src.shape[-1] < target.shape[-1]
-        if grew and src.shape[:-1] == target.shape[:-1]:
-            grown = torch.zeros_like(target)
-            grown[..., : src.shape[-1]] = src
-            out[key] = grown
-    return out
-
-
-# modules a widened run may add to a file: a flow affine head starts as the identity (zero
-# last layer); a gappy-PCA basis is fitted in setup() (the head reads its features through
-# zero weights at first)
-ADDED_BY_WIDENING = ("flow.affine.", "embedding.pca.")
 PCA_FIT_SPECTRA = 20000  # training spectra for the gappy-PCA basis (~1 min on one core)
 
 
 def init_weights(net: NeuralPosterior, path, widen: bool = False) -> None:
-    """Copy the weights of the posterior file ``path`` into ``net`` (same architecture; with
-    ``widen``, layers of ``net`` that read more inputs take the old weights plus zeros, and a
-    flow affine head or gappy-PCA basis the file lacks keeps its fresh state)."""
+    """Copy the weights of the posterior file ``path`` into ``net``
+    (:meth:`NeuralPosterior.load_weights`), refusing another network with the mismatch named."""
     try:
-        state = load_checkpoint(path, "posterior")[0].state_dict()
-        if widen:
-            state = widened_state(state, net.state_dict())
-            for key, value in net.state_dict().items():
-                if key not in state and key.startswith(ADDED_BY_WIDENING):
-                    state[key] = value
-        net.load_state_dict(state)
+        net.load_weights(load_checkpoint(path, "posterior")[0].state_dict(), widen=widen)
     except RuntimeError as err:  # torch lists the missing, unexpected and mis-shaped tensors
         raise CheckpointError(
             f"init_from={path}: its network differs from the configured one; start from a file "
@@ -79,6 +51,10 @@ class PosteriorModule(pl.LightningModule):
         ``log_dy_du``: :class:`~sedvae.posterior.data.FrozenSummaryDataModule`), on which the
         loss is the same -log q(u | x) as on raw batches without running the embedding
         (``experiment=posterior_flow``).
+    summary_from : str, optional
+        The posterior file whose embedding made the data module's frozen summaries
+        (``data.summary_from``, passed by ``conf/model/posterior.yaml``); :meth:`setup` refuses
+        them unless that embedding is this net's own.
     warmup_steps : int
         Optimiser steps over which the learning rate ramps linearly from lr / warmup_steps to
         the scheduler's lr (0: none). For a cycle started from trained weights: fresh AdamW
@@ -96,6 +72,7 @@ class PosteriorModule(pl.LightningModule):
         warmup_steps=0,
         init_widen: bool = False,
         freeze_embedding: bool = False,
+        summary_from: str | None = None,
     ) -> None:
         super().__init__()
         if init_from:
@@ -108,8 +85,7 @@ class PosteriorModule(pl.LightningModule):
                 )
             if init_widen:
                 raise ValueError("freeze_embedding with init_widen would freeze untrained inputs")
-            for name, param in net.named_parameters():
-                param.requires_grad_(name.startswith("flow."))
+            net.freeze_embedding()
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.net = net
@@ -117,21 +93,26 @@ class PosteriorModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.warmup_steps = int(warmup_steps)
         self.freeze_embedding = bool(freeze_embedding)
+        self.summary_from = summary_from or None
 
     def on_train_epoch_start(self) -> None:
         if self.freeze_embedding:  # Lightning puts the whole module in train mode
             self.net.embedding.eval()
 
     def setup(self, stage: str) -> None:
-        """Before fitting, fit the embedding's gappy-PCA basis (``embedding.pca``) to noiseless
-        spectra of the training set, unless it has one (from ``init_from`` or a checkpoint)."""
-        frozen = getattr(getattr(self.trainer, "datamodule", None), "embedding_state", None)
-        if stage == "fit" and frozen is not None:
-            self._check_frozen_summaries(frozen)
-        pca = getattr(self.net.embedding, "pca", None)
-        if stage != "fit" or pca is None or bool(pca.fitted):
+        """Before fitting: check that frozen summaries (``summary_from``) come from this net's
+        embedding, and fit the embedding's gappy-PCA basis (``embedding.pca``) to noiseless
+        spectra of the data module's training set unless it has one (from ``init_from`` or a
+        checkpoint)."""
+        if stage != "fit":
             return
-        data = getattr(getattr(self.trainer, "datamodule", None), "datasets", {}).get("train")
+        if self.summary_from is not None:
+            source, _ = load_checkpoint(self.summary_from, "posterior")
+            self._check_frozen_summaries(source.summary_state())
+        pca = getattr(self.net.embedding, "pca", None)
+        if pca is None or bool(pca.fitted):
+            return
+        data = self.trainer.datamodule
         if not hasattr(data, "clean_spectra"):
             raise ValueError(
                 "embedding.pca needs a data module whose training set has noiseless spectra "

@@ -23,84 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..physics._checks import as_tensor
 from ..physics.cosmology import luminosity_distance_mpc
-from ..physics.redshift import _LSUN_PER_MPC2_IN_FLUX_UNIT
-from ..physics.resample import pixel_edges
+from ..physics.redshift import LSUN_PER_MPC2_IN_FLUX_UNIT
+from ..physics.restframe import RestFrameBinner
 from ..sps.provabgs import LOGM_RANGE, N_FREE, PROVABGSPrior
 
 NMGY_TO_FLAM = 3631e-32 * 2.99792458e18 * 1e17  # nanomaggies * this / lambda^2 -> 1e-17 f_lambda
 SIGMA_RANGE = (10.0, 600.0)  # km/s, velocity dispersions of stars and gas
 APERTURE_RANGE = (0.05, 1.5)  # spectroscopic / total flux (fibre losses; >1 allows miscalibration)
 CALIB_MAX = 0.2  # |c_k| of the smooth calibration (exp(0.2) = 22 % at the spectrum's ends)
-
-
-class RestFrameBinner(nn.Module):
-    """Observed pixels -> ivar-weighted rest-frame bins (no gradients; data only).
-
-    Pixels are treated as piecewise constant over their edges (what a detector measures), so
-    a bin receives each pixel in proportion to the overlap. Output: the ivar-weighted mean
-    flux and the summed ivar (the ivar of that mean) per bin.
-
-    Parameters
-    ----------
-    wave_obs : (M,) array-like, Angstrom
-        Instrument pixel centres; increasing within each arm.
-    arm : (M,) int array-like, optional
-        Arm of each pixel (arms may overlap, e.g. DESI b/r/z); each arm a contiguous block.
-    wave_min, wave_max : float, Angstrom
-        Rest-frame range of the bins.
-    n_bins : int
-        Number of ln-uniform bins.
-    """
-
-    def __init__(
-        self, wave_obs, arm=None, wave_min: float = 2200.0, wave_max: float = 9900.0, n_bins=2048
-    ) -> None:
-        super().__init__()
-        wave = as_tensor("wave_obs", wave_obs, dtype=torch.float64)
-        arm_t = torch.zeros(wave.shape, dtype=torch.long) if arm is None else torch.as_tensor(arm)
-        self.arm_slices = []
-        for a in range(int(arm_t.max()) + 1):
-            idx = torch.nonzero(arm_t == a).flatten()
-            if len(idx) < 2 or not bool((torch.diff(idx) == 1).all()):
-                raise ValueError("each arm must be a contiguous block of >= 2 pixels")
-            sl = slice(int(idx[0]), int(idx[-1]) + 1)
-            self.register_buffer(f"edges_{a}", pixel_edges(wave[sl]), persistent=False)
-            self.arm_slices.append(sl)
-        edges = torch.exp(torch.linspace(math.log(wave_min), math.log(wave_max), n_bins + 1))
-        self.n_bins = int(n_bins)
-        self.register_buffer("edges", edges.to(torch.float64), persistent=False)  # (N + 1,)
-
-    @staticmethod
-    def _cumulative(pix_edges, values, x):
-        """Integral of piecewise-constant ``values`` (B, M) from the first edge to x (B, X)."""
-        width = torch.diff(pix_edges)
-        cum = F.pad(torch.cumsum(values * width, -1), (1, 0))  # (B, M + 1)
-        k = (torch.searchsorted(pix_edges, x.contiguous(), right=True) - 1).clamp(0, len(width) - 1)
-        xc = x.clamp(pix_edges[0], pix_edges[-1])
-        return cum.gather(1, k) + values.gather(1, k) * (xc - pix_edges[k]).clamp_min(0.0)
-
-    @torch.no_grad()
-    def forward(self, flux, ivar, z) -> tuple[torch.Tensor, torch.Tensor]:
-        """flux, ivar (B, M) (ivar = 0 where masked), z (B,) -> rest-frame flux and summed
-        ivar, each (B, N); bins without data have ivar 0 and flux 0."""
-        x = self.edges[None, :] * (1.0 + z.to(torch.float64))[:, None]  # (B, N + 1) observed
-        num = torch.zeros(flux.shape[0], self.n_bins, dtype=torch.float64, device=flux.device)
-        den = torch.zeros_like(num)
-        for a, sl in enumerate(self.arm_slices):
-            e = getattr(self, f"edges_{a}")
-            w = ivar[:, sl].to(torch.float64)
-            width = torch.diff(e)
-            # per Angstrom, so that integrating over a whole pixel gives back that pixel
-            both = torch.cat([w * flux[:, sl].to(torch.float64), w], 0) / width
-            cum = self._cumulative(e, both, x.repeat(2, 1))
-            integral = torch.diff(cum, dim=-1)
-            num += integral[: flux.shape[0]]
-            den += integral[flux.shape[0] :]
-        good = den > 0
-        f = torch.where(good, num / den.clamp_min(1e-300), torch.zeros_like(num))
-        return f.to(flux.dtype), den.clamp_min(0.0).to(flux.dtype)
 
 
 class LatentMap(nn.Module):
@@ -228,7 +159,7 @@ class SpectrumEncoder(nn.Module):
 
     def bind(self, instrument: nn.Module) -> None:
         """Build the rest-frame binner for an instrument's pixels (``wave``, optional ``arm``);
-        called by :class:`~sedvae.nets.SpectrumAutoencoder`."""
+        called by :class:`~sedvae.autoencoder.SpectrumAutoencoder`."""
         self.binner = RestFrameBinner(
             instrument.wave, getattr(instrument, "arm", None), *self.rest_range, self.n_bins
         ).to(instrument.wave.device)
@@ -287,7 +218,7 @@ class SpectrumEncoder(nn.Module):
         raw = self.mlp(torch.cat([pooled, extras], -1))
         # L_rest (L_sun/A) of the anchor flux: f = L K / (d_L^2 (1 + z))
         d_l = luminosity_distance_mpc(z.clamp_min(1e-4))
-        log_lum = log_anchor + torch.log10(d_l**2 * (1 + z) / _LSUN_PER_MPC2_IN_FLUX_UNIT)
+        log_lum = log_anchor + torch.log10(d_l**2 * (1 + z) / LSUN_PER_MPC2_IN_FLUX_UNIT)
         return raw, log_lum
 
     def forward(self, flux, ivar, z, photometry=None, photometry_ivar=None):

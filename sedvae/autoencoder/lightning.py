@@ -1,4 +1,4 @@
-"""LightningModule for :class:`sedvae.nets.SpectrumAutoencoder`: it calls ``net.augment`` and
+"""LightningModule for :class:`sedvae.autoencoder.SpectrumAutoencoder`: it calls ``net.augment`` and
 ``net.loss`` and logs; reconstruction figures go to W&B each validation epoch when W&B is the
 logger (``logger=wandb``)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
-from ..nets import SpectrumAutoencoder
+from .model import SpectrumAutoencoder
 
 
 class AutoencoderModule(pl.LightningModule):

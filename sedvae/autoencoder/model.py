@@ -459,9 +459,4 @@ def safe_log_prior(prior, theta: torch.Tensor) -> torch.Tensor:
     return prior.log_prob(torch.stack(cols, -1)).to(theta.dtype)
 
 
-def count_parameters(module: nn.Module) -> int:
-    """Trainable parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-__all__ = ["SpectrumAutoencoder", "count_parameters", "safe_log_prior"]
+__all__ = ["SpectrumAutoencoder", "safe_log_prior"]

@@ -15,8 +15,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from .hydra_utils import instantiate_collection, output_dir, save_config, write_json_atomic
-from .paths import config_dir
+from ..hydra_utils import instantiate_collection, output_dir, save_config, write_json_atomic
+from ..paths import config_dir
 
 log = logging.getLogger(__name__)
 MAX_LOGGED_FIGURES = 50

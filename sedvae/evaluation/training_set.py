@@ -15,12 +15,12 @@ def evaluate_training_set(path: str | Path, output_dir: str | Path, n_plot: int 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plots import plot_training_examples
+    from ..plotting.training_set import plot_training_examples
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path}: no training set there; make one with python -m sedvae.simulate"
+            f"{path}: no training set there; make one with python -m sedvae.simulation"
         )
     with h5py.File(path, "r") as f:
         if not f.attrs.get("complete", False):

@@ -3,7 +3,7 @@
 Three additive parts, each in units of the galaxy's continuum level ``norm`` (L_sun/A, the
 mean stellar continuum over 4000-7000 A, detached) so that the network works with O(1) numbers:
 
-- **lines**: luminosities of a fixed list of emission lines (:mod:`sedvae.nets.lines`),
+- **lines**: luminosities of a fixed list of emission lines (:mod:`sedvae.physics.lines`),
   ``L_k = norm * EW_k``, ``EW_k = ew_scale * softplus(.) >= 0`` (Angstrom), deposited on the
   fine grid and broadened by the gas dispersion. This is the "line-region prior": narrow
   residual features can only sit at known line wavelengths.
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..physics.lines import EMISSION_LINES
 from .grid import LogGrid
-from .lines import EMISSION_LINES
 
 
 class ResidualNet(nn.Module):

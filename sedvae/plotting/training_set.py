@@ -19,7 +19,7 @@ def plot_training_examples(path: str | Path, n: int = 4, model=None):
     """
     import matplotlib.pyplot as plt
 
-    from .sps import SEDModel
+    from ..sps import SEDModel
 
     with h5py.File(path, "r") as f:
         n = min(n, f["theta"].shape[0])

@@ -1,5 +1,0 @@
-"""Thin LightningModules: optimisation and logging around the nets' own ``loss``."""
-
-from .autoencoder import AutoencoderModule
-
-__all__ = ["AutoencoderModule"]
