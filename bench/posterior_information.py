@@ -56,6 +56,7 @@ import torch
 from posterior_exact import read_records, rms  # same directory: one results-file reader
 
 from sedvae.posterior import load_posterior
+from sedvae.sps import THETA
 
 REPO = Path(__file__).resolve().parents[1]
 QUANTITIES = ("logmstar", "logmstar_surv", "log_zmw")
@@ -206,7 +207,7 @@ def main() -> None:
         samples = post.sample(sub, args.n_samples, torch.Generator().manual_seed(idx[0]))
         d_flow = post.derived(samples, sub["z"])
         flow_q = {
-            "logmstar": samples[..., 0].double(),
+            "logmstar": samples[..., THETA.LOGMSTAR].double(),
             "logmstar_surv": d_flow["logmstar_surv"].double(),
             "log_zmw": torch.log10(d_flow["z_mw"]).double(),
         }
@@ -217,7 +218,8 @@ def main() -> None:
 
             def quantities(theta, z=z):
                 d = post.derived(theta.float()[:, None], torch.tensor([z]).float())
-                return {"logmstar": theta[:, 0], "logmstar_surv": d["logmstar_surv"][:, 0],
+                return {"logmstar": theta[:, THETA.LOGMSTAR],
+                        "logmstar_surv": d["logmstar_surv"][:, 0],
                         "log_zmw": torch.log10(d["z_mw"][:, 0])}  # fmt: skip
 
             w0 = coords.to_w(*(batch[k][i : i + 1] for k in ("theta", "logU", "sigma_v",

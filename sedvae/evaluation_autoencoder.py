@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sedvae.sps import THETA
+
 from .nets.lines import BENCH_LINES, EMISSION_LINES
 from .physics.cosmology import luminosity_distance_mpc
 from .physics.redshift import _LSUN_PER_MPC2_IN_FLUX_UNIT
@@ -86,9 +88,9 @@ def galaxy_metrics(net, out: dict) -> dict[str, np.ndarray]:
     }
     frac = net.residual_fraction(b["z"], model["rest"])
     res.update({k: v.numpy() for k, v in frac.items()})
-    res["logmstar_fit"] = latents["theta"][:, 0].numpy()
+    res["logmstar_fit"] = latents["theta"][:, THETA.LOGMSTAR].numpy()
     if "theta" in b:
-        res["logmstar_true"] = b["theta"][:, 0].numpy()
+        res["logmstar_true"] = b["theta"][:, THETA.LOGMSTAR].numpy()
     if "line_lum" in b:
         res["line_fit"] = line_flux_models(net, out).numpy()
         res["line_true"] = b["line_lum"].numpy()

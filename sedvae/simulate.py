@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .sps import THETA
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def draw_chunk(model, index: int, settings: dict) -> dict[str, np.ndarray]:
         out = {
             "theta": theta.float().numpy(),
             "z": z.float().numpy(),
-            "lum": model.spectrum_from_history(h, th[:, 9:12]).float().numpy(),
+            "lum": model.spectrum_from_history(h, th[:, THETA.DUST]).float().numpy(),
         }
         for key, value in model.derived(th, zz).items():
             out[f"derived/{key}"] = value.double().numpy()
@@ -91,7 +92,7 @@ def draw_chunk(model, index: int, settings: dict) -> dict[str, np.ndarray]:
             out["nuisance/logU"] = logu.float().numpy()
             out["nuisance/sigma_v"] = sigma_v.float().numpy()
             out["lum_nebular"] = (
-                model.nebular_spectrum(h, th[:, 9:12], logu.to(th.dtype)).float().numpy()
+                model.nebular_spectrum(h, th[:, THETA.DUST], logu.to(th.dtype)).float().numpy()
             )
     return out
 

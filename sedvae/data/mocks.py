@@ -41,6 +41,7 @@ from ..nets.lines import BENCH_LINES, EMISSION_LINES
 from ..paths import data_dir
 from ..physics import LS_NORTH, DESIInstrument, Photometry
 from ..physics.noise import SpectralNoiseModel, rng_for
+from ..sps import THETA
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ def write_mocks(
                 params["logU"] = torch.as_tensor(sim["nuisance/logU"][sl], dtype=torch.float64)
                 params["sigma_v"] = torch.as_tensor(sim["nuisance/sigma_v"][sl]).double()
                 unit = torch.as_tensor(sim["lum"][sl]) + torch.as_tensor(sim["lum_nebular"][sl])
-                mass = 10 ** params["theta"][:, :1].to(unit.dtype)
+                mass = 10 ** params["theta"][:, THETA.LOGMSTAR, None].to(unit.dtype)
                 lum = gen.sps.broaden(unit * mass, params["sigma_v"].to(unit.dtype))
             clean = gen.noiseless(params, lum)
             for key in ("theta", "z", "logU", "sigma_v", "aperture"):

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..physics.cosmology import luminosity_distance_mpc
 from ..physics.resample import integrate_bins, pixel_edges
-from ..sps.provabgs import LOGM_RANGE
+from ..sps.provabgs import LOGM_RANGE, THETA
 from .decoder import PhysicsDecoder
 from .encoder import APERTURE_RANGE, SpectrumEncoder
 
@@ -223,14 +223,14 @@ class SpectrumAutoencoder(nn.Module):
             else:
                 a_mass = a_spec
             a_mass = a_mass.clamp(1e-4, 1e4)
-            logm0 = latents["theta"][:, 0]
+            logm0 = latents["theta"][:, THETA.LOGMSTAR]
             logm = (logm0 + torch.log10(a_mass)).clamp(lo, hi)
             a_mass = 10 ** (logm - logm0)
             aper = (latents["aperture"] * a_spec / a_mass).clamp(*APERTURE_RANGE)
             a_spec = a_mass * aper / latents["aperture"]
         latents = dict(latents)
         theta = latents["theta"].clone()
-        theta[:, 0] = logm
+        theta[:, THETA.LOGMSTAR] = logm
         latents["theta"], latents["aperture"] = theta, aper
         model = dict(model)
         model["flux"] = model["flux"] * a_spec[:, None]
@@ -313,7 +313,8 @@ class SpectrumAutoencoder(nn.Module):
         if "theta" in batch:
             sup = self.supervised(batch, latents)
             metrics["supervised"] = sup.mean()
-            metrics["logmstar_err"] = (latents["theta"][:, 0] - batch["theta"][:, 0]).abs().mean()
+            err = latents["theta"][:, THETA.LOGMSTAR] - batch["theta"][:, THETA.LOGMSTAR]
+            metrics["logmstar_err"] = err.abs().mean()
             if self.w_supervised > 0:
                 loss = loss + self.w_supervised * sup.mean()
         return loss, {k: v.detach() for k, v in metrics.items()}
