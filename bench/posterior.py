@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sedvae.io import FATAL
 from sedvae.posterior import load_posterior
 from sedvae.posterior.diagnostics import (
     recovery,
@@ -143,7 +144,9 @@ def main() -> None:
     # ---- calibration ----------------------------------------------------------------------
     res = post.sample(batch, args.n_samples, gen, return_flags=True)
     theta, flags = res.samples, res.flags
-    ok = flags == 0
+    # warnings (PRIOR_EDGE of a mock near logM* = 7) keep their galaxy: dropping them would
+    # select on the posterior and bias the calibration
+    ok = (flags & int(FATAL)) == 0
     result["n_flagged"] = int((~ok).sum())
     truth = batch["theta"].double()
     prior = post.prior
