@@ -141,7 +141,7 @@ class Posterior:
 
         Parameters
         ----------
-        batch : dict (module docstring)
+        batch : SpectrumBatch or dict (module docstring)
         n : int
             Samples per galaxy.
         generator : torch.Generator, optional
