@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sedvae.sps import THETA
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CKPT = REPO / "data" / "emulator" / "speculator_bc03_provabgs.ckpt"
 BANDS = ("decam2014-g", "decam2014-r", "decam2014-z", "wise2010-W1")
@@ -53,7 +55,7 @@ def direct_on(emu, z_max: float):
 def log_lum_direct(model, cols, theta, z) -> torch.Tensor:
     """ln L per unit formed mass (B, L_emu) from the simulator."""
     theta, z = model.check_inputs(theta, z)
-    lum = model.spectrum_from_history(model.history(theta, z), theta[:, 9:12])
+    lum = model.spectrum_from_history(model.history(theta, z), theta[:, THETA.DUST])
     return torch.log(lum[:, cols].clamp_min(1e-37))
 
 
@@ -64,7 +66,8 @@ def magnitudes(wave_rest, log_lum_unit, theta, z: float) -> np.ndarray:
 
     from sedvae.physics import redshift_spectrum
 
-    lum = torch.exp(log_lum_unit.double() + np.log(10.0) * theta[:, :1].double())
+    log_mass = theta[:, THETA.LOGMSTAR, None].double()
+    lum = torch.exp(log_lum_unit.double() + np.log(10.0) * log_mass)
     wave_obs, flux = redshift_spectrum(wave_rest, lum, torch.full((len(lum),), z).double())
     filters = speclite.filters.load_filters(*BANDS)
     table = filters.get_ab_magnitudes(

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from sedvae.sps import PROVABGSPrior, SEDModel
+from sedvae.sps import THETA, PROVABGSPrior, SEDModel
 from sedvae.sps.reference import (
     BagpipesReference,
     av_from_tau_ism,
@@ -35,9 +35,9 @@ GRID_Z = (0.008, 0.02, 0.05)
 
 def galaxies(n: int, seed: int) -> torch.Tensor:
     theta = PROVABGSPrior().sample(n, torch.Generator().manual_seed(seed), dtype=torch.float64)
-    theta[:, 5] = 0.0  # no burst
-    theta[:, 9] = 0.0  # no extra birth-cloud dust
-    theta[:, 11] = 0.0  # Kriek & Conroy at n = 0 = bagpipes' Salim(delta=0, B=0.85)
+    theta[:, THETA.F_BURST] = 0.0  # no burst
+    theta[:, THETA.TAU_BC] = 0.0  # no extra birth-cloud dust
+    theta[:, THETA.N_DUST] = 0.0  # Kriek & Conroy at n = 0 = bagpipes' Salim(delta=0, B=0.85)
     return theta
 
 
@@ -78,9 +78,9 @@ def main() -> None:
             sfh_steps(
                 model64.bin_edges[:-1].numpy(), h.bin_hi_gyr[0].numpy(), h.bin_mass[0].numpy()
             ),
-            float(theta[i, 0]),
+            float(theta[i, THETA.LOGMSTAR]),
             zmets[i] / 0.02,
-            av_from_tau_ism(float(theta[i, 10])),
+            av_from_tau_ism(float(theta[i, THETA.TAU_ISM])),
         )
         for i, h in enumerate(hist)
     ]

@@ -288,6 +288,7 @@ def run_sedvae(mocks: dict, indices: list[int], checkpoint: Path, n_samples: int
     """sedvae posteriors of the same mocks: one ``Posterior.sample`` call per galaxy (timed
     one galaxy at a time, as bagpipes is), 1000 samples each."""
     from sedvae.posterior import load_posterior
+    from sedvae.sps import THETA
     from sedvae.sps.reference import av_from_tau_ism
 
     post = load_posterior(checkpoint)
@@ -312,10 +313,10 @@ def run_sedvae(mocks: dict, indices: list[int], checkpoint: Path, n_samples: int
             "wall_s": wall,
             "wall_sample_s": t_sample,
             "flag": int(result.flags[0]),
-            "logmstar": summary(theta[:, 0]),
+            "logmstar": summary(theta[:, THETA.LOGMSTAR]),
             "logmstar_surv": summary(derived["logmstar_surv"][:, 0].double().numpy()),
             "log_zmw": summary(np.log10(derived["z_mw"][:, 0].double().numpy())),
-            "av_ism": summary(av_per_tau * theta[:, 10]),
+            "av_ism": summary(av_per_tau * theta[:, THETA.TAU_ISM]),
             "truth": {"logmstar": float(truth[0, 0]), "log_zmw": float(np.log10(z_true)),
                       "av_ism": float(av_per_tau * truth[0, 10])},
         })  # fmt: skip

@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 
 from sedvae.posterior.model import u_to_w, w_to_u
-from sedvae.sps import N_FREE
+from sedvae.sps import N_FREE, THETA
 
 N_W = N_FREE + 3  # theta's free coordinates, logU, sigma_v, log aperture
 
@@ -130,7 +130,10 @@ def whitened_jacobian(
     (14, M) = ivar^(1/2) d(aperture x flux)/dw, photometry (14, nb) or None; and the
     gradients g (14,) of ``quantities`` (a function of theta (n, 12) returning a dict of (n,)
     values; default logM* formed)."""
-    values = quantities(st.theta) if quantities is not None else {"logmstar": st.theta[:, 0]}
+    if quantities is None:
+        values = {"logmstar": st.theta[:, THETA.LOGMSTAR]}
+    else:
+        values = quantities(st.theta)
     g = {k: st.derivative(v.double()) for k, v in values.items()}
     y_spec = st.derivative(st.flux) * ivar.double().clamp_min(0).sqrt()
     y_phot = None

@@ -72,6 +72,7 @@ import torch
 from bench.common import test_batch
 from sedvae.posterior import load_posterior
 from sedvae.posterior.diagnostics import recovery
+from sedvae.sps import THETA
 from studies.common import OBS_KEYS, QUANTITIES, SSFR_BINS, read_records, rms
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ def summaries(post, theta: torch.Tensor, z: torch.Tensor) -> dict[str, list[floa
     """16/50/84 % of logM*, log surviving mass and log Z_MW of samples theta (n, 12)."""
     d = post.derived(theta.float()[:, None], z)
     values = {
-        "logmstar": theta[:, 0].double(),
+        "logmstar": theta[:, THETA.LOGMSTAR].double(),
         "logmstar_surv": d["logmstar_surv"][:, 0].double(),
         "log_zmw": torch.log10(d["z_mw"][:, 0]).double(),
     }
@@ -411,7 +412,7 @@ def main() -> None:
         record = {
             "index": i,
             "truth": {
-                "logmstar": float(truth_theta[i, 0]),
+                "logmstar": float(truth_theta[i, THETA.LOGMSTAR]),
                 "logmstar_surv": surv,
                 "log_zmw": float(torch.log10(d_true["z_mw"][0, i])),
                 "log_ssfr": float(torch.log10(d_true["sfr_100myr"][0, i].clamp_min(1e-30))) - surv,
@@ -471,13 +472,14 @@ def main() -> None:
         # the flow's logM* error per bin over the whole held-out set (200 samples each)
         samples = post.sample({k: batch[k] for k in OBS_KEYS}, 200,
                               torch.Generator().manual_seed(0))  # fmt: skip
-        sq_err = (samples[..., 0].double().nanmedian(0).values - truth_theta[:, 0]) ** 2
+        med = samples[..., THETA.LOGMSTAR].double().nanmedian(0).values
+        sq_err = (med - truth_theta[:, THETA.LOGMSTAR]) ** 2
         flow_all = {name: float(sq_err[(log_ssfr >= lo) & (log_ssfr < hi)].nanmean().sqrt())
                     for name, lo, hi in SSFR_BINS}  # fmt: skip
         result["nested"] = summarise_nested(records, list(best.values()), shares, flow_all)
         result["nested"]["n_more_live"] = sum(r.get("n_live", N_LIVE) > N_LIVE
                                               for r in best.values())  # fmt: skip
-        truth = {i: float(truth_theta[i, 0]) for i in range(truth_theta.shape[0])}
+        truth = {i: float(truth_theta[i, THETA.LOGMSTAR]) for i in range(truth_theta.shape[0])}
         for name, other in live.items():
             result[name] = compare_live(nested, other, truth)
     print(json.dumps(result))

@@ -57,6 +57,7 @@ import torch
 
 from bench.common import test_batch
 from sedvae.posterior import load_posterior
+from sedvae.sps import THETA
 from studies.common import QUANTITIES, SSFR_BINS, read_records, rms
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,7 +205,7 @@ def main() -> None:
         samples = post.sample(sub, args.n_samples, torch.Generator().manual_seed(idx[0]))
         d_flow = post.derived(samples, sub["z"])
         flow_q = {
-            "logmstar": samples[..., 0].double(),
+            "logmstar": samples[..., THETA.LOGMSTAR].double(),
             "logmstar_surv": d_flow["logmstar_surv"].double(),
             "log_zmw": torch.log10(d_flow["z_mw"]).double(),
         }
@@ -215,7 +216,8 @@ def main() -> None:
 
             def quantities(theta, z=z):
                 d = post.derived(theta.float()[:, None], torch.tensor([z]).float())
-                return {"logmstar": theta[:, 0], "logmstar_surv": d["logmstar_surv"][:, 0],
+                return {"logmstar": theta[:, THETA.LOGMSTAR],
+                        "logmstar_surv": d["logmstar_surv"][:, 0],
                         "log_zmw": torch.log10(d["z_mw"][:, 0])}  # fmt: skip
 
             w0 = coords.to_w(*(batch[k][i : i + 1] for k in ("theta", "logU", "sigma_v",

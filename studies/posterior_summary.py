@@ -53,6 +53,7 @@ from sedvae.posterior import NeuralPosterior, Posterior
 from sedvae.posterior.diagnostics import recovery, spectral_snr
 from sedvae.posterior.pca import GappyPCA
 from sedvae.posterior.summaries import summarise_batch, summarise_dataset, summary_nll
+from sedvae.sps import THETA
 from studies.common import OBS_KEYS, SSFR_BINS
 from studies.summaries import deepen_flow, fit_flow, fit_regressor
 
@@ -83,8 +84,8 @@ def flow_recovery(net, flow, batch: dict, n_samples: int, groups: dict, seed: in
                                      net.gaussianize_prior))  # fmt: skip
     theta = post.sample({k: batch[k] for k in OBS_KEYS}, n_samples,
                         torch.Generator().manual_seed(seed))  # fmt: skip
-    med = theta[..., 0].double().median(0).values
-    truth = batch["theta"][:, 0].double()
+    med = theta[..., THETA.LOGMSTAR].double().median(0).values
+    truth = batch["theta"][:, THETA.LOGMSTAR].double()
     rec = recovery(med, truth)
     rec["rms"] = float(((med - truth) ** 2).mean().sqrt())
     out = {f"logmstar_{k}": round(float(v), 4) for k, v in rec.items() if k != "n"}
@@ -101,8 +102,11 @@ def oracle_columns(summaries: dict, derived: dict) -> dict[str, torch.Tensor]:
         "aperture": torch.log10(summaries["aperture"])[:, None],
         "t_mw": torch.log10(derived["t_mw_gyr"][0].clamp_min(1e-4))[:, None],
         "z_mw": torch.log10(derived["z_mw"][0])[:, None],
-        "dust": theta[:, 9:12],
-        "sfh": torch.cat([theta[:, 1:6], torch.log10(theta[:, 6:7])], 1),
+        "dust": theta[:, THETA.DUST],
+        "sfh": torch.cat(
+            [theta[:, THETA.BETA], theta[:, THETA.F_BURST, None],
+             torch.log10(theta[:, THETA.T_BURST, None])], 1
+        ),  # fmt: skip
     }
 
 
@@ -194,7 +198,7 @@ def main() -> None:
     reg = fit_regressor(train, train["theta"][:, 0])
     with torch.no_grad():
         pred = reg(reg.features(test)).double()
-    truth = batch["theta"][:, 0].double()
+    truth = batch["theta"][:, THETA.LOGMSTAR].double()
     rec = recovery(pred, truth)
     result["regressor"] = {
         "logmstar_rms": round(float(((pred - truth) ** 2).mean().sqrt()), 4),

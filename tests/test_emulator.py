@@ -9,7 +9,7 @@ import torch
 
 from sedvae.checkpoint import CheckpointError, save_checkpoint
 from sedvae.emulator import Speculator, load_emulator
-from sedvae.sps import PROVABGSPrior
+from sedvae.sps import THETA, PROVABGSPrior
 from sedvae.sps.ssp import grid_wavelengths
 
 # a small emulator for fast tests: two optical segments, few components, a narrow MLP
@@ -42,7 +42,7 @@ def sims(sed_model):
     z = 0.6 * torch.rand(640, generator=gen)
     with torch.no_grad():
         th, zz = sed_model.check_inputs(theta, z)
-        lum = sed_model.spectrum_from_history(sed_model.history(th, zz), th[:, 9:12])
+        lum = sed_model.spectrum_from_history(sed_model.history(th, zz), th[:, THETA.DUST])
     return theta, z, lum
 
 
@@ -89,8 +89,8 @@ def test_ism_dust_is_an_exact_factor(sed_model, grid, sims):
 def test_burst_older_than_universe_is_switched_off(grid):
     net = Speculator(grid, **TINY)
     theta = PROVABGSPrior().sample(2, torch.Generator().manual_seed(0))
-    theta[:, 5] = 0.5
-    theta[:, 6] = torch.tensor([1.0, 13.0])  # t_U(z=0.5) = 8.6 Gyr
+    theta[:, THETA.F_BURST] = 0.5
+    theta[:, THETA.T_BURST] = torch.tensor([1.0, 13.0])  # t_U(z=0.5) = 8.6 Gyr
     x = net.features(theta, torch.full((2,), 0.5))
     assert x[0, 3] == 0.5 and x[1, 3] == 0.0
 
@@ -135,7 +135,10 @@ def test_call_contract_matches_sedmodel(trained, grid, sims):
     # logM* is a pure scale
     log_unit = net.log_lum_unit(theta[:5], z[:5])
     torch.testing.assert_close(
-        torch.log(out), log_unit + math.log(10) * theta[:5, :1], rtol=1e-5, atol=1e-4
+        torch.log(out),
+        log_unit + math.log(10) * theta[:5, THETA.LOGMSTAR, None],
+        rtol=1e-5,
+        atol=1e-4,
     )
     # a scalar z broadcasts, as for SEDModel
     assert net(theta[:3], 0.2).shape == (3, net.n_wave)

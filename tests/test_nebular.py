@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sedvae.sps import SEDModel
+from sedvae.sps import THETA, SEDModel
 
 F64 = torch.float64
 
@@ -49,7 +49,7 @@ def test_halpha_follows_recent_star_formation(neb_model):
 def test_nebular_spectrum_carries_the_line_flux(neb_model):
     theta = _theta(STAR_FORMING)
     h = neb_model.history(*neb_model.check_inputs(theta, Z))
-    neb = neb_model.nebular_spectrum(h, theta[:, 9:12], LOGU)[0] * 1e10
+    neb = neb_model.nebular_spectrum(h, theta[:, THETA.DUST], LOGU)[0] * 1e10
     lines = neb_model.line_luminosities(theta, Z, LOGU)[0]
     wave = neb_model.wave
     lo, hi = 4800.0, 4900.0  # Hbeta, no other strong line; continuum is small but included

@@ -40,7 +40,7 @@ from sedvae.posterior.diagnostics import (
     tarp_coverage_averaged,
     tarp_max_deviation,
 )
-from sedvae.sps.provabgs import PROVABGSPrior, check_support
+from sedvae.sps.provabgs import THETA, PROVABGSPrior, check_support
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -166,7 +166,7 @@ def test_samples_in_prior_support_and_shapes(posterior):
     assert theta.shape == (200, 5, 12)
     assert torch.isfinite(theta).all()
     check_support(theta.reshape(-1, 12))  # raises if any sample leaves the support
-    torch.testing.assert_close(theta[..., 1:5].sum(-1), torch.ones(200, 5))
+    torch.testing.assert_close(theta[..., THETA.BETA].sum(-1), torch.ones(200, 5))
     logp = posterior.log_prob(theta[:3], batch)
     assert logp.shape == (3, 5) and torch.isfinite(logp).all()
 
@@ -186,7 +186,7 @@ def test_derived_and_history_bands_shapes(posterior):
     for v in props.values():
         assert v.shape == (50, 3) and torch.isfinite(v).all()
     # surviving mass is below the formed mass
-    assert (props["logmstar_surv"] <= theta[..., 0] + 1e-5).all()
+    assert (props["logmstar_surv"] <= theta[..., THETA.LOGMSTAR] + 1e-5).all()
     bands = posterior.sfh_bands(theta, batch["z"])
     assert bands["sfr"].shape == (3, 3, 42) and bands["zmet"].shape == (3, 3, 42)
     assert (bands["sfr"][0] <= bands["sfr"][2] + 1e-12).all()
@@ -441,7 +441,7 @@ def test_plots_return_figures(posterior):
 
     batch = fake_batch(2)
     theta = posterior.sample(batch, 300, torch.Generator().manual_seed(0))
-    fig, axes = plot_corner(theta[:, 0], theta[0, 0])
+    fig, axes = plot_corner(theta[:, 0], theta[0, 0])  # galaxy 0's samples, one as the truth
     assert axes.shape == (11, 11)
     plt.close(fig)
     fig, axes = plot_sfh_bands(posterior.sfh_bands(theta, batch["z"]), 1)

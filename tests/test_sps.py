@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sedvae.sps import PARAM_NAMES, PROVABGSPrior
+from sedvae.sps import PARAM_NAMES, THETA, PROVABGSPrior
 from sedvae.sps.ssp import load_ssp_grid
 
 
@@ -60,7 +60,7 @@ def test_binned_sfh_integrates_to_formed_mass(sed_model64):
     out = sed_model64.sfh(theta, z)
     width_yr = (out["bin_hi_gyr"] - out["bin_lo_gyr"]) * 1e9
     formed = (out["sfr"] * width_yr).sum(-1) + out["burst_mass"]
-    torch.testing.assert_close(torch.log10(formed), theta[:, 0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(torch.log10(formed), theta[:, THETA.LOGMSTAR], rtol=0, atol=1e-10)
     # nothing forms before the Big Bang
     t_u = sed_model64.history(theta, z).t_univ_gyr
     beyond = out["bin_lo_gyr"] >= t_u[:, None]
@@ -83,12 +83,14 @@ def test_tabulated_history_equals_direct_integration(sed_model64):
     t_u = age_of_universe_gyr(z)
     lo = m.bin_edges[:-1]
     hi = torch.maximum(torch.minimum(m.bin_edges[1:][None], t_u[:, None]), lo[None])
-    mass = ((m._nmf_cumulative(hi) - m._nmf_cumulative(lo)[None]) * theta[:, None, 1:5]).sum(-1)
+    beta = theta[:, None, THETA.BETA]
+    mass = ((m._nmf_cumulative(hi) - m._nmf_cumulative(lo)[None]) * beta).sum(-1)
     mass = mass.clamp_min(0.0) / mass.clamp_min(0.0).sum(-1, keepdim=True)
-    f_burst = theta[:, 5] * (theta[:, 6] < t_u)
+    f_burst = theta[:, THETA.F_BURST] * (theta[:, THETA.T_BURST] < t_u)
     torch.testing.assert_close(h.bin_mass, mass * (1 - f_burst)[:, None], rtol=1e-12, atol=1e-14)
     zmin, zmax = 10 ** m.log_zgrid[0], 10 ** m.log_zgrid[-1]
-    bin_z = (m._nmf_zh(0.5 * (lo[None] + hi)) * theta[:, None, 7:9]).sum(-1).clamp(zmin, zmax)
+    gamma = theta[:, None, THETA.GAMMA]
+    bin_z = (m._nmf_zh(0.5 * (lo[None] + hi)) * gamma).sum(-1).clamp(zmin, zmax)
     torch.testing.assert_close(h.bin_z, bin_z, rtol=1e-12, atol=0)
     torch.testing.assert_close(h.bin_hi_gyr, hi)
     dense = (m._dense_weights(h) * m.seg_live).sum((-1, -2))
@@ -134,7 +136,7 @@ def test_surviving_mass_below_formed_and_sensible(sed_model):
     theta = prior.sample(256, torch.Generator().manual_seed(2))
     z = torch.rand(256) * 0.6
     d = sed_model.derived(theta, z)
-    surv_frac = 10 ** (d["logmstar_surv"] - theta[:, 0])
+    surv_frac = 10 ** (d["logmstar_surv"] - theta[:, THETA.LOGMSTAR])
     # never above 1, never below the grid's smallest live fraction younger than the universe
     grid = load_ssp_grid()
     assert (surv_frac < 1).all()
@@ -142,7 +144,7 @@ def test_surviving_mass_below_formed_and_sensible(sed_model):
     assert (d["t_mw_gyr"] > 0).all() and (d["t_mw_gyr"] < 13.8).all()
     assert (d["z_mw"] >= 1e-4 * (1 - 1e-5)).all() and (d["z_mw"] <= 0.1 * (1 + 1e-5)).all()
     # SFR over 1 Gyr times 1 Gyr never exceeds the formed mass
-    assert (d["sfr_1gyr"] * 1e9 <= 10 ** theta[:, 0] * (1 + 1e-5)).all()
+    assert (d["sfr_1gyr"] * 1e9 <= 10 ** theta[:, THETA.LOGMSTAR] * (1 + 1e-5)).all()
 
 
 def test_dust_only_dims(sed_model):
@@ -167,7 +169,7 @@ def test_birth_cloud_dims_only_young_stars(sed_model64):
     h = sed_model64.history(*sed_model64.check_inputs(theta, z))
     young, old = sed_model64.components(h, mass=torch.tensor([1e10], dtype=torch.float64))
     with_bc = theta.clone()
-    with_bc[:, 9] = 1.0
+    with_bc[:, THETA.TAU_BC] = 1.0
     wave = sed_model64.wave
     expected = old + young * torch.exp(-5500.0 / wave)
     torch.testing.assert_close(sed_model64(with_bc, z), expected, rtol=1e-10, atol=0)
@@ -234,7 +236,9 @@ def test_differentiable_in_theta(sed_model64):
     f(theta).backward()
     grad = theta.grad.clone()
     assert torch.isfinite(grad).all()
-    for i in [0, 5, 6, 7, 9, 10, 11]:  # finite differences on the box parameters
+    boxes = [THETA.LOGMSTAR, THETA.F_BURST, THETA.T_BURST, THETA.GAMMA.start, THETA.TAU_BC,
+             THETA.TAU_ISM, THETA.N_DUST]  # fmt: skip
+    for i in boxes:  # finite differences on the box parameters
         step = 1e-6 * max(abs(theta[0, i].item()), 1e-3)
         up, dn = theta.detach().clone(), theta.detach().clone()
         up[0, i] += step
@@ -249,13 +253,13 @@ def test_prior_samples_lie_in_support():
     prior = PROVABGSPrior()
     theta = prior.sample(20000, torch.Generator().manual_seed(5), dtype=torch.float64)
     assert torch.isfinite(prior.log_prob(theta)).all()
-    beta = theta[:, 1:5]
+    beta = theta[:, THETA.BETA]
     torch.testing.assert_close(beta.sum(-1), torch.ones(20000, dtype=torch.float64))
     # flat Dirichlet(1,1,1,1): mean 1/4, variance 3/80
     assert (beta.mean(0) - 0.25).abs().max() < 0.01
     assert (beta.var(0) - 3 / 80).abs().max() < 0.003
     # log-uniform t_burst: log t uniform on [log 0.01, log 13.27]
-    logt = torch.log(theta[:, 6])
+    logt = torch.log(theta[:, THETA.T_BURST])
     assert abs(logt.mean().item() - 0.5 * (math.log(0.01) + math.log(13.27))) < 0.05
 
 
@@ -290,7 +294,12 @@ def test_bijection_log_det_matches_autograd():
 
 @pytest.mark.parametrize(
     ("column", "value", "message"),
-    [(0, 13.0, "logmstar"), (6, 0.001, "tburst"), (10, -0.1, "tau_ism"), (11, 2.0, "n_dust")],
+    [
+        (THETA.LOGMSTAR, 13.0, "logmstar"),
+        (THETA.T_BURST, 0.001, "tburst"),
+        (THETA.TAU_ISM, -0.1, "tau_ism"),
+        (THETA.N_DUST, 2.0, "n_dust"),
+    ],
 )
 def test_out_of_support_raises_naming_parameter(sed_model, column, value, message):
     theta = torch.tensor([_theta([0.25] * 4)])

@@ -8,7 +8,7 @@ import torch
 from posterior_helpers import fake_batch, tiny_net
 
 from sedvae.posterior.summaries import summarise_batch, summarise_dataset, summary_nll
-from sedvae.sps import PROVABGSPrior
+from sedvae.sps import THETA, PROVABGSPrior
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,8 +65,8 @@ def test_summarise_dataset_covers_every_galaxy_per_draw():
     s = summarise_dataset(net, data, n_draws=2, batch_size=4, seed=0, augment=False)
     assert s["context"].shape == (20, net.flow.context) and s["y"].shape == (20, 11)
     # each draw holds every galaxy once (rows are shuffled, truths are not duplicated)
-    logm = torch.sort(s["theta"][:, 0]).values
-    assert torch.allclose(logm[::2], torch.sort(data.theta[:, 0]).values)
+    logm = torch.sort(s["theta"][:, THETA.LOGMSTAR]).values
+    assert torch.allclose(logm[::2], torch.sort(data.theta[:, THETA.LOGMSTAR]).values)
     assert torch.allclose(logm[1::2], logm[::2])
     assert net.training is False  # left as it was found
 

@@ -20,9 +20,10 @@ residual carries anyway. The supervised term (on the unconstrained theta, ln sig
 ln aperture) is what lets a small CPU budget train the encoder; set ``w_supervised=0`` for real
 data. :meth:`SpectrumAutoencoder.refine` optionally polishes the encoder's latents per galaxy.
 
-Batches are dicts: ``flux``, ``ivar`` (B, M), ``mask`` (B, M) bool (True = bad), ``z`` (B,),
-optionally ``photometry``, ``photometry_ivar`` (B, nb), ``resolution`` (instrument override),
-``mw_ebv`` (B,), and for mocks ``theta`` (B, 12), ``sigma_v`` (B,), ``aperture`` (B,).
+Batches are :class:`sedvae.io.SpectrumBatch` (or dicts with its keys): ``flux``, ``ivar``
+(B, M), ``mask`` (B, M) bool (True = bad), ``z`` (B,), optionally ``photometry``,
+``photometry_ivar`` (B, nb), ``resolution`` (instrument override), ``mw_ebv`` (B,), and for
+mocks ``theta`` (B, 12), ``sigma_v`` (B,), ``aperture`` (B,).
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io.batch import Z_RANGE, Flag, SpectrumBatch
 from ..physics.cosmology import luminosity_distance_mpc
 from ..physics.resample import integrate_bins, pixel_edges
-from ..sps.provabgs import LOGM_RANGE
+from ..sps.provabgs import LOGM_RANGE, THETA
 from .decoder import PhysicsDecoder
 from .encoder import APERTURE_RANGE, SpectrumEncoder
 
@@ -46,7 +48,8 @@ class SpectrumAutoencoder(nn.Module):
     encoder : SpectrumEncoder
     decoder : PhysicsDecoder
     z_range : (float, float)
-        Supported redshifts; batches outside raise ``ValueError``.
+        Supported redshifts (default the one :data:`sedvae.io.batch.Z_RANGE`); batches
+        outside raise ``ValueError``.
     w_phot, w_prior, w_residual, w_supervised : float
         Loss weights (see module docstring).
     calib_sigma : float
@@ -76,7 +79,7 @@ class SpectrumAutoencoder(nn.Module):
         self,
         encoder: SpectrumEncoder,
         decoder: PhysicsDecoder,
-        z_range: tuple[float, float] = (0.005, 0.6),
+        z_range: tuple[float, float] = Z_RANGE,
         w_phot: float = 1.0,
         w_prior: float = 1.0,
         w_residual: float = 1.0,
@@ -115,53 +118,28 @@ class SpectrumAutoencoder(nn.Module):
         return self.encoder.latent_map.prior
 
     # ---- inputs -----------------------------------------------------------------------------
-    def check_batch(self, batch: dict) -> dict:
-        """Validate a batch: bad pixels become masked, unusable galaxies raise ValueError.
-
-        Non-finite flux or ivar and ivar <= 0 are masked (ivar = 0, flux = 0); non-finite
-        photometry gets ivar 0. Raises for wrong shapes, z outside ``z_range`` (or NaN), and
-        galaxies with no usable pixel.
-        """
-        for key in ("flux", "ivar", "z"):
-            if key not in batch:
-                raise ValueError(f"batch is missing {key!r}")
-        flux, ivar, z = batch["flux"], batch["ivar"], batch["z"]
+    def check_batch(self, batch: SpectrumBatch | dict) -> SpectrumBatch:
+        """Validate a batch with :meth:`SpectrumBatch.clean`: bad pixels become masked (ivar =
+        0, flux = 0), unusable photometry gets ivar 0; wrong shapes, z outside ``z_range`` (or
+        NaN) and galaxies with no usable pixel raise ValueError (training and fitting need
+        every galaxy of a batch; the readers and the posterior flag them instead)."""
         m = self.decoder.instrument.npix
-        if flux.ndim != 2 or flux.shape[1] != m:
-            raise ValueError(f"flux must have shape (B, {m}); got {tuple(flux.shape)}")
-        if ivar.shape != flux.shape:
-            raise ValueError(f"ivar must have shape {tuple(flux.shape)}; got {tuple(ivar.shape)}")
-        if z.shape != flux.shape[:1]:
-            raise ValueError(f"z must have shape ({flux.shape[0]},); got {tuple(z.shape)}")
+        clean = SpectrumBatch.coerce(batch).clean(z_range=self.z_range, npix=m)
         lo, hi = self.z_range
-        bad_z = ~torch.isfinite(z) | (z < lo) | (z > hi)
+        bad_z = (clean.flags & int(Flag.BAD_Z)) != 0
         if bool(bad_z.any()):
             idx = torch.nonzero(bad_z).flatten().tolist()[:10]
             raise ValueError(
-                f"z must lie in [{lo}, {hi}]; galaxies {idx} have z = {z[idx].tolist()}"
+                f"z must lie in [{lo}, {hi}]; galaxies {idx} have z = {clean.z[idx].tolist()}"
             )
-        mask = batch.get("mask")
-        mask = torch.zeros_like(flux, dtype=torch.bool) if mask is None else mask.bool()
-        if mask.shape != flux.shape:
-            raise ValueError(f"mask must have shape {tuple(flux.shape)}; got {tuple(mask.shape)}")
-        mask = mask | ~torch.isfinite(flux) | ~torch.isfinite(ivar) | ~(ivar > 0)
-        dead = mask.all(-1)
+        dead = (clean.flags & int(Flag.ALL_MASKED)) != 0
         if bool(dead.any()):
             idx = torch.nonzero(dead).flatten().tolist()[:10]
             raise ValueError(
                 f"galaxies {idx} have no usable pixel (all masked, NaN, or ivar <= 0); "
                 "drop them (sedvae.io flags them ALL_MASKED)"
             )
-        out = dict(batch)
-        out["mask"] = mask
-        out["flux"] = torch.where(mask, torch.zeros_like(flux), flux)
-        out["ivar"] = torch.where(mask, torch.zeros_like(ivar), ivar)
-        if batch.get("photometry") is not None:
-            p, pi = batch["photometry"], batch["photometry_ivar"]
-            ok = torch.isfinite(p) & torch.isfinite(pi) & (pi > 0)
-            out["photometry"] = torch.where(ok, p, torch.zeros_like(p))
-            out["photometry_ivar"] = torch.where(ok, pi, torch.zeros_like(pi))
-        return out
+        return clean
 
     # ---- model ------------------------------------------------------------------------------
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -223,14 +201,14 @@ class SpectrumAutoencoder(nn.Module):
             else:
                 a_mass = a_spec
             a_mass = a_mass.clamp(1e-4, 1e4)
-            logm0 = latents["theta"][:, 0]
+            logm0 = latents["theta"][:, THETA.LOGMSTAR]
             logm = (logm0 + torch.log10(a_mass)).clamp(lo, hi)
             a_mass = 10 ** (logm - logm0)
             aper = (latents["aperture"] * a_spec / a_mass).clamp(*APERTURE_RANGE)
             a_spec = a_mass * aper / latents["aperture"]
         latents = dict(latents)
         theta = latents["theta"].clone()
-        theta[:, 0] = logm
+        theta[:, THETA.LOGMSTAR] = logm
         latents["theta"], latents["aperture"] = theta, aper
         model = dict(model)
         model["flux"] = model["flux"] * a_spec[:, None]
@@ -313,7 +291,8 @@ class SpectrumAutoencoder(nn.Module):
         if "theta" in batch:
             sup = self.supervised(batch, latents)
             metrics["supervised"] = sup.mean()
-            metrics["logmstar_err"] = (latents["theta"][:, 0] - batch["theta"][:, 0]).abs().mean()
+            err = latents["theta"][:, THETA.LOGMSTAR] - batch["theta"][:, THETA.LOGMSTAR]
+            metrics["logmstar_err"] = err.abs().mean()
             if self.w_supervised > 0:
                 loss = loss + self.w_supervised * sup.mean()
         return loss, {k: v.detach() for k, v in metrics.items()}

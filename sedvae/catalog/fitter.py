@@ -3,7 +3,8 @@
 ``PosteriorFitter(batch)`` returns, for each galaxy of a shard: its id and z; the 16/50/84th
 percentiles of every theta parameter and derived property from ``n_samples`` posterior samples;
 the reduced chi^2 of the autoencoder's reconstruction (when one is given); and the OR of the
-readers' and the posterior's flag bits. Flagged galaxies get NaN values, never an exception.
+readers' and the posterior's ``sedvae.io.Flag`` bits (PRIOR_EDGE included). Galaxies with a
+fatal flag get NaN values, never an exception.
 
 When the batch carries the truth (``theta``, as mock sources do), every quantity also gets
 ``<name>_true`` and ``<name>_rank``: the fraction of posterior samples below the truth (its
@@ -13,14 +14,18 @@ recovery plots and metrics are made from these columns.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..posterior.api import DERIVED_NAMES, FATAL, Posterior, load_posterior
+from ..io.batch import FATAL, Flag
+from ..posterior.api import DERIVED_NAMES, Posterior, load_posterior
 from ..sps import PARAM_NAMES
+
+log = logging.getLogger(__name__)
 
 QUANTILES = (16, 50, 84)
 
@@ -111,6 +116,8 @@ class PosteriorFitter(torch.nn.Module):
         gen = torch.Generator().manual_seed(self.seed + shard)
         samples, post_flags = self.posterior.sample(batch, self.n_samples, gen, return_flags=True)
         flags = post_flags.long() | torch.as_tensor(batch.get("flags", 0), dtype=torch.long)
+        derived = self.posterior.derived(samples, batch["z"])
+        flags |= self.posterior.prior_edge(samples, derived).long() * int(Flag.PRIOR_EDGE)
         out: dict[str, Any] = {
             "ids": np.asarray(batch.get("ids", np.arange(samples.shape[1]))),
             "z": torch.as_tensor(batch["z"]).float(),
@@ -120,7 +127,6 @@ class PosteriorFitter(torch.nn.Module):
         truth = batch.get("theta")
         truth = None if truth is None else torch.as_tensor(truth, dtype=samples.dtype)
         quantities = {name: samples[..., j] for j, name in enumerate(PARAM_NAMES)}
-        derived = self.posterior.derived(samples, batch["z"])
         quantities.update(catalog_quantities(derived))
         true_values = {}
         if truth is not None:
@@ -144,23 +150,29 @@ class PosteriorFitter(torch.nn.Module):
         return out
 
     def _reduced_chi2(self, batch: dict[str, Any], flags: torch.Tensor) -> torch.Tensor:
-        """chi^2 / N_pix of the autoencoder's reconstruction; NaN for fatal flags."""
+        """chi^2 / N_pix of the autoencoder's reconstruction of the posterior's cleaned batch
+        (bad and outlier pixels masked, broken resolution matrices replaced); NaN for fatal
+        flags, and for galaxies the autoencoder cannot fit (logged with their ids)."""
         b = flags.shape[0]
         out = torch.full((b,), float("nan"))
         ok = (flags & int(FATAL)) == 0
         if self.autoencoder is None or not bool(ok.any()):
             return out
-        keys = ("flux", "ivar", "mask", "z", "photometry", "photometry_ivar", "resolution")
-        sub = {k: torch.as_tensor(batch[k])[ok] for k in keys if batch.get(k) is not None}
-        # NaN pixels are masked by the readers already; the network must not see them at all
-        sub["flux"] = torch.nan_to_num(sub["flux"])
-        if self.refine_steps:
-            with torch.enable_grad():
-                res = self.autoencoder.refine(sub, steps=self.refine_steps)
-        else:
+        clean, _ = self.posterior.check(batch)
+        sub = clean.select(ok)
+        try:
+            if self.refine_steps:
+                with torch.enable_grad():
+                    res = self.autoencoder.refine(sub, steps=self.refine_steps)
+            else:
+                with torch.no_grad():
+                    res = self.autoencoder(sub)
             with torch.no_grad():
-                res = self.autoencoder(sub)
-        with torch.no_grad():
-            c = self.autoencoder.chi2(res["batch"], res["model"])
-        out[ok] = (c["chi2"] / c["n_pix"].clamp_min(1)).float()
+                c = self.autoencoder.chi2(res["batch"], res["model"])
+        except ValueError as err:  # one odd galaxy must not stop a catalog run
+            ids = np.asarray(batch.get("ids", np.arange(b)))[ok.numpy()]
+            log.warning("no autoencoder chi^2 for galaxies %s: %s", ids.tolist()[:10], err)
+            return out
+        rchi2 = (c["chi2"] / c["n_pix"].clamp_min(1)).float()
+        out[ok] = torch.where(torch.isfinite(rchi2), rchi2, torch.nan)
         return out

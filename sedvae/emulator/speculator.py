@@ -35,7 +35,7 @@ from torch import nn
 
 from ..physics.cosmology import age_of_universe_gyr
 from ..sps.dust import CharlotFallKriekConroy
-from ..sps.provabgs import PROVABGSPrior, check_theta_z
+from ..sps.provabgs import THETA, PROVABGSPrior, check_theta_z
 
 LN10 = math.log(10.0)
 N_INPUTS = 9
@@ -204,13 +204,14 @@ class Speculator(nn.Module):
         """Raw MLP inputs (B, 9), see ``INPUT_NAMES``, for validated theta (B, 12), z (B,)."""
         t_u = age_of_universe_gyr(z).to(theta.dtype)
         logits = self.prior.to_unconstrained(theta)[:, 1:4]
-        f_eff = theta[:, 5] * (theta[:, 6] < t_u).to(theta.dtype)
+        f_eff = theta[:, THETA.F_BURST] * (theta[:, THETA.T_BURST] < t_u).to(theta.dtype)
         return torch.cat(
             [
                 logits,
                 f_eff[:, None],
-                torch.log10(theta[:, 6:9]),
-                theta[:, 9:10],
+                torch.log10(theta[:, THETA.T_BURST, None]),
+                torch.log10(theta[:, THETA.GAMMA]),
+                theta[:, THETA.TAU_BC, None],
                 t_u[:, None],
             ],
             -1,
@@ -218,7 +219,7 @@ class Speculator(nn.Module):
 
     def log_transmission_ism(self, theta: torch.Tensor) -> torch.Tensor:
         """ln T_ISM (B, L) = -tau_ISM x curve(n_dust), exactly as the simulator's dust."""
-        return -theta[:, 10:11] * self.dust.ism_curve(theta[:, 11])
+        return -theta[:, THETA.TAU_ISM, None] * self.dust.ism_curve(theta[:, THETA.N_DUST])
 
     # ---- spectra --------------------------------------------------------------------------
     def _require_fitted(self) -> None:
@@ -250,7 +251,7 @@ class Speculator(nn.Module):
         self._require_fitted()
         theta, z = self.check_inputs(theta, z)
         log_l = self._log_lum_star(theta, z) + self.log_transmission_ism(theta)
-        return torch.exp(log_l + LN10 * theta[:, :1])
+        return torch.exp(log_l + LN10 * theta[:, THETA.LOGMSTAR, None])
 
     # ---- training ---------------------------------------------------------------------------
     def target(self, theta: torch.Tensor, lum_unit: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from ..physics.cosmology import luminosity_distance_mpc
 from ..physics.lines import BENCH_LINES, EMISSION_LINES
 from ..physics.redshift import LSUN_PER_MPC2_IN_FLUX_UNIT
+from ..sps import THETA
 
 C_KMS = 299792.458
 LSF_SIGMA = 0.75  # Angstrom, DESI's LSF (FWHM ~1.8 A), for line-flux noise windows
@@ -86,9 +87,9 @@ def galaxy_metrics(net, out: dict) -> dict[str, np.ndarray]:
     }
     frac = net.residual_fraction(b["z"], model["rest"])
     res.update({k: v.numpy() for k, v in frac.items()})
-    res["logmstar_fit"] = latents["theta"][:, 0].numpy()
+    res["logmstar_fit"] = latents["theta"][:, THETA.LOGMSTAR].numpy()
     if "theta" in b:
-        res["logmstar_true"] = b["theta"][:, 0].numpy()
+        res["logmstar_true"] = b["theta"][:, THETA.LOGMSTAR].numpy()
     if "line_lum" in b:
         res["line_fit"] = line_flux_models(net, out).numpy()
         res["line_true"] = b["line_lum"].numpy()

@@ -7,6 +7,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from sedvae.sps import THETA
+
 
 def evaluate_training_set(path: str | Path, output_dir: str | Path, n_plot: int = 4) -> dict:
     """Summarise a simulated training set and save ``training_examples.png``."""
@@ -27,13 +29,13 @@ def evaluate_training_set(path: str | Path, output_dir: str | Path, n_plot: int 
             raise ValueError(f"{path} is incomplete (an interrupted simulate run?)")
         theta = f["theta"][()]
         derived = {k: f["derived"][k][()] for k in f["derived"]}
-        surviving = 10 ** (derived["logmstar_surv"] - theta[:, 0])
+        surviving = 10 ** (derived["logmstar_surv"] - theta[:, THETA.LOGMSTAR])
         metrics = {
             "n": int(theta.shape[0]),
             "seed": int(f.attrs["seed"]),
             "z_min": float(f["z"][()].min()),
             "z_max": float(f["z"][()].max()),
-            "median_logmstar_formed": float(np.median(theta[:, 0])),
+            "median_logmstar_formed": float(np.median(theta[:, THETA.LOGMSTAR])),
             "median_logmstar_surv": float(np.median(derived["logmstar_surv"])),
             "median_surviving_fraction": float(np.median(surviving)),
         }

@@ -1,11 +1,11 @@
 """Spectrum readers: DESI coadds, SDSS/BOSS spec files and generic tables -> :class:`Spectra`.
 
 Every reader returns a validated :class:`Spectra` (bad pixels masked with ivar = 0, problem
-galaxies flagged with :class:`SpecFlag` bits, nothing raised for a batch) and raises
+galaxies flagged with :class:`Flag` bits, nothing raised for a batch) and raises
 :class:`SpectrumFileError` (a ``ValueError``; :class:`MissingHDUError` is also a ``KeyError``,
 :class:`SpectrumFileNotFoundError` also a ``FileNotFoundError``) naming the file and the HDU
-when a file does not follow its data model. Only numpy and astropy are needed; torch is
-imported by :meth:`Spectra.to_torch` alone.
+when a file does not follow its data model. :class:`SpectrumBatch` (``Spectra.to_batch()``) is
+the torch batch every network reads; its ``clean()`` is the one validator.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sedvae.io.batch import FATAL, Z_RANGE, Flag, SpectrumBatch
 from sedvae.io.desi import (
     DESI_ARMS,
     DESI_BANDS,
@@ -22,8 +23,6 @@ from sedvae.io.desi import (
 )
 from sedvae.io.sdss import DLOGLAM, read_sdss_spec
 from sedvae.io.spectrum import (
-    FATAL,
-    Z_RANGE,
     MissingHDUError,
     SpecFlag,
     Spectra,
@@ -61,9 +60,11 @@ __all__ = [
     "DLOGLAM",
     "FATAL",
     "Z_RANGE",
+    "Flag",
     "MissingHDUError",
     "SpecFlag",
     "Spectra",
+    "SpectrumBatch",
     "SpectrumFileError",
     "SpectrumFileNotFoundError",
     "desi_filter_names",

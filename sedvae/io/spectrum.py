@@ -1,5 +1,6 @@
 """The common container for observed spectra: :class:`Spectra`, a batch of N galaxies on one
-wavelength grid, plus the flag bits and the file-error exceptions shared by every reader.
+wavelength grid, plus the file-error exceptions shared by every reader (the flag bits and the
+redshift range are :mod:`sedvae.io.batch`'s).
 
 Conventions (DESIGN.md): wavelengths in Angstrom (vacuum, observed frame), flux densities in
 1e-17 erg/s/cm^2/A (the DESI/SDSS convention), inverse variances in the inverse square of that,
@@ -11,43 +12,15 @@ True, so a chi^2 of ``ivar * (flux - model)**2`` needs no extra masking and neve
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-# Default supported redshifts. Below 1e-3 peculiar velocities dominate the distance and d_L -> 0
-# makes the model flux diverge; 1.5 is DESI's ELG limit, where the blue edge (3600 A) is already
-# at ~1440 A rest (IGM absorption starts bluer). A model with a narrower rest-frame range (the
-# emulator starts at 2000 A) should pass its own ``z_range``.
-Z_RANGE = (1e-3, 1.5)
+from .batch import FATAL, Z_RANGE, Flag
 
-
-class SpecFlag(enum.IntFlag):
-    """Bits of :attr:`Spectra.flags` (one int per galaxy; 0 = no known problem).
-
-    Bits in :data:`FATAL` make a galaxy unusable for fitting; the others are warnings that a
-    selection may or may not want to act on.
-    """
-
-    NONFINITE = 1  # some flux/ivar pixels were NaN or inf (they are now masked, flux set to 0)
-    ALL_MASKED = 2  # no usable pixel left (all masked or ivar <= 0)
-    BAD_Z = 4  # z missing (NaN), non-finite, or outside the supported range (Z_RANGE)
-    ZWARN = 8  # redshift pipeline warning: DESI ZWARN != 0, SDSS ZWARNING != 0
-    NOT_GALAXY = 16  # pipeline class is not GALAXY (DESI SPECTYPE, SDSS CLASS)
-    NO_Z_MATCH = 32  # the target was not found in the redshift table or catalog
-    BAD_FIBER = 64  # DESI COADD_FIBERSTATUS != 0 (fibre or positioner problem)
-
-    @classmethod
-    def describe(cls, value: int) -> str:
-        """Names of the bits set in ``value``, e.g. ``"ALL_MASKED|BAD_Z"`` (``"OK"`` for 0)."""
-        names = [f.name for f in cls if int(value) & f.value]
-        return "|".join(names) if names else "OK"
-
-
-# A galaxy with any of these bits cannot be fitted at all.
-FATAL = SpecFlag.ALL_MASKED | SpecFlag.BAD_Z
+# The readers' flags are the one enum of sedvae.io.batch (kept under its old name).
+SpecFlag = Flag
 
 
 class SpectrumFileError(ValueError):
@@ -135,7 +108,7 @@ class Spectra:
         Milky-Way transmission per band, when the source provides it (the model flux is
         multiplied by it, or the data divided).
     flags : (N,) int64
-        Bitmask of :class:`SpecFlag` values; 0 = no known problem.
+        Bitmask of :class:`sedvae.io.batch.Flag` values; 0 = no known problem.
     extra : dict of str -> (N, ...) arrays
         Further per-galaxy columns (``EBV``, ``PHOTSYS``, ``ZWARN``, RA/Dec, ...); sliced by
         :meth:`select` like every other per-galaxy array.
@@ -314,11 +287,12 @@ class Spectra:
     def validate(self, strict: bool = False, z_range: tuple[float, float] = Z_RANGE) -> Spectra:
         """Mask bad pixels and flag bad galaxies (batch mode), or raise (strict mode).
 
-        Pixels with non-finite flux or ivar, or ivar <= 0, become masked; masked pixels get
-        ``ivar = 0`` and non-finite flux becomes 0, so downstream arithmetic stays finite.
-        Galaxies get :class:`SpecFlag` bits: ``NONFINITE`` (some pixels were NaN/inf),
-        ``ALL_MASKED`` (nothing usable left), ``BAD_Z`` (z NaN or outside ``z_range``).
-        Non-finite photometry gets ``photometry_ivar = 0``. Flags already set are kept.
+        The checks are :meth:`sedvae.io.batch.SpectrumBatch.clean`'s (the one validator):
+        pixels with non-finite flux or ivar, or ivar <= 0, become masked with ``ivar = 0`` and
+        flux 0, so downstream arithmetic stays finite; galaxies get :class:`Flag` bits
+        (``NONFINITE``, ``ALL_MASKED``, ``NO_SIGNAL``, ``BAD_Z`` outside ``z_range``,
+        ``BAD_RESOLUTION`` with a Gaussian LSF put in place of a matrix with NaN/inf).
+        Unusable photometry gets ``photometry_ivar = 0``. Flags already set are kept.
 
         Parameters
         ----------
@@ -334,28 +308,32 @@ class Spectra:
             ``self`` (arrays are replaced, never modified in place, so arrays the caller
             passed in are left untouched).
         """
-        finite = np.isfinite(self.flux) & np.isfinite(self.ivar)
-        bad = ~finite | ~(self.ivar > 0)  # ~(>0) also catches NaN ivar
-        mask = self.mask | bad
-        self.flux = np.where(np.isfinite(self.flux), self.flux, np.float32(0.0))
-        self.ivar = np.where(mask, np.float32(0.0), self.ivar)
-        self.mask = mask
+        import torch
 
-        flags = self.flags.copy()
-        flags[(~finite).any(axis=1)] |= int(SpecFlag.NONFINITE)
-        flags[mask.all(axis=1)] |= int(SpecFlag.ALL_MASKED)
-        lo, hi = z_range
-        z_ok = np.isfinite(self.z) & (self.z >= lo) & (self.z <= hi)
-        flags[~z_ok] |= int(SpecFlag.BAD_Z)
+        from .batch import SpectrumBatch
+
+        res, phot = self.resolution, self.photometry
+        clean = SpectrumBatch(
+            flux=torch.from_numpy(self.flux),
+            ivar=torch.from_numpy(self.ivar),
+            z=torch.from_numpy(self.z),
+            mask=torch.from_numpy(self.mask),
+            resolution=None if res is None else torch.from_numpy(np.concatenate(res, -1)),
+            photometry=None if phot is None else torch.from_numpy(phot),
+            photometry_ivar=None if phot is None else torch.from_numpy(self.photometry_ivar),
+            flags=torch.from_numpy(self.flags),
+        ).clean(z_range=z_range, keep_masked_flux=True)
+        self.flux = clean.flux.numpy()
+        self.ivar = clean.ivar.numpy()
+        self.mask = clean.mask.numpy()
+        flags = clean.flags.numpy()
         self.flags = flags
-
+        if self.resolution is not None and (flags & int(Flag.BAD_RESOLUTION)).any():
+            sizes = [r.shape[-1] for r in self.resolution]
+            self.resolution = np.split(clean.resolution.numpy(), np.cumsum(sizes)[:-1], -1)
         if self.photometry is not None:
-            ok = np.isfinite(self.photometry) & np.isfinite(self.photometry_ivar)
-            ok &= self.photometry_ivar > 0
-            self.photometry = np.where(np.isfinite(self.photometry), self.photometry, 0.0).astype(
-                np.float32
-            )
-            self.photometry_ivar = np.where(ok, self.photometry_ivar, 0.0).astype(np.float32)
+            self.photometry = clean.photometry.numpy()
+            self.photometry_ivar = clean.photometry_ivar.numpy()
 
         if strict:
             fatal = np.flatnonzero(flags & int(FATAL))
@@ -366,6 +344,8 @@ class Spectra:
                     why = []
                     if flags[i] & SpecFlag.ALL_MASKED:
                         why.append("every pixel is masked or has ivar <= 0")
+                    if flags[i] & Flag.NO_SIGNAL:
+                        why.append("no significant positive flux (NO_SIGNAL)")
                     if flags[i] & SpecFlag.BAD_Z:
                         why.append(
                             f"z={float(self.z[i])} is not within the supported range {z_range}"
@@ -476,6 +456,14 @@ class Spectra:
         )
 
     # ------------------------------------------------------------------ torch
+    def to_batch(self, dtype: Any = None):
+        """The :class:`sedvae.io.batch.SpectrumBatch` of these spectra (float32 by default)."""
+        import torch
+
+        from .batch import SpectrumBatch
+
+        return SpectrumBatch.from_spectra(self, dtype=dtype or torch.float32)
+
     def to_torch(self, dtype: Any = None, device: Any = None) -> dict[str, Any]:
         """The arrays as torch tensors (imported lazily: ``sedvae.io`` itself needs no torch).
 

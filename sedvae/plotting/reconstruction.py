@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..sps import THETA
+
 
 def _runs(mask: np.ndarray) -> np.ndarray:
     """Float copy with NaN where masked, so lines break across gaps."""
@@ -77,9 +79,9 @@ def plot_reconstruction(net, batch: dict, index: int = 0, output: dict | None = 
     lo, hi = np.nanpercentile(np.where(bad, np.nan, flux), [0.5, 99.5])
     axes[0].set_ylim(min(lo, 0) - 0.1 * (hi - lo), hi + 0.25 * (hi - lo))
     axes[0].set_ylabel(r"$f_\lambda$ [$10^{-17}$ erg s$^{-1}$ cm$^{-2}$ $\AA^{-1}$]")
-    theta = latents["theta"][i]
+    logm = float(latents["theta"][i, THETA.LOGMSTAR])
     axes[0].set_title(
-        f"z = {z:.4f}   reduced $\\chi^2$ = {chi2:.3f}   log M* = {float(theta[0]):.2f}   "
+        f"z = {z:.4f}   reduced $\\chi^2$ = {chi2:.3f}   log M* = {logm:.2f}   "
         f"$\\sigma_*$ = {float(latents['sigma_star'][i]):.0f} km/s"
     )
     axes[0].legend(loc="upper right", fontsize=8, ncol=4)

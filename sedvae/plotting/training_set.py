@@ -8,6 +8,8 @@ import h5py
 import numpy as np
 import torch
 
+from sedvae.sps import THETA
+
 
 def plot_training_examples(path: str | Path, n: int = 4, model=None):
     """Rest-frame spectra of the first ``n`` galaxies of a training set, with their binned
@@ -26,7 +28,7 @@ def plot_training_examples(path: str | Path, n: int = 4, model=None):
         theta = torch.as_tensor(f["theta"][:n], dtype=torch.float64)
         z = torch.as_tensor(f["z"][:n], dtype=torch.float64)
         wave = f["wave"][:]
-        lum = f["lum"][:n] * 10 ** theta[:, :1].numpy()
+        lum = f["lum"][:n] * 10 ** theta[:, THETA.LOGMSTAR, None].numpy()
         derived = {k: f["derived"][k][:n] for k in f["derived"]}
     model = model if model is not None else SEDModel(z_max=max(1e-3, float(z.max())))
     hist = model.sfh(theta.to(model.dtype), z.to(model.dtype))

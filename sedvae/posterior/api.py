@@ -5,53 +5,38 @@ star-formation and metallicity history bands.
 from sedvae.posterior import load_posterior
 post = load_posterior("data/posterior/posterior.pt")
 theta = post.sample(batch, 1000)             # (1000, B, 12) physical units, NaN where flagged
-flags = post.flags(batch)                    # (B,) PosteriorFlag bits, 0 = fine
+flags = post.flags(batch)                    # (B,) sedvae.io.Flag bits, 0 = fine
 props = post.derived(theta, batch["z"])      # dict of (1000, B): logmstar_surv, sfr_100myr, ...
 bands = post.sfh_bands(theta, batch["z"])    # SFR(t) and Z(t) percentiles per galaxy
 ```
 
-``batch`` is a dict of tensors: ``flux``, ``ivar`` (B, M) 1e-17 erg/s/cm^2/A on the pixels the
-posterior was trained on (``post.npix``), optional ``mask`` (B, M) bool (True = bad), ``z``
-(B,), optional ``photometry``, ``photometry_ivar`` (B, 5) nanomaggies (Legacy Surveys g, r, z,
-W1, W2). Shapes are checked (ValueError, expected vs got); problems of single galaxies are
-flags, never exceptions, so one bad spectrum does not spoil a batch.
+``batch`` is a :class:`sedvae.io.SpectrumBatch` (``Spectra.to_batch()``) or a dict with its
+keys: ``flux``, ``ivar`` (B, M) 1e-17 erg/s/cm^2/A on the pixels the posterior was trained on
+(``post.npix``), optional ``mask`` (B, M) bool (True = bad), ``z`` (B,), optional
+``photometry``, ``photometry_ivar`` (B, 5) nanomaggies (Legacy Surveys g, r, z, W1, W2).
+Shapes are checked (ValueError, expected vs got); problems of single galaxies are
+:class:`sedvae.io.Flag` bits, never exceptions, so one bad spectrum does not spoil a batch.
 """
 
 from __future__ import annotations
 
-import enum
 import functools
 from typing import NamedTuple
 
 import torch
 
-from ..sps.provabgs import N_THETA, PARAM_NAMES
+from ..io.batch import FATAL, Z_RANGE, Flag, SpectrumBatch
+from ..sps.provabgs import BOXES, N_THETA, PARAM_NAMES, THETA
 from .model import NeuralPosterior
 
-Z_RANGE = (0.01, 0.6)  # the training set's redshifts (BGS-like n(z)); outside is extrapolation
+# PRIOR_EDGE: a 16-84 % interval within this fraction of the parameter's range from its end
+# (0.055 dex for logM*: a posterior of a real galaxy near 10^7 M_sun is wider than that).
+EDGE_FRACTION = 0.01
 DERIVED_NAMES = ("logmstar_surv", "sfr_100myr", "sfr_1gyr", "z_mw", "t_mw_gyr")
 
 
-class PosteriorFlag(enum.IntFlag):
-    """Bits of :meth:`Posterior.flags` (one int per galaxy; 0 = no known problem).
-
-    The first three have the meaning and value of ``sedvae.io.SpecFlag``'s bits, so flags from
-    the readers and from the posterior can be OR-ed. Bits in :data:`FATAL` give NaN samples.
-    """
-
-    NONFINITE = 1  # some flux/ivar pixels were NaN/inf: masked, the rest is used
-    ALL_MASKED = 2  # no usable pixel (all masked, NaN, or ivar <= 0)
-    BAD_Z = 4  # z NaN or outside Z_RANGE
-    NO_PHOTOMETRY = 256  # no usable band: the posterior is from the spectrum alone (wider)
-    PARTIAL_PHOTOMETRY = 512  # some bands unusable (ivar <= 0 or NaN)
-
-    @classmethod
-    def describe(cls, value: int) -> str:
-        names = [f.name for f in cls if int(value) & f.value]
-        return "|".join(names) if names else "OK"
-
-
-FATAL = PosteriorFlag.ALL_MASKED | PosteriorFlag.BAD_Z
+# The posterior's flags are the one enum of sedvae.io.batch (kept under its old name).
+PosteriorFlag = Flag
 
 
 class PosteriorSamples(NamedTuple):
@@ -101,75 +86,36 @@ class Posterior:
         return getattr(self.net, "meta", {})
 
     # ---- inputs -------------------------------------------------------------------------
-    def check(self, batch: dict) -> tuple[dict, torch.Tensor]:
+    def check(self, batch: SpectrumBatch | dict) -> tuple[SpectrumBatch, torch.Tensor]:
         """Validate shapes (ValueError) and clean values; returns (clean batch, flags (B,)).
 
-        Pixels with NaN/inf flux or ivar, or ivar <= 0, are masked (ivar = 0, flux = 0);
-        unusable photometry gets ivar 0. Fatal galaxies get placeholder inputs (a copy of
-        a usable one, or zeros) so the batch still runs; their samples become NaN.
+        :meth:`SpectrumBatch.clean` with outlier clipping: bad pixels and isolated outliers
+        are masked (ivar = 0, flux = 0), unusable photometry gets ivar 0, and problems are
+        flagged (the batch's own ``flags`` are kept). Fatal galaxies get placeholder inputs (a
+        copy of a usable one, or ones) so the batch still runs; their samples become NaN.
         """
-        for key in ("flux", "ivar", "z"):
-            if key not in batch:
-                raise ValueError(f"batch is missing {key!r}")
-        flux = torch.as_tensor(batch["flux"], dtype=torch.float32)
-        ivar = torch.as_tensor(batch["ivar"], dtype=torch.float32)
-        z = torch.as_tensor(batch["z"], dtype=torch.float32)
-        if flux.ndim != 2 or flux.shape[1] != self.npix:
-            raise ValueError(f"flux must have shape (B, {self.npix}); got {tuple(flux.shape)}")
-        b = flux.shape[0]
-        if ivar.shape != flux.shape:
-            raise ValueError(f"ivar must have shape {tuple(flux.shape)}; got {tuple(ivar.shape)}")
-        if z.shape != (b,):
-            raise ValueError(f"z must have shape ({b},); got {tuple(z.shape)}")
-        mask = batch.get("mask")
-        mask = torch.zeros(flux.shape, dtype=torch.bool) if mask is None else torch.as_tensor(mask)
-        if mask.shape != flux.shape:
-            raise ValueError(f"mask must have shape {tuple(flux.shape)}; got {tuple(mask.shape)}")
-        flags = torch.zeros(b, dtype=torch.long)
-        finite = torch.isfinite(flux) & torch.isfinite(ivar)
-        flags |= (~finite).any(-1).long() * PosteriorFlag.NONFINITE
-        mask = mask.bool() | ~finite | ~(ivar > 0)
-        flags |= mask.all(-1).long() * PosteriorFlag.ALL_MASKED
-        lo, hi = self.z_range
-        bad_z = ~torch.isfinite(z) | (z < lo) | (z > hi)
-        flags |= bad_z.long() * PosteriorFlag.BAD_Z
-        clean = {
-            "flux": torch.where(mask, torch.zeros_like(flux), flux),
-            "ivar": torch.where(mask, torch.zeros_like(ivar), ivar),
-            "mask": mask,
-            "z": torch.where(bad_z, torch.full_like(z, 0.5 * (lo + hi)), z),
-        }
-        n_bands = self.net.embedding.n_bands
-        phot, pivar = batch.get("photometry"), batch.get("photometry_ivar")
-        if n_bands:
-            if phot is None or pivar is None:
-                phot, pivar = torch.zeros(b, n_bands), torch.zeros(b, n_bands)
-            phot = torch.as_tensor(phot, dtype=torch.float32)
-            pivar = torch.as_tensor(pivar, dtype=torch.float32)
-            if phot.shape != (b, n_bands) or pivar.shape != (b, n_bands):
-                raise ValueError(
-                    f"photometry and photometry_ivar must have shape ({b}, {n_bands}); got "
-                    f"{tuple(phot.shape)} and {tuple(pivar.shape)}"
-                )
-            ok = torch.isfinite(phot) & torch.isfinite(pivar) & (pivar > 0)
-            flags |= (~ok).all(-1).long() * PosteriorFlag.NO_PHOTOMETRY
-            flags |= ((~ok).any(-1) & ok.any(-1)).long() * PosteriorFlag.PARTIAL_PHOTOMETRY
-            clean["photometry"] = torch.where(ok, phot, torch.zeros_like(phot))
-            clean["photometry_ivar"] = torch.where(ok, pivar, torch.zeros_like(pivar))
+        clean = SpectrumBatch.coerce(batch).clean(
+            z_range=self.z_range, npix=self.npix, n_bands=self.net.embedding.n_bands, clip=True
+        )
+        flags = clean.flags
         fatal = (flags & int(FATAL)) > 0
+        lo, hi = self.z_range
+        clean.z = torch.where(fatal, torch.full_like(clean.z, 0.5 * (lo + hi)), clean.z)
         if bool(fatal.any()):
             good = torch.nonzero(~fatal).flatten()
             src = int(good[0]) if len(good) else None
             for key in ("flux", "ivar", "photometry", "photometry_ivar", "z"):
-                if key in clean:
-                    v = clean[key]
-                    fill = v[src].clone() if src is not None else torch.ones_like(v[0])
-                    v[fatal] = fill
-            clean["mask"][fatal] = False
+                v = getattr(clean, key)
+                if v is not None:
+                    v = v.clone()
+                    v[fatal] = v[src].clone() if src is not None else torch.ones_like(v[0])
+                    setattr(clean, key, v)
+            clean.mask = clean.mask.clone()
+            clean.mask[fatal] = False
         return clean, flags
 
     def flags(self, batch: dict) -> torch.Tensor:
-        """(B,) :class:`PosteriorFlag` bits of a batch."""
+        """(B,) :class:`sedvae.io.Flag` bits of a batch (before sampling: no PRIOR_EDGE)."""
         return self.check(batch)[1]
 
     # ---- sampling -----------------------------------------------------------------------
@@ -195,7 +141,7 @@ class Posterior:
 
         Parameters
         ----------
-        batch : dict (module docstring)
+        batch : SpectrumBatch or dict (module docstring)
         n : int
             Samples per galaxy.
         generator : torch.Generator, optional
@@ -217,7 +163,37 @@ class Posterior:
         if bool(ok.any()):
             flat = u[:, ok].reshape(-1, u.shape[-1]).double()
             theta[:, ok] = self.prior.to_constrained(flat).float().reshape(n, -1, N_THETA)
-        return PosteriorSamples(theta, flags) if return_flags else theta
+        if not return_flags:
+            return theta
+        flags = flags | self.prior_edge(theta).long() * int(Flag.PRIOR_EDGE)
+        return PosteriorSamples(theta, flags)
+
+    @torch.no_grad()
+    def prior_edge(
+        self, samples: torch.Tensor, derived: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """(B,) bool: the posterior sits at a prior boundary, so the prior, not the data, sets
+        its value (``Flag.PRIOR_EDGE``). True when the 16-84 % interval of logM* lies within
+        EDGE_FRACTION of its range from either end, or has zero width; when that of n_dust
+        lies within EDGE_FRACTION of +1 (the steepest-curve end, which absorbs misfits); and,
+        given ``derived`` (:meth:`derived`), when the median Z_MW is at the top of the SSP
+        metallicity grid (Z(t) clipped there). Galaxies without samples (NaN) are False."""
+        q = torch.tensor([0.16, 0.84], dtype=torch.float64)
+        out = torch.zeros(samples.shape[1], dtype=torch.bool)
+        for i, lo, hi, _ in BOXES:
+            if i not in (THETA.LOGMSTAR, THETA.N_DUST):
+                continue
+            p16, p84 = torch.nanquantile(samples[..., i].double(), q, dim=0)
+            tol = EDGE_FRACTION * (hi - lo)
+            at_hi = p16 >= hi - tol
+            if i == THETA.LOGMSTAR:
+                at_hi = at_hi | (p84 <= lo + tol) | (p84 - p16 <= 0)
+            out |= at_hi & torch.isfinite(p16)
+        if derived is not None and "z_mw" in derived:
+            z_top = 10 ** float(self.sps.log_zgrid[-1])
+            med = torch.nanmedian(derived["z_mw"].double(), 0).values
+            out |= med >= z_top * (1 - 1e-3)
+        return out
 
     @torch.no_grad()
     def log_prob(self, theta: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -264,7 +264,9 @@ class SpectrumEmbedding(nn.Module):
         if self.indices is not None:
             extras.append(self.indices(flux, ivar, z))
         if self.pca is not None:
-            extras.append(self.pca(f_rest / norm[:, None], w_rest * norm[:, None] ** 2))
+            # float64: w x norm^2 overflows float32 for fluxes given in the wrong unit
+            w_norm = w_rest.double() * norm.double()[:, None] ** 2
+            extras.append(self.pca(f_rest / norm[:, None], w_norm))
         return x, torch.cat(extras, -1), anchor
 
     @staticmethod

@@ -28,6 +28,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+MAX_WEIGHT = 1e12  # cap of the normalised ivar (S/N^2 per bin at the median flux)
+
 
 class GappyPCA(nn.Module):
     """Weighted least-squares coefficients on an eigenspectrum basis (module docstring).
@@ -76,16 +78,24 @@ class GappyPCA(nn.Module):
         # float64 throughout: S/N^2 per bin spans orders of magnitude, and a float32 Gram
         # matrix of well-measured spectra loses positive definiteness
         basis = self.basis.double()
-        f, w = flux.double(), ivar.double()
+        # normalised weights beyond S/N 1e6 per bin are not data but a unit error; capped, a
+        # flux scaled by 1e19 keeps a Gram matrix that float64 can factorise
+        f, w = flux.double(), ivar.double().clamp(0.0, MAX_WEIGHT)
         ew = basis.T[None] * w[:, None, :]  # (B, K, N): E^T W
         eye = torch.eye(self.n_components, dtype=f.dtype, device=f.device)
-        chol = torch.linalg.cholesky(ew @ basis + self.ridge * eye)  # (B, K, K)
+        gram = ew @ basis + self.ridge * eye
+        chol, info = torch.linalg.cholesky_ex(gram)  # (B, K, K)
+        bad = info != 0
+        if bool(bad.any()):  # round-off broke positive definiteness: a trace-scaled jitter
+            jitter = 1e-10 * gram[bad].diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
+            chol[bad] = torch.linalg.cholesky_ex(gram[bad] + jitter * eye)[0]
         coef = torch.cholesky_solve(ew @ f[..., None], chol)[..., 0]
         var = torch.cholesky_inverse(chol).diagonal(dim1=-2, dim2=-1)
         n_good = (w > 0).sum(-1).clamp_min(1)
         chi2 = (w * (f - coef @ basis.T) ** 2).sum(-1) / n_good
         feats = [coef, 0.5 * torch.log(var), torch.log(chi2.clamp_min(1e-3))[:, None]]
-        return torch.cat(feats, -1).to(flux.dtype)
+        feats = torch.cat(feats, -1)
+        return torch.nan_to_num(feats, nan=0.0, posinf=0.0, neginf=0.0).to(flux.dtype)
 
     @torch.no_grad()
     def fit(self, flux: torch.Tensor, good: torch.Tensor, iterations: int = 8) -> torch.Tensor:

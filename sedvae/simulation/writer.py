@@ -45,6 +45,7 @@ import torch
 
 from .. import __version__
 from ..physics.noise import rng_for
+from ..sps import THETA
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def draw_chunk(model, index: int, settings: dict) -> dict[str, np.ndarray]:
         out = {
             "theta": theta.float().numpy(),
             "z": z.float().numpy(),
-            "lum": model.spectrum_from_history(h, th[:, 9:12]).float().numpy(),
+            "lum": model.spectrum_from_history(h, th[:, THETA.DUST]).float().numpy(),
         }
         for key, value in model.derived(th, zz).items():
             out[f"derived/{key}"] = value.double().numpy()
@@ -115,7 +116,7 @@ def draw_chunk(model, index: int, settings: dict) -> dict[str, np.ndarray]:
             out["nuisance/logU"] = logu.float().numpy()
             out["nuisance/sigma_v"] = sigma_v.float().numpy()
             out["lum_nebular"] = (
-                model.nebular_spectrum(h, th[:, 9:12], logu.to(th.dtype)).float().numpy()
+                model.nebular_spectrum(h, th[:, THETA.DUST], logu.to(th.dtype)).float().numpy()
             )
     return out
 
@@ -287,7 +288,7 @@ def write_mocks(
                 params["logU"] = torch.as_tensor(sim["nuisance/logU"][sl], dtype=torch.float64)
                 params["sigma_v"] = torch.as_tensor(sim["nuisance/sigma_v"][sl]).double()
                 unit = torch.as_tensor(sim["lum"][sl]) + torch.as_tensor(sim["lum_nebular"][sl])
-                mass = 10 ** params["theta"][:, :1].to(unit.dtype)
+                mass = 10 ** params["theta"][:, THETA.LOGMSTAR, None].to(unit.dtype)
                 lum = gen.sps.broaden(unit * mass, params["sigma_v"].to(unit.dtype))
             clean = gen.noiseless(params, lum)
             for key in ("theta", "z", "logU", "sigma_v", "aperture"):

@@ -32,6 +32,7 @@ from .nebular import line_deposit_matrix, load_nebular_grid
 from .provabgs import (
     BIN_EDGES_GYR,
     T_BC_GYR,
+    THETA,
     PROVABGSPrior,
     check_theta_z,
     load_nmf_bases,
@@ -322,17 +323,17 @@ class SEDModel(torch.nn.Module):
         bin_of_tu = torch.searchsorted(self.bin_edges, t_u.detach().contiguous()) - 1
         b_cut = bin_of_tu.clamp(0, self.n_bins - 1)
         lo_cut = lo[b_cut]
-        beta = theta[:, 1:5]
+        beta = theta[:, THETA.BETA]
         cum_cut = self._nmf_cumulative(t_u) - self._nmf_cumulative(lo_cut)  # (B, 4)
         mass_cut = (cum_cut * beta).sum(-1)
         bin_mass = torch.where(whole, beta @ self._bin_cum.T, 0.0)
         bin_mass = torch.where(cut, mass_cut[:, None], bin_mass).clamp_min(0.0)
         bin_mass = bin_mass / bin_mass.sum(-1, keepdim=True).clamp_min(1e-30)
 
-        t_burst = theta[:, 6]
-        f_burst = theta[:, 5] * (t_burst < t_u).to(theta.dtype)
+        t_burst = theta[:, THETA.T_BURST]
+        f_burst = theta[:, THETA.F_BURST] * (t_burst < t_u).to(theta.dtype)
         zmin, zmax = 10 ** self.log_zgrid[0], 10 ** self.log_zgrid[-1]
-        gamma = theta[:, 7:9]
+        gamma = theta[:, THETA.GAMMA]
         # Z at mid-bin of [lo, hi]: a whole bin's middle, an empty bin's lower edge (hi = lo),
         # or the middle of the cut bin's part before t_U
         z_whole, z_empty = gamma @ self._bin_zh_mid.T, gamma @ self._bin_zh_lo.T
@@ -432,7 +433,8 @@ class SEDModel(torch.nn.Module):
     def forward(self, theta: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Rest-frame L_lambda (B, L) in L_sun/A for parameters theta (B, 12) at redshift z (B,)."""
         theta, z = self.check_inputs(theta, z)
-        return self.spectrum_from_history(self.history(theta, z), theta[:, 9:12], 10 ** theta[:, 0])
+        mass = 10 ** theta[:, THETA.LOGMSTAR]
+        return self.spectrum_from_history(self.history(theta, z), theta[:, THETA.DUST], mass)
 
     # ---- nebular emission and broadening (simulator options for mocks) -------------------
     def _require_nebular(self) -> None:
@@ -473,8 +475,11 @@ class SEDModel(torch.nn.Module):
         ``line_wavelengths`` vacuum A): the truth for line-flux recovery."""
         theta, z = self.check_inputs(theta, z)
         h = self.history(theta, z)
-        lines = (self._nebular_coefficients(h, logu) @ self.neb_lines) * (10 ** theta[:, :1])
-        t_bc, t_ism = self.dust.transmission(theta[:, 9], theta[:, 10], theta[:, 11])
+        mass = 10 ** theta[:, THETA.LOGMSTAR, None]
+        lines = (self._nebular_coefficients(h, logu) @ self.neb_lines) * mass
+        t_bc, t_ism = self.dust.transmission(
+            theta[:, THETA.TAU_BC], theta[:, THETA.TAU_ISM], theta[:, THETA.N_DUST]
+        )
         return lines * (t_bc * t_ism)[:, self.line_transmission_index]
 
     def broaden(self, lum: torch.Tensor, sigma_v: torch.Tensor) -> torch.Tensor:
@@ -524,10 +529,10 @@ class SEDModel(torch.nn.Module):
         emission when ``logu`` is given, broadened by ``sigma_v`` (km/s) when given."""
         theta, z = self.check_inputs(theta, z)
         h = self.history(theta, z)
-        mass = 10 ** theta[:, 0]
-        lum = self.spectrum_from_history(h, theta[:, 9:12], mass)
+        mass = 10 ** theta[:, THETA.LOGMSTAR]
+        lum = self.spectrum_from_history(h, theta[:, THETA.DUST], mass)
         if logu is not None:
-            lum = lum + self.nebular_spectrum(h, theta[:, 9:12], logu) * mass[:, None]
+            lum = lum + self.nebular_spectrum(h, theta[:, THETA.DUST], logu) * mass[:, None]
         if sigma_v is not None:
             lum = self.broaden(lum, sigma_v)
         return lum
@@ -543,7 +548,7 @@ class SEDModel(torch.nn.Module):
         """
         theta, z = self.check_inputs(theta, z)
         h = self.history(theta, z)
-        mass = 10 ** theta[:, 0]
+        mass = 10 ** theta[:, THETA.LOGMSTAR]
         rows, weights = self._sparse_rows(h)
         live = self._dense_live(h) + (self.sparse_live[rows] * weights).sum(-1)
 
@@ -571,7 +576,7 @@ class SEDModel(torch.nn.Module):
         SFR per bin (M_sun/yr, burst excluded), Z per bin, the burst mass (M_sun) and age."""
         theta, z = self.check_inputs(theta, z)
         h = self.history(theta, z)
-        mass = 10 ** theta[:, :1]
+        mass = 10 ** theta[:, THETA.LOGMSTAR, None]
         width_yr = (h.bin_hi_gyr - self.bin_edges[:-1]) * 1e9
         sfr = torch.where(width_yr > 0, mass * h.bin_mass / width_yr.clamp_min(1.0), 0.0)
         return {

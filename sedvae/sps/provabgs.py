@@ -47,6 +47,30 @@ PARAM_NAMES = (
 N_THETA = 12
 N_FREE = 11  # the simplex removes one dimension
 
+
+def _at(name: str) -> int:
+    return PARAM_NAMES.index(name)
+
+
+def _span(first: str, last: str) -> slice:
+    return slice(_at(first), _at(last) + 1)
+
+
+class THETA:
+    """Named positions in theta (``PARAM_NAMES`` order): an int for one parameter, a slice for
+    a group, so ``theta[..., THETA.DUST]`` replaces ``theta[..., 9:12]``."""
+
+    LOGMSTAR = _at("logmstar")
+    BETA = _span("beta1", "beta4")  # the 4 NMF SFH weights on the simplex
+    F_BURST = _at("fburst")
+    T_BURST = _at("tburst")
+    GAMMA = _span("gamma1", "gamma2")  # the 2 NMF metallicity-history weights
+    TAU_BC = _at("tau_bc")
+    TAU_ISM = _at("tau_ism")
+    N_DUST = _at("n_dust")
+    DUST = _span("tau_bc", "n_dust")  # (tau_BC, tau_ISM, n_dust): the dust model's arguments
+
+
 LOGM_RANGE = (7.0, 12.5)
 TBURST_RANGE = (0.01, 13.27)  # Gyr
 GAMMA_RANGE = (2e-5, 2e-2)
@@ -98,6 +122,19 @@ def load_nmf_bases() -> NMFBases:
     return NMFBases(t_gyr=t_ext, sfh=extend(sfh[[2, 0, 1, 3]]), zh=extend(zh))
 
 
+# (index, lower, upper, log-scaled?) of the 8 box parameters of theta
+BOXES = (
+    (THETA.LOGMSTAR, *LOGM_RANGE, False),
+    (THETA.F_BURST, 0.0, 1.0, False),
+    (THETA.T_BURST, *TBURST_RANGE, True),
+    (THETA.GAMMA.start, *GAMMA_RANGE, True),
+    (THETA.GAMMA.start + 1, *GAMMA_RANGE, True),
+    (THETA.TAU_BC, *TAU_RANGE, False),
+    (THETA.TAU_ISM, *TAU_RANGE, False),
+    (THETA.N_DUST, *NDUST_RANGE, False),
+)
+
+
 def _check_theta(theta: torch.Tensor) -> None:
     if not isinstance(theta, torch.Tensor):
         raise ValueError(f"theta must be a torch.Tensor, got {type(theta).__name__}")
@@ -111,17 +148,7 @@ def _check_theta(theta: torch.Tensor) -> None:
 def check_support(theta: torch.Tensor) -> None:
     """Raise ValueError naming the first parameter outside the prior support."""
     _check_theta(theta)
-    boxes = {
-        0: LOGM_RANGE,
-        5: (0.0, 1.0),
-        6: TBURST_RANGE,
-        7: GAMMA_RANGE,
-        8: GAMMA_RANGE,
-        9: TAU_RANGE,
-        10: TAU_RANGE,
-        11: NDUST_RANGE,
-    }
-    for i, (lo, hi) in boxes.items():
+    for i, lo, hi, _ in BOXES:
         col = theta[:, i]
         # a relative tolerance for float32 round-off at the edges of the box
         eps = 1e-6 * max(abs(lo), abs(hi), 1.0)
@@ -130,7 +157,7 @@ def check_support(theta: torch.Tensor) -> None:
                 f"{PARAM_NAMES[i]} must lie in [{lo}, {hi}]; got {col.min().item():.6g}.."
                 f"{col.max().item():.6g}"
             )
-    beta = theta[:, 1:5]
+    beta = theta[:, THETA.BETA]
     if (beta < -SIMPLEX_TOL).any() or ((beta.sum(-1) - 1).abs() > SIMPLEX_TOL).any():
         raise ValueError(
             "beta1..beta4 must lie on the simplex (each >= 0, sum = 1); got sums "
@@ -169,18 +196,8 @@ class PROVABGSPrior:
     n_theta = N_THETA
     n_free = N_FREE
 
-    # (index, lower, upper, log-scaled?) of the 8 box parameters
-    _boxes = (
-        (0, *LOGM_RANGE, False),
-        (5, 0.0, 1.0, False),
-        (6, *TBURST_RANGE, True),
-        (7, *GAMMA_RANGE, True),
-        (8, *GAMMA_RANGE, True),
-        (9, *TAU_RANGE, False),
-        (10, *TAU_RANGE, False),
-        (11, *NDUST_RANGE, False),
-    )
-    boxes = _boxes  # public: the checkpoint fingerprint records these ranges
+    _boxes = BOXES  # (index, lower, upper, log-scaled?) of the 8 box parameters
+    boxes = BOXES  # public: the checkpoint fingerprint records these ranges
 
     def sample(
         self,
@@ -198,7 +215,7 @@ class PROVABGSPrior:
                 theta[:, i] = lo + u[:, col] * (hi - lo)
         # flat Dirichlet(1,1,1,1) = normalised unit exponentials
         e = -torch.log(torch.rand(n, 4, generator=generator, dtype=torch.float64).clamp_min(1e-300))
-        theta[:, 1:5] = e / e.sum(-1, keepdim=True)
+        theta[:, THETA.BETA] = e / e.sum(-1, keepdim=True)
         return theta.to(dtype)
 
     def log_prob(self, theta: torch.Tensor) -> torch.Tensor:
@@ -216,7 +233,7 @@ class PROVABGSPrior:
                 lp = lp - torch.log(x.clamp_min(lo)) - math.log(math.log(hi / lo))
             else:
                 lp = lp - math.log(hi - lo)
-        beta = theta[:, 1:5]
+        beta = theta[:, THETA.BETA]
         inside &= (beta >= 0).all(-1) & ((beta.sum(-1) - 1).abs() <= SIMPLEX_TOL)
         return torch.where(inside, lp, torch.full_like(lp, -math.inf))
 
@@ -231,7 +248,7 @@ class PROVABGSPrior:
             p = (torch.log(x / lo) / math.log(hi / lo)) if is_log else (x - lo) / (hi - lo)
             p = p.clamp(tiny, 1 - tiny)
             out.append(torch.log(p) - torch.log1p(-p))
-        beta = theta[:, 1:5].clamp_min(tiny)
+        beta = theta[:, THETA.BETA].clamp_min(tiny)
         beta = beta / beta.sum(-1, keepdim=True)
         # stick-breaking: z_k = beta_k / (1 - sum_{j<k} beta_j), u_k = logit(z_k) + log(K - k)
         rest = 1 - torch.cumsum(beta, -1)[:, :-1]
@@ -285,5 +302,5 @@ class PROVABGSPrior:
             betas.append(b)
             remaining = remaining - b
         betas.append(remaining)
-        theta[:, 1:5] = torch.stack(betas, -1)
+        theta[:, THETA.BETA] = torch.stack(betas, -1)
         return theta, ladj

@@ -30,6 +30,7 @@ import torch
 from ..physics.cosmology import age_of_universe_gyr
 from .dust import LAMBDA_V, calzetti_kprime, drude_profile
 from .model import History, SEDModel
+from .provabgs import THETA
 
 L_SUN_BAGPIPES = 3.826e33  # erg/s, the value bagpipes multiplies by
 SPEC_WAVS = np.arange(2900.0, 9101.0, 1.0)
@@ -115,7 +116,7 @@ def constant_z_history(
 ) -> History:
     """sedvae's history for theta at z, without burst and with every bin at metallicity zmet."""
     theta = theta.clone()
-    theta[:, 5] = 0.0  # bagpipes bins a burst into its 0.1-dex age bins; not compared
+    theta[:, THETA.F_BURST] = 0.0  # bagpipes bins a burst into its 0.1-dex age bins; not compared
     theta, z = model.check_inputs(theta, z)
     h = model.history(theta, z)
     h.bin_z = torch.full_like(h.bin_z, zmet)
@@ -134,15 +135,15 @@ def compare_with_bagpipes(
 
     theta's dust must be expressible by bagpipes: tau_BC = 0 and n_dust = 0. f_burst is ignored.
     """
-    if (theta[:, 9] != 0).any() or (theta[:, 11] != 0).any():
+    if (theta[:, THETA.TAU_BC] != 0).any() or (theta[:, THETA.N_DUST] != 0).any():
         raise ValueError("compare_with_bagpipes needs tau_bc = 0 and n_dust = 0")
     reference = reference or BagpipesReference()
     model64 = model.to(torch.float64)
     z = torch.full((theta.shape[0],), matched_redshift(), dtype=torch.float64)
     theta = theta.to(torch.float64)
     h = constant_z_history(model64, theta, z, zmet)
-    mass = 10 ** theta[:, 0]
-    ours = model64.spectrum_from_history(h, theta[:, 9:12], mass).numpy()
+    mass = 10 ** theta[:, THETA.LOGMSTAR]
+    ours = model64.spectrum_from_history(h, theta[:, THETA.DUST], mass).numpy()
     wave = model64.wave_air.numpy()  # bagpipes works on the grid's own (air) wavelengths
     out = []
     for i in range(theta.shape[0]):
@@ -150,7 +151,10 @@ def compare_with_bagpipes(
             model64.bin_edges[:-1].numpy(), h.bin_hi_gyr[i].numpy(), h.bin_mass[i].numpy()
         )
         w_ref, f_ref = reference.spectrum(
-            steps, float(theta[i, 0]), zmet / 0.02, av_from_tau_ism(float(theta[i, 10]))
+            steps,
+            float(theta[i, THETA.LOGMSTAR]),
+            zmet / 0.02,
+            av_from_tau_ism(float(theta[i, THETA.TAU_ISM])),
         )
         sel = (w_ref >= wave_range[0]) & (w_ref <= wave_range[1])
         f_ours = np.interp(w_ref[sel], wave, ours[i])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import integrate
 
-from sedvae.sps.provabgs import LOGM_RANGE, PROVABGSPrior, check_support
+from sedvae.sps.provabgs import LOGM_RANGE, THETA, PROVABGSPrior, check_support
 from studies.exact import (
     JointCoordinates,
     MockLikelihood,
@@ -79,8 +79,8 @@ def test_likelihood_peaks_at_the_truth(generator, mock):
     obs, truth = mock
     lik = MockLikelihood(generator)
     theta = truth["theta"].double()[None].repeat(3, 1)
-    theta[1, 0] += 0.05
-    theta[2, 0] -= 0.05
+    theta[1, THETA.LOGMSTAR] += 0.05
+    theta[2, THETA.LOGMSTAR] -= 0.05
     n = theta.shape[0]
     log_l = lik(theta, obs, float(truth["z"]), truth["logU"].repeat(n), truth["sigma_v"].repeat(n))
     assert bool(torch.isfinite(log_l).all())
@@ -127,7 +127,7 @@ def test_exact_posterior_is_in_the_support_and_covers_the_truth(generator, mock)
     lo_u, hi_u = generator.logu_range
     assert bool(((res.logu >= lo_u) & (res.logu <= hi_u)).all())
     assert res.n_sims > 28 * 60
-    q = np.quantile(res.theta[:, 0].numpy(), [0.001, 0.999])
+    q = np.quantile(res.theta[:, THETA.LOGMSTAR].numpy(), [0.001, 0.999])
     assert q[0] - 0.05 < float(truth["theta"][0]) < q[1] + 0.05
 
 
@@ -164,7 +164,8 @@ class _GaussianLikelihood:
     clean = staticmethod(MockLikelihood.clean)
 
     def __call__(self, theta, obs, z, logu, sigma_v):
-        return -0.5 * ((theta[:, 0] - 10.3) / 0.05) ** 2 - 0.5 * ((logu + 2.5) / 0.2) ** 2
+        logm = theta[:, THETA.LOGMSTAR]
+        return -0.5 * ((logm - 10.3) / 0.05) ** 2 - 0.5 * ((logu + 2.5) / 0.2) ** 2
 
 
 def test_nested_posterior_recovers_an_analytic_posterior_and_evidence():
@@ -175,12 +176,12 @@ def test_nested_posterior_recovers_an_analytic_posterior_and_evidence():
     res = nested_posterior(PROVABGSPrior(), _GaussianLikelihood(), obs, n_live=400,
                            n_eff=2000, n_samples=4000, seed=1)  # fmt: skip
     check_support(res.theta)
-    m = res.theta[:, 0].double()
+    m = res.theta[:, THETA.LOGMSTAR].double()
     assert float(m.mean()) == pytest.approx(10.3, abs=0.01)
     assert float(m.std()) == pytest.approx(0.05, rel=0.1)
     assert float(res.logu.double().mean()) == pytest.approx(-2.5, abs=0.03)
     assert float(res.logu.double().std()) == pytest.approx(0.2, rel=0.1)
-    assert float(res.theta[:, 1:5].double().mean()) == pytest.approx(0.25, abs=0.02)
+    assert float(res.theta[:, THETA.BETA].double().mean()) == pytest.approx(0.25, abs=0.02)
     log_z = (math.log(math.sqrt(2 * math.pi) * 0.05 / (LOGM_RANGE[1] - LOGM_RANGE[0]))
              + math.log(math.sqrt(2 * math.pi) * 0.2 / 3.0))  # fmt: skip
     assert res.log_z == pytest.approx(log_z, abs=0.15)
