@@ -21,6 +21,7 @@ import torch
 
 from ..posterior.api import DERIVED_NAMES, FATAL, Posterior, load_posterior
 from ..sps import PARAM_NAMES
+from ..timing import stage
 
 QUANTILES = (16, 50, 84)
 
@@ -92,17 +93,29 @@ class PosteriorFitter(torch.nn.Module):
             "z": torch.as_tensor(batch["z"]).float(),
             "flags": flags,
         }
-        q = torch.tensor([p / 100 for p in QUANTILES], dtype=torch.float64)
         truth = batch.get("theta")
         truth = None if truth is None else torch.as_tensor(truth, dtype=samples.dtype)
         quantities = {name: samples[..., j] for j, name in enumerate(PARAM_NAMES)}
-        derived = self.posterior.derived(samples, batch["z"])
-        quantities.update(catalog_quantities(derived))
+        with stage("derived"):
+            derived = self.posterior.derived(samples, batch["z"])
+            quantities.update(catalog_quantities(derived))
         true_values = {}
         if truth is not None:
             true_values = {name: truth[:, j] for j, name in enumerate(PARAM_NAMES)}
             derived_truth = self.posterior.derived(truth[None], batch["z"])
             true_values.update({k: v[0] for k, v in catalog_quantities(derived_truth).items()})
+        with stage("quantiles"):
+            self._quantiles(out, quantities, true_values)
+        with stage("reconstruction"):
+            out["rchi2"] = self._reduced_chi2(batch, flags)
+        if self.keep_samples:
+            out["samples"] = samples.permute(1, 0, 2).contiguous()  # (B, n, 12)
+        return out
+
+    @staticmethod
+    def _quantiles(out: dict, quantities: dict, true_values: dict) -> None:
+        """Percentiles of every quantity (and, with the truth, its value and rank) into out."""
+        q = torch.tensor([p / 100 for p in QUANTILES], dtype=torch.float64)
         for name, values in quantities.items():
             values = values.double()
             quant = torch.nanquantile(values, q, dim=0)  # (3, B)
@@ -114,10 +127,6 @@ class PosteriorFitter(torch.nn.Module):
                 ok = torch.isfinite(values).all(0) & torch.isfinite(t)
                 out[f"{name}_true"] = t.float()
                 out[f"{name}_rank"] = torch.where(ok, rank, torch.nan).float()
-        out["rchi2"] = self._reduced_chi2(batch, flags)
-        if self.keep_samples:
-            out["samples"] = samples.permute(1, 0, 2).contiguous()  # (B, n, 12)
-        return out
 
     def _reduced_chi2(self, batch: dict[str, Any], flags: torch.Tensor) -> torch.Tensor:
         """chi^2 / N_pix of the autoencoder's reconstruction; NaN for fatal flags."""

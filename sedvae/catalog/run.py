@@ -24,6 +24,7 @@ import torch
 from astropy.table import Table
 from torch.utils.data import DataLoader
 
+from ..timing import TIMER
 from .module import CatalogModule
 from .shards import ShardDataset, ShardWriter, finished_shards, merge_shards
 
@@ -79,12 +80,15 @@ def run_catalog(
         if trainer.global_rank != 0:
             return {}
     elapsed = time.perf_counter() - t0
+    t_write = time.perf_counter()
     table = merge_shards(shard_dir, dataset.n_shards, out / ".catalog_with_samples.fits")
     os.remove(out / ".catalog_with_samples.fits")
     if "samples" in table.colnames:
         _write_samples(out / "samples.h5", table)
         table.remove_column("samples")
     _write_catalog(out / "catalog.fits", table, source)
+    if TIMER.enabled:
+        TIMER.add("write", time.perf_counter() - t_write)
     metrics = _metrics(table, dataset.n_galaxies_todo, elapsed)
     if any(c.endswith("_rank") for c in table.colnames):
         metrics.update(truth_metrics(table))

@@ -28,6 +28,8 @@ from astropy.table import Table, vstack
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import Dataset
 
+from ..timing import stage
+
 SHARD_PATTERN = re.compile(r"^shard_(\d{6})\.fits$")
 
 
@@ -117,7 +119,8 @@ class ShardWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        write_shard(self.folder, int(prediction["shard"]), prediction)
+        with stage("write"):
+            write_shard(self.folder, int(prediction["shard"]), prediction)
 
 
 def write_shard(folder: str | os.PathLike, shard: int, columns: dict[str, Any]) -> Path:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..io import read_spectra
+from ..timing import stage
 
 
 def expand_paths(paths: str | os.PathLike | list) -> list[Path]:
@@ -102,8 +103,9 @@ class SpectraSource:
         return parts
 
     def __call__(self, start: int, stop: int) -> dict[str, Any]:
-        batches = [to_batch(s) for s in self.spectra(start, stop)]
-        return {k: _concat([b[k] for b in batches]) for k in batches[0]}
+        with stage("read"):
+            batches = [to_batch(s) for s in self.spectra(start, stop)]
+            return {k: _concat([b[k] for b in batches]) for k in batches[0]}
 
 
 def _redrock_beside(path: Path) -> Path | None:

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from ..sps.provabgs import N_THETA, PARAM_NAMES
+from ..timing import stage
 from .model import NeuralPosterior
 
 Z_RANGE = (0.01, 0.6)  # the training set's redshifts (BGS-like n(z)); outside is extrapolation
@@ -178,7 +179,8 @@ class Posterior:
         self, batch: dict, n: int, generator: torch.Generator | None = None
     ) -> PosteriorSamples:
         """Unconstrained samples u (n, B, 11) (NaN where fatal) and flags (B,)."""
-        clean, flags = self.check(batch)
+        with stage("clean"):
+            clean, flags = self.check(batch)
         u = self.net.sample_u(clean, n, generator, chunk=self.chunk)
         u[:, (flags & int(FATAL)) > 0] = torch.nan
         return PosteriorSamples(u, flags)
@@ -215,8 +217,9 @@ class Posterior:
         theta = torch.full((*u.shape[:2], N_THETA), torch.nan)
         ok = (flags & int(FATAL)) == 0
         if bool(ok.any()):
-            flat = u[:, ok].reshape(-1, u.shape[-1]).double()
-            theta[:, ok] = self.prior.to_constrained(flat).float().reshape(n, -1, N_THETA)
+            with stage("flow_sampling"):
+                flat = u[:, ok].reshape(-1, u.shape[-1]).double()
+                theta[:, ok] = self.prior.to_constrained(flat).float().reshape(n, -1, N_THETA)
         return PosteriorSamples(theta, flags) if return_flags else theta
 
     @torch.no_grad()
