@@ -24,6 +24,7 @@ import torch
 from ..io.batch import FATAL, Flag
 from ..posterior.api import DERIVED_NAMES, Posterior, load_posterior
 from ..sps import PARAM_NAMES
+from ..timing import stage
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class PosteriorFitter(torch.nn.Module):
         encoder's amortised fit; 100 brings the bundled DESI spectrum from 28 to 6.2).
     keep_samples : also return the samples (for the optional HDF5 of samples).
     seed : fixes the posterior draws (per shard: seed + shard).
+    compile : fuse the flow's sampler with ``torch.compile`` (``Posterior(compile=True)``):
+        ~22 % faster sampling here after a ~40 s compilation, so it pays from a few thousand
+        galaxies on; draws equal the eager ones to float32 round-off.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class PosteriorFitter(torch.nn.Module):
         keep_samples: bool = False,
         seed: int = 0,
         refine_steps: int = 0,
+        compile: bool = False,
     ):
         super().__init__()
         # the files the networks come from, for the run's manifest (their checksums)
@@ -80,6 +85,8 @@ class PosteriorFitter(torch.nn.Module):
         self._files = {k: Path(v) if isinstance(v, str | Path) else None for k, v in files.items()}
         if posterior is None or isinstance(posterior, str | Path):
             posterior = load_posterior(posterior or default_posterior_path())
+        if compile:
+            posterior.net.flow.compile_sampler()
         self.posterior = posterior
         self.n_samples = int(n_samples)
         self.keep_samples = keep_samples
@@ -116,14 +123,14 @@ class PosteriorFitter(torch.nn.Module):
         gen = torch.Generator().manual_seed(self.seed + shard)
         samples, post_flags = self.posterior.sample(batch, self.n_samples, gen, return_flags=True)
         flags = post_flags.long() | torch.as_tensor(batch.get("flags", 0), dtype=torch.long)
-        derived = self.posterior.derived(samples, batch["z"])
+        with stage("derived"):
+            derived = self.posterior.derived(samples, batch["z"])
         flags |= self.posterior.prior_edge(samples, derived).long() * int(Flag.PRIOR_EDGE)
         out: dict[str, Any] = {
             "ids": np.asarray(batch.get("ids", np.arange(samples.shape[1]))),
             "z": torch.as_tensor(batch["z"]).float(),
             "flags": flags,
         }
-        q = torch.tensor([p / 100 for p in QUANTILES], dtype=torch.float64)
         truth = batch.get("theta")
         truth = None if truth is None else torch.as_tensor(truth, dtype=samples.dtype)
         quantities = {name: samples[..., j] for j, name in enumerate(PARAM_NAMES)}
@@ -133,6 +140,18 @@ class PosteriorFitter(torch.nn.Module):
             true_values = {name: truth[:, j] for j, name in enumerate(PARAM_NAMES)}
             derived_truth = self.posterior.derived(truth[None], batch["z"])
             true_values.update({k: v[0] for k, v in catalog_quantities(derived_truth).items()})
+        with stage("quantiles"):
+            self._quantiles(out, quantities, true_values)
+        with stage("reconstruction"):
+            out["rchi2"] = self._reduced_chi2(batch, flags)
+        if self.keep_samples:
+            out["samples"] = samples.permute(1, 0, 2).contiguous()  # (B, n, 12)
+        return out
+
+    @staticmethod
+    def _quantiles(out: dict, quantities: dict, true_values: dict) -> None:
+        """Percentiles of every quantity (and, with the truth, its value and rank) into out."""
+        q = torch.tensor([p / 100 for p in QUANTILES], dtype=torch.float64)
         for name, values in quantities.items():
             values = values.double()
             quant = torch.nanquantile(values, q, dim=0)  # (3, B)
@@ -144,10 +163,6 @@ class PosteriorFitter(torch.nn.Module):
                 ok = torch.isfinite(values).all(0) & torch.isfinite(t)
                 out[f"{name}_true"] = t.float()
                 out[f"{name}_rank"] = torch.where(ok, rank, torch.nan).float()
-        out["rchi2"] = self._reduced_chi2(batch, flags)
-        if self.keep_samples:
-            out["samples"] = samples.permute(1, 0, 2).contiguous()  # (B, n, 12)
-        return out
 
     def _reduced_chi2(self, batch: dict[str, Any], flags: torch.Tensor) -> torch.Tensor:
         """chi^2 / N_pix of the autoencoder's reconstruction of the posterior's cleaned batch

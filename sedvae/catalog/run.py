@@ -26,6 +26,7 @@ from astropy.table import Table
 from torch.utils.data import DataLoader
 
 from ..fileio import atomic_path
+from ..timing import TIMER
 from .manifest import check_manifest, run_manifest
 from .module import CatalogModule
 from .shards import ShardDataset, ShardWriter, finished_shards, merge_shards
@@ -84,11 +85,14 @@ def run_catalog(
         if trainer.global_rank != 0:
             return {}
     elapsed = time.perf_counter() - t0
+    t_write = time.perf_counter()
     table = merge_shards(shard_dir, dataset.n_shards)
     if "samples" in table.colnames:
         _write_samples(out / "samples.h5", table)
         table.remove_column("samples")
     _write_catalog(out / "catalog.fits", table, source)
+    if TIMER.enabled:
+        TIMER.add("write", time.perf_counter() - t_write)
     metrics = _metrics(table, dataset.n_galaxies_todo, elapsed)
     failures: list[dict[str, str]] = []
     if any(c.endswith("_rank") for c in table.colnames):

@@ -33,6 +33,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import Dataset
 
 from ..fileio import atomic_path
+from ..timing import stage
 
 log = logging.getLogger(__name__)
 SHARD_PATTERN = re.compile(r"^shard_(\d{6})\.fits$")
@@ -155,7 +156,8 @@ class ShardWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        write_shard(self.folder, int(prediction["shard"]), prediction)
+        with stage("write"):
+            write_shard(self.folder, int(prediction["shard"]), prediction)
 
 
 def write_shard(folder: str | os.PathLike, shard: int, columns: dict[str, Any]) -> Path:

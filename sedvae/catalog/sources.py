@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from ..io import SpectrumFileNotFoundError, read_spectra
+from ..timing import stage
 
 
 def expand_paths(paths: str | os.PathLike | list) -> list[Path]:
@@ -68,13 +70,23 @@ class SpectraSource:
     kind : ``desi``, ``sdss`` or ``table`` (see ``sedvae.io.read_spectra``).
     path : file, glob pattern or list of them.
     z_range : redshifts outside it are flagged (the model's supported range).
+    prefetch : read the next file in a background thread while the current one is fitted
+        (reading overlaps inference; at most two files are in memory). Batches are the same.
     **reader_kwargs : passed to the reader (e.g. ``redrock=...`` or ``z=...`` for DESI).
     """
 
     def __init__(
-        self, kind: str, path, z_range: tuple[float, float] = (0.01, 0.6), **reader_kwargs
+        self,
+        kind: str,
+        path,
+        z_range: tuple[float, float] = (0.01, 0.6),
+        prefetch: bool = True,
+        **reader_kwargs,
     ):
         self.kind = kind
+        self.prefetch = bool(prefetch)
+        self._pending: tuple[int, Future] | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self.files = expand_paths(path)
         self.z_range = tuple(z_range)
         self.reader_kwargs = reader_kwargs
@@ -119,14 +131,40 @@ class SpectraSource:
 
     def _read(self, file_index: int):
         if self._cache is None or self._cache[0] != file_index:
-            path = self.files[file_index]
-            kwargs = dict(self.reader_kwargs)
-            if self.kind == "desi" and kwargs.get("redrock") == "auto":
-                # user redshifts win over the redrock file beside the coadd
-                kwargs["redrock"] = None if kwargs.get("z") is not None else _redrock_beside(path)
-            spectra = read_spectra(self.kind, path, z_range=self.z_range, **kwargs)
-            self._cache = (file_index, spectra)
+            self._cache = None  # free the previous file before holding another
+            self._cache = (file_index, self._take_or_load(file_index))
+            if self.prefetch and file_index + 1 < len(self.files):
+                self._start_prefetch(file_index + 1)
         return self._cache[1]
+
+    def _load(self, file_index: int):
+        """Read and validate one whole file (the reader's ``Spectra``)."""
+        path = self.files[file_index]
+        kwargs = dict(self.reader_kwargs)
+        if self.kind == "desi" and kwargs.get("redrock") == "auto":
+            # user redshifts win over the redrock file beside the coadd
+            kwargs["redrock"] = None if kwargs.get("z") is not None else _redrock_beside(path)
+        return read_spectra(self.kind, path, z_range=self.z_range, **kwargs)
+
+    def _take_or_load(self, file_index: int):
+        """The prefetched file if it is the one wanted (errors surface here), else a read."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == file_index:
+            return pending[1].result()
+        if pending is not None:
+            pending[1].cancel()
+        return self._load(file_index)
+
+    def _start_prefetch(self, file_index: int) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sedvae-read")
+        self._pending = (file_index, self._pool.submit(self._load, file_index))
+
+    def __getstate__(self) -> dict:
+        # threads and futures stay in their process (DataLoader workers, spawned ranks)
+        state = dict(self.__dict__)
+        state.update(_pool=None, _pending=None, _cache=None)
+        return state
 
     def spectra(self, start: int, stop: int):
         """The ``sedvae.io.Spectra`` of galaxies [start, stop) (one per file they span)."""
@@ -137,8 +175,9 @@ class SpectraSource:
         return parts
 
     def __call__(self, start: int, stop: int) -> dict[str, Any]:
-        batches = [to_batch(s) for s in self.spectra(start, stop)]
-        return {k: _concat([b[k] for b in batches]) for k in batches[0]}
+        with stage("read"):
+            batches = [to_batch(s) for s in self.spectra(start, stop)]
+            return {k: _concat([b[k] for b in batches]) for k in batches[0]}
 
 
 def _redrock_name(path: Path) -> Path:

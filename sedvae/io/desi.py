@@ -216,7 +216,8 @@ def read_desi_coadd(
                         f"({n_file}, {'ndiag, ' if kind == 'RESOLUTION' else ''}{m_arm}) from "
                         f"FIBERMAP ({n_file} targets) and {arm}_WAVELENGTH ({m_arm} pixels)"
                     )
-                arm_arrays[kind] = data[rows]
+                # the whole file: no fancy-indexed copy (native() below makes the one copy)
+                arm_arrays[kind] = data if targetids is None else data[rows]
             waves.append(native(wave, np.float64))
             fluxes.append(native(arm_arrays["FLUX"], np.float32))
             ivars.append(native(arm_arrays["IVAR"], np.float32))

@@ -27,6 +27,7 @@ import torch
 
 from ..io.batch import FATAL, Z_RANGE, Flag, SpectrumBatch
 from ..sps.provabgs import BOXES, N_THETA, PARAM_NAMES, THETA
+from ..timing import stage
 from .model import NeuralPosterior
 
 # PRIOR_EDGE: a 16-84 % interval within this fraction of the parameter's range from its end
@@ -124,7 +125,8 @@ class Posterior:
         self, batch: dict, n: int, generator: torch.Generator | None = None
     ) -> PosteriorSamples:
         """Unconstrained samples u (n, B, 11) (NaN where fatal) and flags (B,)."""
-        clean, flags = self.check(batch)
+        with stage("clean"):
+            clean, flags = self.check(batch)
         u = self.net.sample_u(clean, n, generator, chunk=self.chunk)
         u[:, (flags & int(FATAL)) > 0] = torch.nan
         return PosteriorSamples(u, flags)
@@ -161,8 +163,9 @@ class Posterior:
         theta = torch.full((*u.shape[:2], N_THETA), torch.nan)
         ok = (flags & int(FATAL)) == 0
         if bool(ok.any()):
-            flat = u[:, ok].reshape(-1, u.shape[-1]).double()
-            theta[:, ok] = self.prior.to_constrained(flat).float().reshape(n, -1, N_THETA)
+            with stage("flow_sampling"):
+                flat = u[:, ok].reshape(-1, u.shape[-1]).double()
+                theta[:, ok] = self.prior.to_constrained(flat).float().reshape(n, -1, N_THETA)
         if not return_flags:
             return theta
         flags = flags | self.prior_edge(theta).long() * int(Flag.PRIOR_EDGE)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sps.provabgs import LOGM_RANGE, N_FREE, PROVABGSPrior
+from ..timing import stage
 from .embedding import SpectrumEmbedding
 from .flow import PosteriorFlow
 
@@ -184,20 +185,22 @@ class NeuralPosterior(nn.Module):
     ) -> torch.Tensor:
         """n samples of u per galaxy (n, B, 11) for a clean batch; the flow runs ``chunk``
         galaxies at a time (0: all), the last chunk padded so every call has one shape."""
-        context, shift = self.embed(batch)
-        b = context.shape[0]
-        chunk = min(chunk or b, b)  # a batch smaller than a chunk is not padded
-        y = torch.empty(n, b, N_FREE, dtype=context.dtype, device=context.device)
-        for i in range(0, b, chunk):
-            ctx = context[i : i + chunk]
-            m = ctx.shape[0]
-            if m < chunk:
-                ctx = torch.cat([ctx, ctx[-1:].expand(chunk - m, -1)])
-            y[:, i : i + m] = self.flow.sample(ctx, n, generator)[:, :m]
-        y = y + shift
-        if self.gaussianize_prior:
-            return w_to_u(y, jacobian=False)[0].to(context.dtype)
-        return y
+        with stage("summary"):
+            context, shift = self.embed(batch)
+        with stage("flow_sampling"):
+            b = context.shape[0]
+            chunk = min(chunk or b, b)  # a batch smaller than a chunk is not padded
+            y = torch.empty(n, b, N_FREE, dtype=context.dtype, device=context.device)
+            for i in range(0, b, chunk):
+                ctx = context[i : i + chunk]
+                m = ctx.shape[0]
+                if m < chunk:
+                    ctx = torch.cat([ctx, ctx[-1:].expand(chunk - m, -1)])
+                y[:, i : i + m] = self.flow.sample(ctx, n, generator)[:, :m]
+            y = y + shift
+            if self.gaussianize_prior:
+                return w_to_u(y, jacobian=False)[0].to(context.dtype)
+            return y
 
     def augment(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         """Hide the photometry of a random ``p_drop_photometry`` of the galaxies."""
