@@ -33,7 +33,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from sedvae.posterior.data import BatchNoiseMocks
-    from sedvae.simulation.mocks import write_mocks
+    from sedvae.simulation import write_mocks
     from sedvae.simulation.onthefly import SimulatorDataModule, build_generator
 
     t0 = time.perf_counter()
