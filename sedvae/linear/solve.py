@@ -1,0 +1,473 @@
+"""Joint, exact solve of line fluxes (non-negative) and calibration (Gaussian prior) per galaxy.
+
+Given the continuum C (B, M) on the instrument pixels, the model
+
+    model = C (1 + sum_j c_j P_j) + sum_k a_k D_k
+
+is linear in u = (c, a). With weights w = ivar on good pixels, the posterior mode under the
+prior c_j ~ N(0, sigma_j^2) and the constraint a >= 0 minimises
+
+    chi^2(u) + sum_j c_j^2 / sigma_j^2 = u^T A u - 2 b^T u + const,
+    A = X W X^T + diag(1 / sigma^2, 0),   b = X W (y - C),   X = [C P_j ; D_k]   (n x M),
+
+a non-negative least-squares problem on the small (n x n) normal equations, solved here for the
+whole batch at once by block principal pivoting (Kim & Park 2011, SIAM J. Sci. Comput. 33,
+3261; the active-set method of Lawson & Hanson 1974 exchanging whole blocks, with Murty's single
+exchange as the fall-back that guarantees termination) with c unconstrained.
+
+Differentiable path: the active set is found without gradients; the returned solution is then
+one linear solve on that set, differentiable with respect to the continuum and the design (so
+the line kinematics). That is the exact gradient wherever the active set is locally constant,
+i.e. almost everywhere.
+
+Errors: the covariance of the free variables is the inverse of A on the active set (continuum
+and kinematics fixed). A line at its bound (a = 0) gets the 1-sigma error it would have if freed
+alone, 1 / sqrt(A_kk - A_kF A_FF^-1 A_Fk), a usable upper limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sedvae.linear.design import (
+    LineDesign,
+    _crop,
+    arm_index,
+    calibration_basis,
+    default_calibration_degree,
+    line_design,
+)
+from sedvae.linear.lines import LineList, line_list
+from sedvae.physics._checks import as_tensor, check_ndim
+
+
+def _masked_system(a, b, free):
+    """A, b restricted to ``free`` (B, n): identity rows/columns elsewhere, so x = 0 there."""
+    pair = free.unsqueeze(-1) & free.unsqueeze(-2)
+    eye = torch.diag_embed((~free).to(a.dtype))
+    return torch.where(pair, a, torch.zeros_like(a)) + eye, torch.where(free, b, 0.0)
+
+
+def _solve_spd(a, b):
+    """Batched SPD solve (Cholesky; LU where a factor fails, e.g. a degenerate blend)."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    x = torch.cholesky_solve(b.unsqueeze(-1), chol).squeeze(-1)
+    bad = info != 0
+    if bool(bad.any()):
+        x = torch.where(
+            bad.unsqueeze(-1), torch.linalg.lstsq(a, b.unsqueeze(-1)).solution[..., 0], x
+        )
+    return x
+
+
+@dataclass
+class NNLSResult:
+    """x (B, n) solution; free (B, n) bool: the passive set (variables not held at 0);
+    converged (B,) bool; n_iter: iterations the batch took."""
+
+    x: torch.Tensor
+    free: torch.Tensor
+    converged: torch.Tensor
+    n_iter: int
+
+
+def nnls_normal(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    nonneg: torch.Tensor | None = None,
+    *,
+    max_iter: int | None = None,
+    tol: float = 1e-10,
+) -> NNLSResult:
+    """Minimise x^T A x / 2 - b^T x subject to x_i >= 0 where ``nonneg``, for a batch.
+
+    Equivalent to ``scipy.optimize.nnls(X, y)`` with A = X^T X, b = X^T y when every variable
+    is non-negative.
+
+    Parameters
+    ----------
+    a : (B, n, n) tensor, symmetric positive definite
+    b : (B, n) tensor
+    nonneg : (n,) or (B, n) bool tensor, optional
+        Constrained variables (default all); the others are unconstrained.
+    max_iter : int, optional
+        Pivoting iterations (default 5 n); each is one batched Cholesky solve.
+    tol : float
+        Feasibility tolerance on the diagonally scaled problem (unit diagonal).
+
+    Returns
+    -------
+    NNLSResult, in the dtype of ``a``; computed without gradients.
+    """
+    check_ndim("a", a, (3,), "(B, n, n)")
+    bsz, n, _ = a.shape
+    if b.shape != (bsz, n):
+        raise ValueError(f"b must have shape ({bsz}, {n}); got {tuple(b.shape)}")
+    if nonneg is None:
+        nonneg = torch.ones(n, dtype=torch.bool, device=a.device)
+    nonneg = nonneg.to(a.device).expand(bsz, n)
+    max_iter = 5 * n if max_iter is None else max_iter
+    with torch.no_grad():
+        d = a.diagonal(dim1=-2, dim2=-1).clamp(min=torch.finfo(a.dtype).tiny).rsqrt()  # (B, n)
+        a_s = a * d.unsqueeze(-1) * d.unsqueeze(-2)  # unit diagonal: one tolerance for all
+        b_s = b * d
+        tol_b = tol * (1.0 + b_s.abs().amax(-1, keepdim=True))  # (B, 1)
+        free = torch.ones_like(nonneg)  # start from the unconstrained solution
+        best = torch.full((bsz,), n + 1, dtype=torch.long, device=a.device)
+        backup = torch.full((bsz,), 3, dtype=torch.long, device=a.device)
+        done = torch.zeros(bsz, dtype=torch.bool, device=a.device)
+        idx = torch.arange(n, device=a.device)
+        u = torch.zeros_like(b_s)
+        it = 0
+        for it in range(1, max_iter + 1):  # noqa: B007 (reported)
+            u = _solve_spd(*_masked_system(a_s, b_s, free))
+            grad = a_s @ u.unsqueeze(-1)
+            grad = grad.squeeze(-1) - b_s  # KKT: grad_i >= 0 where held at 0
+            infeasible = nonneg & ((free & (u < -tol_b)) | (~free & (grad < -tol_b)))
+            n_inf = infeasible.sum(-1)
+            done = n_inf == 0
+            if bool(done.all()):
+                break
+            # Kim & Park's rule: exchange the whole infeasible block while the count falls
+            # (or a few backup times), else only the largest index (Murty), which terminates.
+            fewer = n_inf < best
+            best = torch.where(fewer, n_inf, best)
+            backup = torch.where(fewer, torch.full_like(backup, 3), backup)
+            block = fewer | (backup > 0)
+            backup = torch.where(~fewer & block, backup - 1, backup)
+            last = torch.where(infeasible, idx, -1).amax(-1, keepdim=True)
+            exchange = torch.where(block.unsqueeze(-1), infeasible, idx == last) & ~done[:, None]
+            free = free ^ exchange
+        x = torch.where(free, u, torch.zeros_like(u)) * d
+        x = torch.where(nonneg, x.clamp(min=0.0), x)  # round-off below 0 within tol
+    return NNLSResult(x=x, free=free, converged=done, n_iter=it)
+
+
+@dataclass
+class LinearFit:
+    """Result of :func:`solve_linear` (B galaxies, K components, L lines, J calibration terms).
+
+    Attributes
+    ----------
+    amplitude, amplitude_err : (B, K) 1e-17 erg/s/cm^2
+        Component amplitudes (= flux of each component's primary line) and 1-sigma errors.
+    line_flux, line_flux_err : (B, L) 1e-17 erg/s/cm^2
+        Per-line fluxes (tied lines: amplitude x ratio) and 1-sigma errors; NaN error where the
+        line is not measured.
+    line_ew : (B, L) Angstrom, rest frame
+        flux / (calibrated continuum under the line profile) / (1 + z); NaN where not measured
+        or the continuum is not positive.
+    calib, calib_err : (B, J) dimensionless
+        Calibration coefficients (per-arm Legendre, arm-major) and 1-sigma errors.
+    calibration : (B, M) dimensionless
+        The factor 1 + sum_j c_j P_j multiplying the continuum.
+    lines_model, model : (B, M) 1e-17 erg/s/cm^2/A
+        Emission lines alone; calibrated continuum + lines.
+    chi2 : (B,) data chi^2 on good pixels (no prior term)
+    n_pix : (B,) good pixels; n_free : (B,) free parameters at the solution (dof = n_pix - n_free)
+    measured : (B, K) bool: component visible on at least half a line's worth of good pixels
+    converged : (B,) bool: the pivoting reached the KKT conditions
+    """
+
+    amplitude: torch.Tensor
+    amplitude_err: torch.Tensor
+    line_flux: torch.Tensor
+    line_flux_err: torch.Tensor
+    line_ew: torch.Tensor
+    calib: torch.Tensor
+    calib_err: torch.Tensor
+    calibration: torch.Tensor
+    lines_model: torch.Tensor
+    model: torch.Tensor
+    chi2: torch.Tensor
+    n_pix: torch.Tensor
+    n_free: torch.Tensor
+    measured: torch.Tensor
+    converged: torch.Tensor
+
+    @property
+    def rchi2(self) -> torch.Tensor:
+        """(B,) chi2 / (n_pix - n_free)."""
+        return self.chi2 / (self.n_pix - self.n_free).clamp(min=1)
+
+
+def solve_linear(
+    continuum: torch.Tensor,
+    flux: torch.Tensor,
+    ivar: torch.Tensor,
+    design: LineDesign,
+    tie: torch.Tensor,
+    calib_basis: torch.Tensor,
+    calib_sigma: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    pixel_width: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    max_iter: int | None = None,
+) -> LinearFit:
+    """Solve line amplitudes (>= 0) and calibration (Gaussian prior) given the continuum.
+
+    Parameters
+    ----------
+    continuum : (B, M) tensor, 1e-17 erg/s/cm^2/A
+        Model continuum on the instrument pixels (e.g. the instrument's ``forward``).
+    flux, ivar : (B, M) tensors, 1e-17 erg/s/cm^2/A and its inverse variance
+    design : LineDesign
+        Per-line profiles (:func:`sedvae.linear.design.line_design`), L lines.
+    tie : (K, L) tensor
+        :meth:`LineList.tie_matrix`: component k's design is sum_l tie[k, l] D_l.
+    calib_basis : (J, M) tensor
+        Per-arm Legendre basis (:func:`sedvae.linear.design.calibration_basis`); J may be 0.
+    calib_sigma : (J,) tensor
+        Prior standard deviation of each calibration coefficient (> 0).
+    mask : (B, M) bool tensor, optional
+        True for good pixels (pixels with ivar <= 0 are excluded anyway).
+    pixel_width : (M,) tensor, Angstrom, optional
+        Output pixel widths, for the ``measured`` test (default: 1 A, i.e. a row-sum test).
+    z : (B,) tensor, optional
+        Redshifts, for rest-frame equivalent widths (default: observed-frame, z = 0).
+    max_iter : int, optional
+        Passed to :func:`nnls_normal`.
+
+    Returns
+    -------
+    LinearFit
+        Amplitudes, calibration, model and chi2 are differentiable with respect to
+        ``continuum`` and the design's kinematics (see the module docstring); errors and EWs
+        are too.
+    """
+    check_ndim("continuum", continuum, (2,), "(B, M)")
+    bsz, m = continuum.shape
+    for name, t in (("flux", flux), ("ivar", ivar)):
+        if t.shape != (bsz, m):
+            raise ValueError(f"{name} must have shape ({bsz}, {m}); got {tuple(t.shape)}")
+    if design.batch != bsz or design.npix != m:
+        raise ValueError(
+            f"design is for {design.batch} galaxies x {design.npix} pixels; data are {bsz} x {m}"
+        )
+    dt = continuum.dtype
+    tie = tie.to(continuum.device, dt)
+    if tie.ndim != 2 or tie.shape[1] != design.n_lines:
+        raise ValueError(f"tie must have shape (K, {design.n_lines}); got {tuple(tie.shape)}")
+    calib_basis = calib_basis.to(continuum.device, dt)
+    if calib_basis.ndim != 2 or calib_basis.shape[-1] != m:
+        raise ValueError(f"calib_basis must have shape (J, {m}); got {tuple(calib_basis.shape)}")
+    n_j, n_k = calib_basis.shape[0], tie.shape[0]
+    calib_sigma = as_tensor("calib_sigma", calib_sigma, dtype=torch.float64).to(continuum.device)
+    if calib_sigma.shape != (n_j,) or not bool((calib_sigma > 0).all()):
+        raise ValueError(f"calib_sigma must be ({n_j},) and > 0; got {tuple(calib_sigma.shape)}")
+    good = ivar > 0
+    if mask is not None:
+        good = good & mask.to(torch.bool)
+    w = torch.where(good, ivar, torch.zeros_like(ivar)).to(dt)  # (B, M)
+    resid = torch.where(good, flux - continuum, torch.zeros_like(flux)).to(dt)
+
+    # Normal equations: lines through their windows (O(B L W)), calibration by products with
+    # the (J, M) basis (no (B, J, M) array: memory traffic, not arithmetic, bounds this).
+    cw = continuum * w  # (B, M)
+    pp = (calib_basis.unsqueeze(0) * calib_basis.unsqueeze(1)).reshape(n_j * n_j, m)
+    a_cc = ((cw * continuum) @ pp.T).reshape(bsz, n_j, n_j)  # sum_m C^2 w P_i P_j
+    a_kc = tie @ design.project_basis(cw, calib_basis).transpose(1, 2)  # (B, K, J)
+    a_kk = tie @ design.gram(w) @ tie.T  # (B, K, K)
+    b_c = (cw * resid) @ calib_basis.T  # (B, J)
+    b_k = design.project(w * resid) @ tie.T  # (B, K)
+    a = torch.cat([torch.cat([a_cc, a_kc.transpose(1, 2)], 2), torch.cat([a_kc, a_kk], 2)], 1)
+    a = a.to(torch.float64)
+    b = torch.cat([b_c, b_k], 1).to(torch.float64)
+    prior = torch.cat([calib_sigma**-2, calib_sigma.new_zeros(n_k)])
+    a = a + torch.diag_embed(prior).unsqueeze(0)
+
+    # A component with (almost) none of its light on good pixels is held at 0, unmeasured.
+    width = torch.ones(m, dtype=dt, device=continuum.device)
+    if pixel_width is not None:
+        width = pixel_width.to(continuum.device, dt)
+    with torch.no_grad():
+        seen = design.project(good.to(dt) * width) @ tie.T  # (B, K)
+        measured = seen >= 0.5  # at least half of the primary line's unit flux
+        measured = measured & (a_kk.diagonal(dim1=1, dim2=2) > 0)
+    keep = torch.cat([torch.ones(bsz, n_j, dtype=torch.bool, device=a.device), measured], 1)
+    a, b = _masked_system(a, b, keep)
+
+    nonneg = torch.cat([torch.zeros(n_j, dtype=torch.bool), torch.ones(n_k, dtype=torch.bool)])
+    nonneg = nonneg.to(a.device)
+    # Normal equations formed in float32 carry relative errors ~1e-6: a KKT test finer than
+    # that would chase round-off.
+    tol = max(1e-10, 30.0 * torch.finfo(dt).eps)
+    res = nnls_normal(a, b, nonneg, max_iter=max_iter, tol=tol)
+    free = res.free & keep
+    # The differentiable step: one solve on the active set, with gradients.
+    a_f, b_f = _masked_system(a, b, free)
+    u = _solve_spd(a_f, b_f)
+    u = torch.where(free, u, torch.zeros_like(u))
+    u = torch.where(nonneg, u.clamp(min=0.0), u)
+    cov = torch.cholesky_inverse(torch.linalg.cholesky_ex(a_f)[0])  # (B, n, n)
+    var = torch.where(free, cov.diagonal(dim1=1, dim2=2), torch.zeros_like(u))
+    # Held at 0: variance if freed alone, 1 / (A_kk - A_kF A_FF^-1 A_Fk).
+    a_fcol = torch.where(free.unsqueeze(-1), a, torch.zeros_like(a))  # rows in F only
+    schur = a.diagonal(dim1=1, dim2=2) - (a_fcol * (cov @ a_fcol)).sum(1)
+    var = torch.where(free, var, 1.0 / schur.clamp(min=torch.finfo(a.dtype).tiny))
+    err = var.sqrt()
+    err = torch.where(keep, err, torch.full_like(err, float("nan")))
+
+    calib = u[:, :n_j].to(dt)
+    amp = u[:, n_j:].to(dt)
+    calibration = 1.0 + calib @ calib_basis  # (B, M)
+    line_flux = amp @ tie  # (B, L)
+    lines_model = design.combine(line_flux)  # (B, M)
+    model = continuum * calibration + lines_model
+    chi2 = (w * (flux - model) ** 2).sum(-1)
+
+    amp_err = err[:, n_j:].to(dt)
+    # Each line belongs to one component, so its error is that component's times its ratio
+    # (gathered, not a matrix product, so that one unmeasured component's NaN stays its own).
+    comp = tie.abs().argmax(0)  # (L,)
+    ratio = tie.gather(0, comp.unsqueeze(0)).squeeze(0)  # (L,)
+    line_flux_err = amp_err[:, comp] * ratio
+    # Equivalent width against the calibrated continuum weighted by the line's own profile.
+    prof_sum = design.project(torch.ones_like(continuum))  # (B, L)
+    cont_line = design.project(continuum * calibration) / prof_sum.clamp(min=torch.finfo(dt).tiny)
+    onepz = 1.0 if z is None else (1.0 + as_tensor("z", z, dtype=dt, device=amp.device)[:, None])
+    line_measured = measured[:, comp]  # (B, L)
+    ok = line_measured & (cont_line > 0) & (prof_sum > 0)
+    ew = line_flux / cont_line.clamp(min=torch.finfo(dt).tiny) / onepz
+    line_ew = torch.where(ok, ew, torch.full_like(ew, float("nan")))
+
+    return LinearFit(
+        amplitude=amp,
+        amplitude_err=amp_err,
+        line_flux=line_flux,
+        line_flux_err=line_flux_err,
+        line_ew=line_ew,
+        calib=calib,
+        calib_err=err[:, :n_j].to(dt),
+        calibration=calibration,
+        lines_model=lines_model,
+        model=model,
+        chi2=chi2,
+        n_pix=good.sum(-1),
+        n_free=free.sum(-1),
+        measured=measured,
+        converged=res.converged,
+    )
+
+
+class LinearModel(nn.Module):
+    """Lines and calibration for one instrument: builds the design and calls :func:`solve_linear`.
+
+    Prior on the calibration (a Tikhonov term on the normal equations): every higher-order
+    coefficient c_{a,k} (k >= 1) ~ N(0, ``calib_sigma``^2); P_k has RMS 1 / sqrt(2k + 1) over
+    an arm, so 0.05 allows smooth warps of a few per cent, the size of spectrophotometric and
+    fibre-aperture colour errors. The constant of each arm, c_{a,0} ~ N(0, ``scale_sigma``^2),
+    is a free per-arm scale with a prior rather than tied to 1: DESI's three arms are
+    calibrated separately and stitched, so arm-to-arm offsets of a few per cent are real,
+    while the common scale is degenerate with the continuum's normalisation (stellar mass):
+    the prior keeps the overall level with the continuum (a scale error of 5 % is 0.02 dex in
+    mass). ``scale_sigma=0`` ties every arm's constant to 1 (no P_0 terms).
+
+    Parameters
+    ----------
+    instrument : DESIInstrument, SDSSInstrument or GenericInstrument
+    lines : LineList, optional
+        Default :func:`sedvae.linear.lines.line_list` (narrow lines, tied doublets).
+    degree : int, optional
+        Highest Legendre order per arm (default :func:`default_calibration_degree`).
+    calib_sigma : float
+        Prior sigma of the coefficients of P_1..P_degree.
+    scale_sigma : float
+        Prior sigma of each arm's constant (0: tied, no constant term).
+    """
+
+    def __init__(
+        self,
+        instrument: nn.Module,
+        lines: LineList | None = None,
+        *,
+        degree: int | None = None,
+        calib_sigma: float = 0.05,  # smooth warps of a few per cent (see above)
+        scale_sigma: float = 0.05,  # arm-to-arm throughput offsets of a few per cent
+    ) -> None:
+        super().__init__()
+        # Buffers are float64 (1/2.98 and the Legendre values exact); the solve casts them to
+        # the continuum's dtype.
+        if calib_sigma <= 0 or scale_sigma < 0:
+            raise ValueError("calib_sigma must be > 0 and scale_sigma >= 0")
+        self.instrument = instrument
+        self.lines = lines or line_list()
+        self.degree = default_calibration_degree(instrument) if degree is None else int(degree)
+        arm = arm_index(instrument)
+        centres = (0.5 * (instrument.model_lo + instrument.model_hi))[_crop(instrument)]  # float64
+        basis = calibration_basis(centres, arm, self.degree)
+        order = torch.arange(basis.shape[0]) % (self.degree + 1)  # arm-major: P_0..P_K per arm
+        keep = order > 0 if scale_sigma == 0 else torch.ones_like(order, dtype=torch.bool)
+        sigma = torch.where(order == 0, scale_sigma, calib_sigma).to(torch.float64)
+        self.register_buffer("calib_basis", basis[keep])  # (J, M) float64
+        self.register_buffer("calib_sigma", sigma[keep])  # (J,)
+        self.register_buffer("calib_order", order[keep])  # (J,) Legendre order of each term
+        width = (instrument.model_hi - instrument.model_lo)[_crop(instrument)]
+        self.register_buffer("pixel_width", width)  # (M,) Angstrom, float64
+        self.register_buffer("tie", self.lines.tie_matrix(dtype=torch.float64))  # (K, L)
+
+    def design(self, z, velocity, sigma, **kwargs) -> LineDesign:
+        """Per-line profiles through the instrument; ``kwargs`` as
+        :func:`sedvae.linear.design.line_design`."""
+        return line_design(self.instrument, self.lines, z, velocity, sigma, **kwargs)
+
+    def forward(
+        self,
+        continuum: torch.Tensor,
+        flux: torch.Tensor,
+        ivar: torch.Tensor,
+        z,
+        velocity,
+        sigma,
+        *,
+        mask: torch.Tensor | None = None,
+        sigma_broad=None,
+        velocity_broad=None,
+        resolution=None,
+        lsf_sigma=None,
+        max_iter: int | None = None,
+    ) -> LinearFit:
+        """Solve lines and calibration for a batch.
+
+        Parameters
+        ----------
+        continuum : (B, M) tensor, 1e-17 erg/s/cm^2/A
+            The continuum through this instrument (``instrument(wave_rest, lum_rest, z)``).
+        flux, ivar, mask : (B, M) tensors: the data (mask True = good)
+        z : (B,) tensor
+        velocity, sigma : (B,) tensors, km/s: narrow-line offset and intrinsic dispersion
+        sigma_broad, velocity_broad : (B,) tensors, km/s, optional: broad Balmer kinematics
+        resolution, lsf_sigma : optional per-galaxy LSF, as the instrument's ``forward``
+        max_iter : int, optional: pivoting iterations of :func:`nnls_normal`
+
+        Returns
+        -------
+        LinearFit
+        """
+        design = self.design(
+            z,
+            velocity,
+            sigma,
+            sigma_broad=sigma_broad,
+            velocity_broad=velocity_broad,
+            resolution=resolution,
+            lsf_sigma=lsf_sigma,
+            dtype=continuum.dtype,
+        )
+        return solve_linear(
+            continuum,
+            flux,
+            ivar,
+            design,
+            self.tie,
+            self.calib_basis,
+            self.calib_sigma,
+            mask=mask,
+            pixel_width=self.pixel_width,
+            z=z,
+            max_iter=max_iter,
+        )
