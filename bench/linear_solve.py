@@ -5,7 +5,8 @@
 Problems: DESI (or SDSS) spectra of ``--batch`` galaxies at 0.02 < z < 0.3: a smooth continuum
 with a 4000 A break and Balmer absorption, the canonical line list with random fluxes (a third
 of the components at zero), a random per-arm calibration warp within the prior, Gaussian noise
-at S/N ~ 20 per pixel. sedvae: ``LinearModel.forward`` in float32 on the whole batch, split
+at S/N ~ 20 per pixel. sedvae: ``LinearModel.forward`` in float32 (``--dtype``) on the whole
+batch, split
 into building the line design and the solve (normal equations, batched NNLS, errors, EWs).
 The named alternative on the *same* problems (same design, continuum, data, weights and prior):
 ``scipy.optimize.nnls`` in a Python loop, one galaxy at a time, in float64, with the
@@ -28,8 +29,8 @@ from sedvae.linear.solve import solve_linear
 from sedvae.physics import DESIInstrument, SDSSInstrument
 
 
-def make_problems(lm: LinearModel, b: int, seed: int) -> dict[str, torch.Tensor]:
-    """float32 continuum, data, ivar and kinematics for b galaxies (see module docstring)."""
+def make_problems(lm: LinearModel, b: int, seed: int, dtype) -> dict[str, torch.Tensor]:
+    """Continuum, data, ivar and kinematics for b galaxies (see module docstring)."""
     g = torch.Generator().manual_seed(seed)
     wave = lm.instrument.wave.double()
     z = 0.02 + 0.28 * torch.rand(b, generator=g, dtype=torch.float64)
@@ -44,18 +45,24 @@ def make_problems(lm: LinearModel, b: int, seed: int) -> dict[str, torch.Tensor]
     amp = 30.0 * torch.rand(b, lm.lines.n_components, generator=g, dtype=torch.float64)
     amp = amp * (torch.rand(amp.shape, generator=g, dtype=torch.float64) > 1 / 3)
     calib = 0.02 * torch.randn(b, lm.calib_basis.shape[0], generator=g, dtype=torch.float64)
-    model = cont * (1.0 + calib @ lm.calib_basis) + (amp.unsqueeze(1) @ comps)[:, 0]
+    model = cont * (1.0 + calib @ lm.calib_basis.double()) + (amp.unsqueeze(1) @ comps)[:, 0]
     sigma = cont / 20.0
     flux = model + sigma * torch.randn(model.shape, generator=g, dtype=torch.float64)
-    f32 = {"cont": cont, "flux": flux, "ivar": sigma**-2, "z": z, "vel": vel, "sig": sig}
-    return {k: v.float() for k, v in f32.items()}
+    out = {"cont": cont, "flux": flux, "ivar": sigma**-2, "z": z, "vel": vel, "sig": sig}
+    return {k: v.to(dtype) for k, v in out.items()}
 
 
-def scipy_loop(lm: LinearModel, p: dict, comps: np.ndarray) -> tuple[np.ndarray, float]:
-    """Amplitudes (B, K) by scipy.optimize.nnls per galaxy, calibration eliminated; seconds."""
-    basis = lm.calib_basis.numpy()
-    prior = 1.0 / lm.calib_sigma.numpy()
+def scipy_loop(
+    lm: LinearModel, p: dict, comps: np.ndarray, measured: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """Amplitudes (B, K) by scipy.optimize.nnls per galaxy, calibration eliminated; seconds.
+
+    Components sedvae holds at zero as unmeasured (under half a line on good pixels) are left
+    out here too, so that both solve the same problem."""
+    basis = lm.calib_basis.double().numpy()
+    prior = 1.0 / lm.calib_sigma.double().numpy()
     cont, flux, ivar = (p[k].double().numpy() for k in ("cont", "flux", "ivar"))
+    basis, prior = basis.astype(np.float64), prior.astype(np.float64)
     b, k, _ = comps.shape
     out = np.zeros((b, k))
     t0 = time.perf_counter()
@@ -63,12 +70,13 @@ def scipy_loop(lm: LinearModel, p: dict, comps: np.ndarray) -> tuple[np.ndarray,
         sw = np.sqrt(ivar[i])
         # Whitened columns: calibration C P_j and lines D_k; prior rows for the calibration.
         xc = np.vstack([(cont[i] * basis * sw).T, np.diag(prior)])  # (M + J, J)
-        xl = np.vstack([(comps[i] * sw).T, np.zeros((len(prior), k))])  # (M + J, K)
+        on = measured[i]
+        xl = np.vstack([(comps[i, on] * sw).T, np.zeros((len(prior), int(on.sum())))])
         y = np.concatenate([(flux[i] - cont[i]) * sw, np.zeros(len(prior))])
         q, _ = np.linalg.qr(xc)  # eliminate c: project onto the complement of its columns
         xl_p = xl - q @ (q.T @ xl)
         y_p = y - q @ (q.T @ y)
-        out[i] = nnls(xl_p, y_p, maxiter=50 * k)[0]
+        out[i, on] = nnls(xl_p, y_p, maxiter=50 * k)[0]
     return out, time.perf_counter() - t0
 
 
@@ -78,21 +86,23 @@ def main() -> None:
     parser.add_argument("--instrument", choices=("desi", "sdss"), default="desi")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     inst = DESIInstrument() if args.instrument == "desi" else SDSSInstrument()
-    lm = LinearModel(inst)
-    p = make_problems(lm, args.batch, args.seed)
+    dtype = getattr(torch, args.dtype)
+    lm = LinearModel(inst)  # float64 buffers; the solve casts them to the data dtype
+    p = make_problems(lm, args.batch, args.seed, dtype)
     b = args.batch
 
     t_design, t_solve, t_total = [], [], []
     with torch.no_grad():
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            design = lm.design(p["z"], p["vel"], p["sig"], dtype=torch.float32)
+            design = lm.design(p["z"], p["vel"], p["sig"], dtype=dtype)
             t1 = time.perf_counter()
             fit = solve_linear(
                 p["cont"],
@@ -118,12 +128,12 @@ def main() -> None:
 
     design64 = lm.design(p["z"].double(), p["vel"].double(), p["sig"].double(), dtype=torch.float64)
     comps64 = component_design(design64.dense(), lm.lines).numpy()
-    amp_scipy, t_scipy = scipy_loop(lm, p, comps64)
+    meas = fit.measured.numpy()
+    amp_scipy, t_scipy = scipy_loop(lm, p, comps64, meas)
     ms_scipy = 1e3 * t_scipy / b
     amp = fit.amplitude.double().numpy()
     err = fit.amplitude_err.double().numpy()
-    meas = fit.measured.numpy()
-    # Agreement, in units of each flux's 1-sigma error (float32 solve vs float64 scipy).
+    # Agreement, in units of each flux's 1-sigma error (``--dtype`` solve vs float64 scipy).
     diff_sigma = np.abs(amp - amp_scipy)[meas] / err[meas]
     same_zero = ((amp == 0) == (amp_scipy == 0))[meas].mean()
 
@@ -147,6 +157,7 @@ def main() -> None:
             {
                 "instrument": args.instrument,
                 "batch": b,
+                "dtype": args.dtype,
                 "threads": torch.get_num_threads(),
                 "ms_per_galaxy_design": round(ms["design"], 4),
                 "ms_per_galaxy_solve": round(ms["solve"], 4),

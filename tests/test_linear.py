@@ -417,3 +417,69 @@ def test_solution_is_differentiable_in_the_line_kinematics():
     assert torch.autograd.gradcheck(chi2, (vel, sig), eps=1e-4, atol=1e-4, rtol=1e-4)
     g_vel, g_sig = torch.autograd.grad(chi2(vel, sig), (vel, sig))
     assert float(g_vel) < 0 and float(g_sig) < 0  # towards the truth (20, 70) km/s
+
+
+def test_broad_balmer_component_recovered_beside_the_narrow_line():
+    inst = SDSSInstrument()
+    lm = LinearModel(inst, line_list(broad_balmer=True)).to(F64)
+    b = 4
+    z = torch.full((b,), 0.05, dtype=F64)
+    vel, sig, sig_b = torch.zeros(b), torch.full((b,), 60.0), torch.full((b,), 1500.0)
+    rows = lm.design(z, vel, sig, sigma_broad=sig_b, dtype=F64).dense()
+    cont = torch.full((b, inst.npix), 2.0, dtype=F64)
+    i_n, i_b = lm.lines.index("Halpha"), lm.lines.index("Halpha_broad")
+    truth_n, truth_b = 50.0, 400.0
+    sigma = torch.full_like(cont, 0.05)
+    data = cont + truth_n * rows[:, i_n] + truth_b * rows[:, i_b]
+    data = data + sigma * torch.randn_like(cont)
+    fit = lm(cont, data, sigma**-2, z, vel, sig, sigma_broad=sig_b)
+    for i, truth in ((i_n, truth_n), (i_b, truth_b)):
+        pull = (fit.line_flux[:, i] - truth) / fit.line_flux_err[:, i]
+        assert float(pull.abs().max()) < 4.0
+    # Without the broad component, the narrow H alpha cannot reproduce the data.
+    narrow_only = LinearModel(inst).to(F64)(cont, data, sigma**-2, z, vel, sig)
+    assert float(narrow_only.rchi2.min()) > 2.0 * float(fit.rchi2.max())
+    cols = lm.columns(fit)
+    assert torch.equal(cols["flux_Halpha"], fit.line_flux[:, i_n])
+    assert set(cols) >= {"flux_err_[OIII]5007", "ew_[SII]6731"}
+
+
+def test_masked_line_is_held_at_zero_and_unmeasured():
+    inst = SDSSInstrument()
+    lm = LinearModel(inst).to(F64)
+    t = _mock(lm, 2)
+    k = lm.lines.index("Halpha")
+    near = (inst.wave.double() - lm.lines.wave[k] * (1 + t["z"][:, None])).abs() < 8.0
+    ivar = torch.full_like(t["model"], 1e4)
+    fit = lm(t["cont"], t["model"], ivar, t["z"], t["vel"], t["sig"], mask=near)
+    c = lm.lines.component[k]
+    assert not bool(fit.measured[:, c].any())
+    assert bool((fit.line_flux[:, k] == 0).all()) and bool(fit.line_flux_err[:, k].isnan().all())
+    assert bool(fit.line_ew[:, k].isnan().all())
+    # The other lines are still measured, and the masked pixels do not count.
+    j = lm.lines.index("[OIII]5007")
+    assert bool(fit.measured[:, lm.lines.component[j]].all())
+    assert torch.equal(fit.n_pix, (~near).sum(-1))
+
+
+def test_tied_arm_scales_leave_out_the_constant_terms():
+    desi = DESIInstrument()
+    free, tied = LinearModel(desi), LinearModel(desi, scale_sigma=0.0)
+    assert free.calib_basis.shape[0] == 9 and tied.calib_basis.shape[0] == 6
+    assert bool((tied.calib_order > 0).all())
+    assert torch.equal(free.calib_sigma, torch.full((9,), 0.05, dtype=F64))
+    # Derived buffers are rebuilt from the arguments, not saved.
+    assert not any(k.startswith(("calib", "tie", "pixel")) for k in free.state_dict())
+
+
+def test_fit_kinematics_recovers_injected_velocity_and_width():
+    inst = SDSSInstrument()
+    lm = LinearModel(inst).to(F64)
+    t = _mock(lm, 6, seed=3)
+    sigma = 0.02 * t["cont"]
+    data = t["model"] + sigma * torch.randn_like(sigma)
+    v, s, fit = lm.fit_kinematics(t["cont"], data, sigma**-2, t["z"])
+    assert float((v - t["vel"]).abs().max()) < 3.0  # km/s
+    assert float(((s - t["sig"]) / t["sig"]).abs().max()) < 0.03
+    truth = lm(t["cont"], data, sigma**-2, t["z"], t["vel"], t["sig"])
+    assert float((fit.chi2 - truth.chi2).max()) < 1.0  # as good as the true kinematics

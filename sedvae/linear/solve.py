@@ -27,6 +27,7 @@ alone, 1 / sqrt(A_kk - A_kF A_FF^-1 A_Fk), a usable upper limit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,7 @@ from sedvae.linear.design import (
     default_calibration_degree,
     line_design,
 )
-from sedvae.linear.lines import LineList, line_list
+from sedvae.linear.lines import CATALOG_LINES, LineList, line_list
 from sedvae.physics._checks import as_tensor, check_ndim
 
 
@@ -224,7 +225,8 @@ def solve_linear(
     calib_sigma : (J,) tensor
         Prior standard deviation of each calibration coefficient (> 0).
     mask : (B, M) bool tensor, optional
-        True for good pixels (pixels with ivar <= 0 are excluded anyway).
+        True for a bad pixel, as in :class:`sedvae.io.Spectra` (pixels with ivar <= 0 are
+        excluded anyway).
     pixel_width : (M,) tensor, Angstrom, optional
         Output pixel widths, for the ``measured`` test (default: 1 A, i.e. a row-sum test).
     z : (B,) tensor, optional
@@ -261,7 +263,7 @@ def solve_linear(
         raise ValueError(f"calib_sigma must be ({n_j},) and > 0; got {tuple(calib_sigma.shape)}")
     good = ivar > 0
     if mask is not None:
-        good = good & mask.to(torch.bool)
+        good = good & ~mask.to(torch.bool)
     w = torch.where(good, ivar, torch.zeros_like(ivar)).to(dt)  # (B, M)
     resid = torch.where(good, flux - continuum, torch.zeros_like(flux)).to(dt)
 
@@ -391,7 +393,8 @@ class LinearModel(nn.Module):
     ) -> None:
         super().__init__()
         # Buffers are float64 (1/2.98 and the Legendre values exact); the solve casts them to
-        # the continuum's dtype.
+        # the continuum's dtype. They derive from the arguments, so checkpoints leave them out
+        # (persistent=False); the instrument's own buffers are saved with it.
         if calib_sigma <= 0 or scale_sigma < 0:
             raise ValueError("calib_sigma must be > 0 and scale_sigma >= 0")
         self.instrument = instrument
@@ -402,13 +405,17 @@ class LinearModel(nn.Module):
         basis = calibration_basis(centres, arm, self.degree)
         order = torch.arange(basis.shape[0]) % (self.degree + 1)  # arm-major: P_0..P_K per arm
         keep = order > 0 if scale_sigma == 0 else torch.ones_like(order, dtype=torch.bool)
-        sigma = torch.where(order == 0, scale_sigma, calib_sigma).to(torch.float64)
-        self.register_buffer("calib_basis", basis[keep])  # (J, M) float64
-        self.register_buffer("calib_sigma", sigma[keep])  # (J,)
-        self.register_buffer("calib_order", order[keep])  # (J,) Legendre order of each term
-        width = (instrument.model_hi - instrument.model_lo)[_crop(instrument)]
-        self.register_buffer("pixel_width", width)  # (M,) Angstrom, float64
-        self.register_buffer("tie", self.lines.tie_matrix(dtype=torch.float64))  # (K, L)
+        sigma = torch.full(order.shape, calib_sigma, dtype=torch.float64)
+        sigma[order == 0] = scale_sigma
+        derived = {
+            "calib_basis": basis[keep],  # (J, M) float64
+            "calib_sigma": sigma[keep],  # (J,)
+            "calib_order": order[keep],  # (J,) Legendre order of each term
+            "pixel_width": (instrument.model_hi - instrument.model_lo)[_crop(instrument)],  # (M,) A
+            "tie": self.lines.tie_matrix(dtype=torch.float64),  # (K, L)
+        }
+        for name, value in derived.items():
+            self.register_buffer(name, value, persistent=False)
 
     def design(self, z, velocity, sigma, **kwargs) -> LineDesign:
         """Per-line profiles through the instrument; ``kwargs`` as
@@ -437,7 +444,8 @@ class LinearModel(nn.Module):
         ----------
         continuum : (B, M) tensor, 1e-17 erg/s/cm^2/A
             The continuum through this instrument (``instrument(wave_rest, lum_rest, z)``).
-        flux, ivar, mask : (B, M) tensors: the data (mask True = good)
+        flux, ivar, mask : (B, M) tensors: the data (mask True = bad pixel, as in
+            :class:`sedvae.io.Spectra`)
         z : (B,) tensor
         velocity, sigma : (B,) tensors, km/s: narrow-line offset and intrinsic dispersion
         sigma_broad, velocity_broad : (B,) tensors, km/s, optional: broad Balmer kinematics
@@ -471,3 +479,92 @@ class LinearModel(nn.Module):
             z=z,
             max_iter=max_iter,
         )
+
+    def columns(self, fit: LinearFit, names=CATALOG_LINES) -> dict[str, torch.Tensor]:
+        """Catalog columns for ``names``: ``flux_<name>``, ``flux_err_<name>`` (1e-17
+        erg/s/cm^2) and ``ew_<name>`` (rest-frame Angstrom), each (B,); names are those of
+        :attr:`lines` (e.g. ``"Halpha"``, ``"[OIII]5007"``)."""
+        out = {}
+        for name in names:
+            i = self.lines.index(name)
+            out[f"flux_{name}"] = fit.line_flux[:, i]
+            out[f"flux_err_{name}"] = fit.line_flux_err[:, i]
+            out[f"ew_{name}"] = fit.line_ew[:, i]
+        return out
+
+    @torch.no_grad()
+    def fit_kinematics(
+        self,
+        continuum: torch.Tensor,
+        flux: torch.Tensor,
+        ivar: torch.Tensor,
+        z,
+        *,
+        velocity=None,
+        sigma=None,
+        mask: torch.Tensor | None = None,
+        velocity_range: float = 300.0,  # km/s: redshift errors of DESI/SDSS pipelines are smaller
+        sigma_range: tuple[float, float] = (10.0, 500.0),  # km/s: narrow (nebular) lines
+        n_grid: int = 13,
+        n_refine: int = 4,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor, LinearFit]:
+        """Narrow-line velocity and width minimising the solved chi^2, by batched scans.
+
+        A grid in width (log-spaced over ``sigma_range``) at the starting velocity, then a grid
+        in velocity (``+-velocity_range`` around the start) at the best width, then
+        ``n_refine`` rounds of a three-point parabola in each, the step halving every round.
+        Every point is one :meth:`forward` of the whole batch; lines and calibration are solved
+        exactly at each. Use it where no encoder gives the kinematics, or to refine them.
+
+        Parameters
+        ----------
+        continuum, flux, ivar, z, mask : as :meth:`forward`
+        velocity, sigma : (B,) tensors, km/s, optional
+            Starting values (default 0 and the scan's best width).
+        kwargs : passed to :meth:`forward` (sigma_broad, resolution, lsf_sigma, ...)
+
+        Returns
+        -------
+        velocity, sigma : (B,) tensors, km/s
+        fit : LinearFit at them
+        """
+        bsz = continuum.shape[0]
+        kw = dict(mask=mask, **kwargs)
+        dt, dev = continuum.dtype, continuum.device
+        v = torch.zeros(bsz, dtype=dt, device=dev) if velocity is None else velocity.to(dt)
+
+        def chi2(vel, sig):
+            return self(continuum, flux, ivar, z, vel, sig, **kw).chi2
+
+        def scan(values, make):  # values (G,) or (B, G) -> best value (B,)
+            vals = values.expand(bsz, -1) if values.ndim == 1 else values
+            c = torch.stack([chi2(*make(vals[:, g])) for g in range(vals.shape[1])], 1)
+            return vals.gather(1, c.argmin(1, keepdim=True))[:, 0]
+
+        lo, hi = sigma_range
+        log_s = torch.linspace(math.log(lo), math.log(hi), n_grid, dtype=dt, device=dev)
+        s = scan(log_s.exp(), lambda x: (v, x)) if sigma is None else sigma.to(dt)
+        dv = torch.linspace(-velocity_range, velocity_range, n_grid, dtype=dt, device=dev)
+        v = scan(v[:, None] + dv, lambda x: (x, s))
+        step_v = torch.full_like(v, float(dv[1] - dv[0]))
+        step_ls = torch.full_like(s, float(log_s[1] - log_s[0]))
+        for _ in range(n_refine):
+            v = _parabola_step(lambda x, s=s: chi2(x, s), v, step_v)
+            ls = _parabola_step(lambda x, v=v: chi2(v, x.exp()), s.log(), step_ls)
+            s = ls.exp().clamp(lo, hi)
+            step_v, step_ls = step_v / 2, step_ls / 2
+        return v, s, self(continuum, flux, ivar, z, v, s, **kw)
+
+
+def _parabola_step(f, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Vertex of the parabola through f(x - step), f(x), f(x + step), kept within one step;
+    the best of the three points where the parabola opens downwards."""
+    fm, f0, fp = f(x - step), f(x), f(x + step)
+    curv = fp + fm - 2 * f0
+    shift = 0.5 * step * (fm - fp) / curv.clamp(min=torch.finfo(x.dtype).tiny)
+    shift = torch.minimum(torch.maximum(shift, -step), step)
+    best = torch.stack([x - step, x, x + step], 1).gather(
+        1, torch.stack([fm, f0, fp], 1).argmin(1, keepdim=True)
+    )[:, 0]
+    return torch.where(curv > 0, x + shift, best)
