@@ -37,8 +37,9 @@ pPXF (Cappellari 2017, 2023) is run as its authors recommend for population + ga
 sedvae: the shipped autoencoder's encoder (one forward pass) gives the continuum, its
 decoder's SPS continuum through the instrument *without* the residual network (lines, smooth
 and free parts); ``sedvae.linear`` then solves line fluxes (non-negative) and the per-arm
-Legendre calibration exactly against the data, with the narrow-line velocity and width chosen
-on a coarse-to-fine grid by the solved chi^2 (36 linear solves per galaxy, batched). Its
+Legendre calibration exactly against the data, with the narrow-line velocity and width that
+minimise the solved chi^2 (``LinearModel.fit_kinematics``: batched scans and parabola steps,
+lines and calibration solved exactly at every point). Its
 stellar mass and age come from the shipped posterior head (median of 256 samples; both the
 formed mass, theta[0], and the surviving mass are reported).
 
@@ -262,46 +263,6 @@ class PPXFRunner:
 
 
 # ---- sedvae's exact linear fit ----------------------------------------------------------------
-def solve_kinematics(lm, continuum, flux, w, z, resolution=None, lsf_sigma=None):
-    """Lines and calibration with the narrow-line (velocity, sigma) that minimise the solved
-    chi^2 on a coarse-to-fine grid: sigma on 8 log steps 20-400 km/s at v = 0, v on 9 steps of
-    50 km/s, sigma on 9 finer steps (x 2^+-0.5), v on 9 steps of 10 km/s. Returns the
-    :class:`sedvae.linear.LinearFit` at the best point and the (v, sigma) (B,) chosen."""
-    b = flux.shape[0]
-    v = torch.zeros(b, dtype=torch.float64)
-    s = torch.full((b,), 100.0, dtype=torch.float64)
-
-    def best(vv, ss):  # vv, ss: (B, G) -> index of the smallest chi^2
-        g = vv.shape[1]
-        kw = {}
-        if resolution is not None:
-            kw["resolution"] = resolution.repeat_interleave(g, 0)
-        if lsf_sigma is not None:
-            kw["lsf_sigma"] = lsf_sigma.repeat_interleave(g, 0)
-        rep = lambda t: t.repeat_interleave(g, 0)  # noqa: E731
-        fit = lm(rep(continuum), rep(flux), rep(w), rep(z), vv.reshape(-1), ss.reshape(-1), **kw)
-        return fit.chi2.reshape(b, g).argmin(1)
-
-    steps = (
-        ("s", lambda: torch.logspace(1.30103, 2.60206, 8, dtype=torch.float64).expand(b, 8)),
-        ("v", lambda: v[:, None] + torch.linspace(-200.0, 200.0, 9, dtype=torch.float64)),
-        ("s", lambda: s[:, None] * 2 ** torch.linspace(-0.5, 0.5, 9, dtype=torch.float64)),
-        ("v", lambda: v[:, None] + torch.linspace(-40.0, 40.0, 9, dtype=torch.float64)),
-    )
-    for which, grid in steps:
-        gv = grid()
-        if which == "s":
-            i = best(v[:, None].expand_as(gv), gv)
-            s = gv.gather(1, i[:, None])[:, 0]
-        else:
-            i = best(gv, s[:, None].expand_as(gv))
-            v = gv.gather(1, i[:, None])[:, 0]
-    kw = {"resolution": resolution} if resolution is not None else {}
-    if lsf_sigma is not None:
-        kw["lsf_sigma"] = lsf_sigma
-    return lm(continuum, flux, w, z, v, s, **kw), v, s
-
-
 def sedvae_fit(net, lm, batch: dict) -> dict:
     """Encoder continuum (SPS only) + sedvae.linear lines and calibration for a DESI batch."""
     t0 = time.process_time()
@@ -309,8 +270,8 @@ def sedvae_fit(net, lm, batch: dict) -> dict:
         out = net(batch, components=True)
         b, model = out["batch"], out["model"]
         w = b["ivar"] * model["coverage"]
-        res = batch.get("resolution")
-        fit, v, s = solve_kinematics(lm, model["flux_continuum"], b["flux"], w, b["z"], res)
+        kw = {} if batch.get("resolution") is None else {"resolution": batch["resolution"]}
+        v, s, fit = lm.fit_kinematics(model["flux_continuum"], b["flux"], w, b["z"], **kw)
     seconds = time.process_time() - t0
     ae = (w * (b["flux"] - model["flux"]) ** 2).sum(-1) / (w > 0).sum(-1).clamp_min(1)
     return {"fit": fit, "v": v, "sigma": s, "seconds": seconds, "rchi2_autoencoder": ae,
@@ -417,10 +378,12 @@ def main() -> None:
     batch["resolution"] = torch.cat(batch["resolution"], -1)
     sv = sedvae_fit(net, lm, batch)
     t_sed.append(sv["seconds"])
+    res["desi_s_sedvae"] = sv["seconds"]
     w = sv["weight"][0].double().numpy()
     pf = desi_ppxf(ppx, inst_wave, batch["flux"][0].double().numpy(), w,
                    batch["resolution"][0].numpy(), float(batch["z"][0]))  # fmt: skip
     t_ppxf.append(pf["seconds"])
+    res["desi_s_ppxf"] = pf["seconds"]
     ps = posterior_summary(post, batch)
     res.update({
         "desi_rchi2_sedvae": float(sv["fit"].rchi2[0]),
@@ -440,6 +403,7 @@ def main() -> None:
     pf = ppx.fit(s.wave, flux, ivar, s.lsf_sigma[0].astype(np.float64), float(s.z[0]), True)
     pf["rchi2"] = native_rchi2(pf, s.wave, flux, ivar)
     t_ppxf.append(pf["seconds"])
+    res["sdss_s_ppxf"] = pf["seconds"]
     try:
         net(s.to_torch(dtype=torch.float32))
         why = "ran"
@@ -449,8 +413,11 @@ def main() -> None:
     inst = SDSSInstrument(loglam=np.log10(s.wave), wdisp=s.wdisp[0])
     lm_s = LinearModel(inst)
     t64 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64))[None]  # noqa: E731
-    lin, v_s, s_s = solve_kinematics(lm_s.double(), t64(pf["stellar_continuum"]), t64(flux),
-                                     t64(ivar), torch.tensor([float(s.z[0])], dtype=torch.float64))
+    t0 = time.process_time()
+    v_s, s_s, lin = lm_s.double().fit_kinematics(
+        t64(pf["stellar_continuum"]), t64(flux), t64(ivar), torch.tensor([float(s.z[0])]).double()
+    )
+    res["sdss_s_linear"] = time.process_time() - t0
     res.update({
         "sdss_z": float(s.z[0]), "sdss_rchi2_ppxf": pf["rchi2"],
         "sdss_rchi2_ppxf_own_pixels": pf["rchi2_own"], "sdss_sedvae": why,
@@ -537,8 +504,11 @@ def main() -> None:
         ft, fs, es, fp = (cat[k][:, cols] for k in ("ft", "fs", "es", "fp"))
         det = np.isfinite(ft) & np.isfinite(es) & (ft >= 5 * es) & np.isfinite(fp)
         rel_s, rel_p = fs[det] / ft[det] - 1, fp[det] / ft[det] - 1
+        n_m = len(cat["rs"])
         res.update({
-            "mocks_n": int(len(cat["rs"])),
+            "mocks_n": int(n_m),
+            "mocks_s_sedvae": float(np.mean(t_sed[-n_m:])),
+            "mocks_s_ppxf": float(np.mean(t_ppxf[-n_m:])),
             "mocks_rchi2_median_sedvae": float(np.median(cat["rs"])),
             "mocks_rchi2_median_ppxf": float(np.median(cat["rp"])),
             "mocks_rchi2_median_truth": float(np.median(cat["rt"])),
@@ -579,6 +549,7 @@ def main() -> None:
         "s_per_galaxy_sedvae_posterior": float(np.mean(t_post)) if t_post else None,
         "wall_seconds": time.perf_counter() - t_start,
     })  # fmt: skip
+    res = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in res.items()}
     for key, value in res.items():
         print(f"{key:50s} {value}")
     print(json.dumps(res))
