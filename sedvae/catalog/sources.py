@@ -195,27 +195,17 @@ def _concat(values: list):
     return np.concatenate(values)
 
 
+# per-galaxy entries of a SpectrumBatch that the catalog's loader concatenates across files
+# (the pixel grid, ``wave`` and ``arm``, is the model's and stays out)
+GALAXY_KEYS = ("flux", "ivar", "mask", "z", "flags", "ids", "photometry", "photometry_ivar",
+               "resolution")  # fmt: skip
+
+
 def to_batch(spectra) -> dict[str, Any]:
-    """A validated ``Spectra`` -> the batch dict of the networks (see the module docstring)."""
-    t = spectra.to_torch(dtype=torch.float32)
-    n = len(spectra.z)
-    batch = {
-        "flux": t["flux"],
-        "ivar": t["ivar"],
-        "mask": t["mask"].bool(),
-        "z": t["z"],
-        "flags": torch.as_tensor(np.asarray(spectra.flags), dtype=torch.int64),
-        "ids": np.asarray(spectra.ids),
-    }
-    if spectra.photometry is not None:
-        batch["photometry"] = t["photometry"]
-        batch["photometry_ivar"] = t["photometry_ivar"]
-    if spectra.resolution is not None:
-        res = t["resolution"]
-        batch["resolution"] = torch.cat(list(res), -1) if isinstance(res, list) else res
-        if batch["resolution"].shape[0] != n:
-            raise ValueError("resolution rows do not match the galaxies")
-    return batch
+    """A validated ``Spectra`` -> the per-galaxy entries of its :class:`sedvae.io.SpectrumBatch`
+    (``Spectra.to_batch``), as the mapping the catalog's loader concatenates across files."""
+    batch = spectra.to_batch(dtype=torch.float32)
+    return {key: batch[key] for key in GALAXY_KEYS if key in batch}
 
 
 class MockSource:
