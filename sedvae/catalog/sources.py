@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..io import SpectrumFileNotFoundError, read_spectra
+from ..io.batch import Z_RANGE
 from ..timing import stage
 
 
@@ -79,7 +80,7 @@ class SpectraSource:
         self,
         kind: str,
         path,
-        z_range: tuple[float, float] = (0.01, 0.6),
+        z_range: tuple[float, float] = Z_RANGE,
         prefetch: bool = True,
         **reader_kwargs,
     ):
