@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_batch(cache: Path, n_test: int, seed: int) -> dict[str, torch.Tensor]:
     """The data module's held-out test set with its fixed noise, as one batch."""
-    from sedvae.simulation import MockDataModule, MockDataset, desi_noise_model, write_mocks
+    from sedvae.autoencoder.data import MockDataModule, MockDataset
+    from sedvae.simulation import desi_noise_model, write_mocks
 
     dm = MockDataModule(cache_dir=str(cache), n_test=n_test, seed=seed)
     path = dm.path("test")
