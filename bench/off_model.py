@@ -26,8 +26,8 @@ The head is the shipped one (the baseline: trained on SPS mocks only). Per set, 
   ``flags`` column) and the fraction per flag name;
 - spurious young bursts: among galaxies whose true fraction of formed mass made in the last
   100 Myr is < 1 %, the fraction whose posterior median of that fraction is > 10 %;
-- off-model only: the surviving-mass bias per SFH family, dust law, and with/without a burst,
-  a warp or sky residuals.
+- off-model only: the surviving-mass and t_MW metrics per SFH family, dust law, and with/without
+  a burst, a warp or sky residuals.
 
 The truths of the off-model set are bagpipes' (surviving mass is its ``sfh.stellar_mass``); its
 ages are in bagpipes' cosmology, its distances are Planck18 (see ``sedvae/offmodel.py``).
@@ -149,7 +149,7 @@ def inmodel_set(posterior, cache: Path, n: int, seed: int) -> tuple[dict, dict]:
 
 
 def by_label(q: dict, flags: np.ndarray, truth: dict, labels: dict) -> dict:
-    """Surviving-mass bias and coverage per SFH family, dust law and systematic."""
+    """Surviving-mass and t_MW metrics per SFH family, dust law and systematic."""
     ok = (flags & int(FATAL)) == 0
     out = {}
     groups = {f"sfh={v}": labels["sfh"] == v for v in np.unique(labels["sfh"])}
@@ -158,9 +158,11 @@ def by_label(q: dict, flags: np.ndarray, truth: dict, labels: dict) -> dict:
         groups[f"{key}=yes"], groups[f"{key}=no"] = labels[key], ~labels[key]
     for name, sel in groups.items():
         s = ok & sel
-        p16, p50, p84 = (v[s] for v in q["logmsurv"])
-        r = stats(p50, p16, p84, truth["logmsurv"][s])
-        out[name] = {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+        out[name] = {}
+        for key in ("logmsurv", "tmw"):
+            p16, p50, p84 = (v[s] for v in q[key])
+            r = stats(p50, p16, p84, truth[key][s])
+            out[name][key] = {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
     return out
 
 

@@ -17,7 +17,9 @@ the seed and its index only):
   after the Big Bang, fwhm U(0.5, 10) Gyr), ``dblplaw`` (tau U(0.2, 1.2) t_U, alpha and beta
   LogU(0.3, 300)); ``massformed`` U(9, 11.8); a ``burst`` on 30 % of galaxies (age LogU(10,
   300) Myr, mass LogU(0.3 %, 10 %) of the main component). t_U is the age of the universe at z
-  in bagpipes' own cosmology (the SFH is cut there, as bagpipes does);
+  in bagpipes' own cosmology (the SFH is cut there, as bagpipes does; its FlatLambdaCDM H0 = 70,
+  Om0 = 0.3 makes t_U 0.16-0.32 Gyr shorter than Planck18's at z = 0.5-0.01, so no star here
+  is as old as sedvae's prior allows; bagpipes' SSP age bins end at its own t_U, so it is kept);
 - stellar metallicity LogU(0.1, 2.5) Z_sun (bagpipes' Z_sun = 0.02, one value per galaxy,
   bagpipes' default ``delta`` enrichment history);
 - dust: ``Calzetti``, ``Cardelli`` or ``SMC`` equally often, A_V U(0, 1.5) (the diffuse ISM),
