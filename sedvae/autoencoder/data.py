@@ -37,10 +37,12 @@ class MockDataset(Dataset):
         with h5py.File(path, "r") as f:
             if not f.attrs.get("complete", False):
                 raise ValueError(f"{path} is incomplete; rerun write_mocks")
+            # theta is absent from sets made by another model (sedvae.offmodel)
             self.data = {
                 key: torch.as_tensor(f[key][:])
                 for key in ("theta", "z", "logU", "sigma_v", "aperture", "flux_true",
                             "photometry_true", "line_lum")
+                if key != "theta" or key in f
             }  # fmt: skip
             self.line_names = tuple(f.attrs["line_names"])
             self.bands = tuple(f.attrs["bands"])
@@ -57,7 +59,8 @@ class MockDataset(Dataset):
                          gen)  # fmt: skip
         item = {k: v[0] for k, v in obs.items() if k != "snr"}
         for key in ("theta", "z", "logU", "sigma_v", "aperture"):
-            item[key] = self.data[key][i]
+            if key in self.data:
+                item[key] = self.data[key][i]
         if self.truth:
             for key in ("flux_true", "photometry_true", "line_lum"):
                 item[key] = self.data[key][i]
