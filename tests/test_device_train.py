@@ -18,12 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def device_dir(tmp_path_factory):
     """A folder laid out as bench/device_prepare.sh leaves .device/ (the table file; the wheels
     are not needed where hydra, omegaconf and zuko are installed)."""
+    from sedvae.simulation.onthefly import observation_arrays
     from sedvae.sps.tables import export_tables
 
     # one export per test run, shared with tests/test_sps_tables.py (~40 s on one core)
     folder = tmp_path_factory.getbasetemp() / "sps_tables_export"
     if not (folder / "sps_tables.npz").is_file():
-        export_tables(folder / "sps_tables.npz")
+        export_tables(folder / "sps_tables.npz", observation=observation_arrays())
     return folder
 
 

@@ -43,7 +43,7 @@ def _astropy_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return z, d_l, age
 
 
-def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def cosmology_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(z, d_L in Mpc, age in Gyr) from astropy, else from :func:`set_cosmology_tables`."""
     if _has_astropy():
         return _astropy_tables()
@@ -70,7 +70,7 @@ def _interp(z: torch.Tensor | float, column: int) -> torch.Tensor:
         raise ValueError(
             f"z must be finite and within [0, {Z_MAX_TABLE}]; got {z_t.min()}..{z_t.max()}"
         )
-    table = _tables()
+    table = cosmology_tables()
     grid = torch.as_tensor(table[0], dtype=torch.float64, device=z_t.device)
     values = torch.as_tensor(table[column], dtype=torch.float64, device=z_t.device)
     zz = z_t.to(torch.float64)
@@ -91,4 +91,4 @@ def age_of_universe_gyr(z: torch.Tensor | float) -> torch.Tensor:
 
 def age_of_universe_now_gyr() -> float:
     """Planck18 age of the universe today (Gyr), 13.79."""
-    return float(_tables()[2][0])
+    return float(cosmology_tables()[2][0])

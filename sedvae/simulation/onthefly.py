@@ -32,6 +32,7 @@ import math
 import os
 import time
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -459,7 +460,33 @@ class WallClockSchedule(pl.Callback):
                       "steps_per_s": steps / max(seconds, 1e-9)}  # fmt: skip
 
 
+def observation_arrays() -> tuple[dict, dict]:
+    """What the portable SPS tables carry for observing without the bundled files, speclite or
+    astropy: the bundled DESI coadd's galaxy 0 (pixels, resolution, ivar) and the Legacy
+    Surveys filter curves (``sedvae.sps.tables.export_tables(..., observation=...)``)."""
+    import speclite.filters
+
+    from ..physics.photometry import LS_NORTH, LS_SOUTH
+    from .mocks import load_desi_example
+
+    spectra = load_desi_example()
+    names = list(spectra.arm_names)
+    out = {
+        "obs/desi_ivar": np.asarray(spectra.ivar[0], dtype=np.float32),
+        "obs/desi_arm": np.asarray(spectra.arm, dtype=np.int64),
+    }
+    for a, name in enumerate(names):
+        out[f"obs/desi_wave_{name}"] = np.asarray(spectra.wave[spectra.arm == a], np.float64)
+        out[f"obs/desi_resolution_{name}"] = np.asarray(spectra.resolution[a][0], np.float32)
+    bands = list(dict.fromkeys((*LS_NORTH, *LS_SOUTH)))
+    for filt, name in zip(speclite.filters.load_filters(*bands), bands, strict=True):
+        out[f"obs/filter_wave/{name}"] = np.asarray(filt.wavelength, dtype=np.float64)
+        out[f"obs/filter_resp/{name}"] = np.asarray(filt.response, dtype=np.float64)
+    return out, {"desi_arms": names, "filters": bands}
+
+
 __all__ = [
+    "observation_arrays",
     "EmulatorSimulatorDataModule",
     "SimulatorDataModule",
     "WallClockSchedule",

@@ -17,7 +17,11 @@ def main(argv: list[str] | None = None) -> None:
     exp.add_argument("--wave-max", type=float, default=DEFAULT_RANGE[1], help="Angstrom")
     exp.add_argument("--no-nebular", action="store_true", help="leave the nebular tables out")
     args = parser.parse_args(argv)
-    path = export_tables(args.out, args.wave_min, args.wave_max, nebular=not args.no_nebular)
+    # the instrument and filters the on-the-fly simulator observes through travel in the file too
+    from ..simulation.onthefly import observation_arrays
+
+    path = export_tables(args.out, args.wave_min, args.wave_max, nebular=not args.no_nebular,
+                         observation=observation_arrays())  # fmt: skip
     size = path.stat().st_size / 2**20
     note = "" if size <= SIZE_BUDGET_MIB else f" (over the {SIZE_BUDGET_MIB:g} MiB budget)"
     print(f"wrote {path}: {size:.1f} MiB{note}")

