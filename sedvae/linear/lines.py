@@ -29,45 +29,29 @@ from dataclasses import dataclass
 
 import torch
 
-# name -> vacuum wavelength (Angstrom): the strong nebular lines from 3700 to 9600 A rest.
-NARROW_LINES: dict[str, float] = {
-    "[OII]3726": 3727.09,
-    "[OII]3729": 3729.87,
-    "H10": 3798.98,
-    "H9": 3836.47,
-    "[NeIII]3869": 3869.86,
-    "H8": 3890.15,
-    "[NeIII]3968": 3968.59,
-    "Hepsilon": 3971.19,
-    "Hdelta": 4102.89,
-    "Hgamma": 4341.68,
-    "[OIII]4363": 4364.44,
-    "HeI4472": 4472.75,
+from ..physics.lines import EMISSION_LINES
+
+# The strong nebular lines from 3700 to 9600 A rest, in wavelength order. Vacuum wavelengths
+# (Angstrom) come from the one table of line positions, sedvae.physics.lines.EMISSION_LINES,
+# except for the lines below that it lacks and the [O II] 7320/7330 centroids (module docstring).
+_OWN_WAVELENGTHS: dict[str, float] = {
     "HeII4686": 4686.99,
-    "Hbeta": 4862.68,
-    "[OIII]4959": 4960.29,
-    "[OIII]5007": 5008.24,
     "[NII]5755": 5756.19,
-    "HeI5876": 5877.29,
-    "[OI]6300": 6302.04,
-    "[SIII]6312": 6313.81,
-    "[OI]6364": 6365.54,
-    "[NII]6548": 6549.86,
-    "Halpha": 6564.61,
-    "[NII]6584": 6585.27,
-    "HeI6678": 6679.99,
-    "[SII]6716": 6718.29,
-    "[SII]6731": 6732.68,
     "HeI7065": 7067.17,
-    "[ArIII]7136": 7137.76,
     "[OII]7320": 7321.67,
     "[OII]7330": 7332.22,
-    "[ArIII]7751": 7753.24,
-    "P10": 9017.38,
-    "[SIII]9069": 9071.11,
-    "P9": 9231.55,
-    "[SIII]9531": 9533.23,
-    "Pepsilon": 9548.59,
+}
+_NARROW_NAMES = (
+    "[OII]3726", "[OII]3729", "H10", "H9", "[NeIII]3869", "H8", "[NeIII]3968", "Hepsilon",
+    "Hdelta", "Hgamma", "[OIII]4363", "HeI4472", "HeII4686", "Hbeta", "[OIII]4959",
+    "[OIII]5007", "[NII]5755", "HeI5876", "[OI]6300", "[SIII]6312", "[OI]6364", "[NII]6548",
+    "Halpha", "[NII]6584", "HeI6678", "[SII]6716", "[SII]6731", "HeI7065", "[ArIII]7136",
+    "[OII]7320", "[OII]7330", "[ArIII]7751", "P10", "[SIII]9069", "P9", "[SIII]9531",
+    "Pepsilon",
+)  # fmt: skip
+# name -> vacuum wavelength (Angstrom)
+NARROW_LINES: dict[str, float] = {
+    name: _OWN_WAVELENGTHS.get(name) or EMISSION_LINES[name] for name in _NARROW_NAMES
 }
 
 # weaker line -> (stronger line, flux ratio stronger / weaker); see the module docstring.
