@@ -5,7 +5,8 @@ Writes into ``output_dir``: ``shards/`` (one FITS table per finished shard, the 
 ``plots/`` (reconstructions, posterior corner plots and SFH bands for the first unflagged
 galaxies; for sources with the truth, i.e. mocks, ``coverage.png`` and ``recovery.png`` over the
 whole catalog). Returns the metrics that ``evaluate.py`` writes to ``metrics.json``
-(``n_flagged``: galaxies a FATAL flag removed; ``n_warnings``: the other flags, by name;
+(``n_flagged``: galaxies a FATAL flag removed; ``n_warnings``: the other flags of the galaxies
+kept, by name;
 ``median_rchi2_ppc`` with the posterior-predictive check; with the truth: 68 % coverage of
 every quantity, the largest coverage deviation, and the bias (median), scatter (standard
 deviation) and NMAD of the posterior medians of the headline properties; a figure that fails
@@ -141,7 +142,8 @@ def _metrics(table: Table, n_run: int, elapsed: float) -> dict[str, Any]:
         np.asarray(table["rchi2"], dtype=float) if "rchi2" in table.colnames else np.array([np.nan])
     )
     good = np.isfinite(np.asarray(table["logmstar_p50"], dtype=float))
-    warnings = {f.name: int(((flags & f.value) != 0).sum()) for f in Flag
+    kept = (flags & int(FATAL)) == 0  # warnings are counted among the galaxies kept
+    warnings = {f.name: int((kept & ((flags & f.value) != 0)).sum()) for f in Flag
                 if not f.value & int(FATAL)}  # fmt: skip
     ppc = {}
     if "rchi2_ppc" in table.colnames:
@@ -150,7 +152,7 @@ def _metrics(table: Table, n_run: int, elapsed: float) -> dict[str, Any]:
     return {
         "n_galaxies": len(table),
         # galaxies a FATAL flag removed (no posterior); warnings are counted per flag below
-        "n_flagged": int(((flags & int(FATAL)) != 0).sum()),
+        "n_flagged": int((~kept).sum()),
         "n_warnings": {k: v for k, v in warnings.items() if v},
         **ppc,
         "n_without_posterior": int((~good).sum()),
