@@ -52,7 +52,7 @@ def expand_paths(paths: str | os.PathLike | list) -> list[Path]:
 
 def _count_rows(kind: str, path: Path) -> int:
     """Galaxies in one file, from its headers (DESI: the FIBERMAP rows) without the spectra."""
-    from ..io._fits import hdu_data, open_fits
+    from ..io.fits import hdu_data, open_fits
 
     if kind == "sdss":
         return 1
