@@ -170,3 +170,48 @@ def test_misfit_flags_defects(defect_checks, name):
     print(json.dumps({"defect": name, "misfit_rate": rate,
                       "median_rchi2_ppc": float(c["rchi2_ppc"].median())}))  # fmt: skip
     assert rate >= 0.90, (name, rate)
+
+
+def test_catalog_run_writes_line_and_ppc_columns(tmp_path, ppc):
+    """evaluation=catalog's path with both options on: the columns reach catalog.fits, a
+    galaxy without pixels gets NaN there, MISFIT is a warning and n_flagged counts FATAL."""
+    from astropy.table import Table
+
+    from sedvae.catalog.fitter import PosteriorFitter
+    from sedvae.catalog.run import run_catalog
+    from sedvae.catalog.sources import MockSource
+
+    class Ruined:
+        def __init__(self, source):
+            self.source = source
+
+        def __len__(self):
+            return len(self.source)
+
+        def __call__(self, start, stop):
+            batch = self.source(start, stop)
+            if start <= 2 < stop:
+                batch["flux"][2 - start] = float("nan")
+            return batch
+
+    source = Ruined(MockSource(tmp_path / "m.h5", n=5, seed=7))
+    fitter = PosteriorFitter(n_samples=64, seed=1, line_fluxes=True, ppc=True)
+    fitter.predictive._mocks = ppc.mocks  # the SPS with nebular grids is built once per file
+    metrics = run_catalog(source, fitter, tmp_path / "out", shard_size=5, n_plots=0,
+                          progress=False)  # fmt: skip
+    table = Table.read(tmp_path / "out" / "catalog.fits")
+    good = np.arange(5) != 2
+    names = ppc.column_names()
+    assert set(names) <= set(table.colnames)
+    for name in ("rchi2_ppc", "rchi2_ppc_spread", "line_sigma", "flux_err_halpha"):
+        values = np.asarray(table[name], dtype=float)
+        assert np.isnan(values[2]), name
+    assert np.isfinite(np.asarray(table["rchi2_ppc"], float)[good]).all()
+    assert np.isfinite(np.asarray(table["flux_oiii_5007"], float)[good]).all()
+    flags = np.asarray(table["flags"])
+    assert flags[2] & int(FATAL)
+    assert metrics["n_flagged"] == 1
+    assert metrics["median_rchi2_ppc"] == pytest.approx(
+        float(np.nanmedian(np.asarray(table["rchi2_ppc"], float))))
+    n_misfit = int(((flags[good] & int(Flag.MISFIT)) != 0).sum())
+    assert metrics["n_warnings"].get("MISFIT", 0) == n_misfit
