@@ -211,7 +211,7 @@ def test_catalog_run_writes_line_and_ppc_columns(tmp_path, ppc):
     flags = np.asarray(table["flags"])
     assert flags[2] & int(FATAL)
     assert metrics["n_flagged"] == 1
-    assert metrics["median_rchi2_ppc"] == pytest.approx(
-        float(np.nanmedian(np.asarray(table["rchi2_ppc"], float))))
+    median = float(np.nanmedian(np.asarray(table["rchi2_ppc"], float)))
+    assert metrics["median_rchi2_ppc"] == pytest.approx(median)
     n_misfit = int(((flags[good] & int(Flag.MISFIT)) != 0).sum())
     assert metrics["n_warnings"].get("MISFIT", 0) == n_misfit
