@@ -98,7 +98,10 @@ def test_flagged_galaxies_are_not_plotted_and_good_ones_keep_their_values(tmp_pa
     assert flags[3] & SpecFlag.BAD_FIBER and (flags[4:] == 0).all()
     assert metrics["n_plotted"] == 2 and metrics["plot_failures"] == []
     saved = json.loads(json.dumps(metrics))  # what evaluate.py writes to metrics.json
-    assert saved["n_galaxies"] == 6 and saved["n_flagged"] == 4
+    # n_flagged: galaxies a FATAL flag removed (BAD_Z twice, ALL_MASKED); the warnings of the
+    # galaxies kept by name (BAD_FIBER is on a removed one)
+    assert saved["n_galaxies"] == 6 and saved["n_flagged"] == 3
+    assert saved["n_warnings"] == {"NOT_GALAXY": 1}
     plots = sorted(p.name for p in (tmp_path / "out_mixed" / "plots").glob("*.png"))
     assert plots == [f"{kind}_{tid}.png" for kind in ("corner", "reconstruction", "sfh")
                      for tid in (1004, 1005)]  # fmt: skip

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from sedvae.io.batch import Flag
 from sedvae.paths import config_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +94,13 @@ def test_main_job_default_is_the_catalog_of_the_bundled_desi_spectrum(tmp_path):
     assert cfg.evaluation._target_ == "sedvae.catalog.run.run_catalog"
     metrics = evaluate(cfg)
     table = Table.read(tmp_path / "catalog.fits")
-    assert list(table["TARGETID"]) == [39633345008634465] and table["flags"][0] == 0
+    # the one warning: MISFIT, the posterior-predictive check of this strong line emitter
+    # (H alpha EW ~ 340 A) gives rchi2_ppc ~ 1.5, above the chi^2 0.999 quantile (~1.05)
+    assert list(table["TARGETID"]) == [39633345008634465]
+    assert table["flags"][0] == int(Flag.MISFIT)
     assert metrics["n_flagged"] == 0 and 0 < metrics["median_rchi2"] < 20
+    assert metrics["n_warnings"] == {"MISFIT": 1}
+    assert 1.05 < float(table["rchi2_ppc"][0]) < metrics["median_rchi2"]
+    assert float(table["flux_halpha"][0]) > 10 * float(table["flux_err_halpha"][0])
     plots = {p.name.split("_")[0] for p in (tmp_path / "plots").glob("*.png")}
     assert plots == {"reconstruction", "corner", "sfh"}

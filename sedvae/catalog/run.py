@@ -4,10 +4,13 @@ Writes into ``output_dir``: ``shards/`` (one FITS table per finished shard, the 
 ``catalog.fits`` (one row per galaxy), optionally ``samples.h5`` (posterior samples), and
 ``plots/`` (reconstructions, posterior corner plots and SFH bands for the first unflagged
 galaxies; for sources with the truth, i.e. mocks, ``coverage.png`` and ``recovery.png`` over the
-whole catalog). Returns the metrics that ``evaluate.py`` writes to ``metrics.json`` (with the
-truth: 68 % coverage of every quantity, the largest coverage deviation, and the bias (median),
-scatter (standard deviation) and NMAD of the posterior medians of the headline properties; a
-figure that fails is logged and listed in ``plot_failures``, never fails the run).
+whole catalog). Returns the metrics that ``evaluate.py`` writes to ``metrics.json``
+(``n_flagged``: galaxies a FATAL flag removed; ``n_warnings``: the other flags of the galaxies
+kept, by name;
+``median_rchi2_ppc`` with the posterior-predictive check; with the truth: 68 % coverage of
+every quantity, the largest coverage deviation, and the bias (median), scatter (standard
+deviation) and NMAD of the posterior medians of the headline properties; a figure that fails
+is logged and listed in ``plot_failures``, never fails the run).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from astropy.table import Table
 from torch.utils.data import DataLoader
 
 from ..fileio import atomic_path
+from ..io.batch import FATAL, Flag
 from ..timing import TIMER
 from .manifest import check_manifest, run_manifest
 from .module import CatalogModule
@@ -138,9 +142,19 @@ def _metrics(table: Table, n_run: int, elapsed: float) -> dict[str, Any]:
         np.asarray(table["rchi2"], dtype=float) if "rchi2" in table.colnames else np.array([np.nan])
     )
     good = np.isfinite(np.asarray(table["logmstar_p50"], dtype=float))
+    kept = (flags & int(FATAL)) == 0  # warnings are counted among the galaxies kept
+    warnings = {f.name: int((kept & ((flags & f.value) != 0)).sum()) for f in Flag
+                if not f.value & int(FATAL)}  # fmt: skip
+    ppc = {}
+    if "rchi2_ppc" in table.colnames:
+        r = np.asarray(table["rchi2_ppc"], dtype=float)
+        ppc["median_rchi2_ppc"] = float(np.nanmedian(r)) if np.isfinite(r).any() else None
     return {
         "n_galaxies": len(table),
-        "n_flagged": int((flags != 0).sum()),
+        # galaxies a FATAL flag removed (no posterior); warnings are counted per flag below
+        "n_flagged": int((~kept).sum()),
+        "n_warnings": {k: v for k, v in warnings.items() if v},
+        **ppc,
         "n_without_posterior": int((~good).sum()),
         "median_rchi2": float(np.nanmedian(rchi2)) if np.isfinite(rchi2).any() else None,
         "median_logmstar": float(np.nanmedian(np.asarray(table["logmstar_p50"], float)[good]))
@@ -204,11 +218,14 @@ def _truth_plots(folder: Path, table: Table) -> None:
 
 def _plots(folder: Path, source, fitter, table: Table, n_plots: int,
            failures: list[dict[str, str]]) -> int:  # fmt: skip
-    """Reconstruction, corner and SFH figures of the first ``n_plots`` unflagged galaxies
-    (a flagged one has no posterior, and the autoencoder cannot take it); returns how many
+    """Reconstruction, corner and SFH figures of the first ``n_plots`` galaxies without a flag,
+    then with warnings only (a FATAL one has no posterior); returns how many
     galaxies were plotted, failures go to ``failures``."""
     flags = np.asarray(table["flags"])
-    chosen = np.flatnonzero(flags == 0)[:n_plots]
+    # unflagged galaxies first, then those with warnings only (a FATAL one has no posterior)
+    usable = (flags & int(FATAL)) == 0
+    chosen = np.concatenate([np.flatnonzero(flags == 0), np.flatnonzero(usable & (flags != 0))])
+    chosen = chosen[:n_plots]
     ids = table["ids"] if "ids" in table.colnames else table["index"]
     if len(chosen) < min(n_plots, len(table)):
         log.info("plots: %d unflagged galaxies of %d", len(chosen), len(table))
@@ -216,11 +233,11 @@ def _plots(folder: Path, source, fitter, table: Table, n_plots: int,
     for row in chosen:
         index = int(table["index"][row])
         done += _guarded(failures, f"galaxy {ids[row]}", _plot_galaxy, folder, source, fitter,
-                         index, ids[row])  # fmt: skip
+                         index, ids[row], table[row])  # fmt: skip
     return done
 
 
-def _plot_galaxy(folder: Path, source, fitter, index: int, name) -> None:
+def _plot_galaxy(folder: Path, source, fitter, index: int, name, row=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,8 +253,24 @@ def _plot_galaxy(folder: Path, source, fitter, index: int, name) -> None:
     if getattr(fitter, "autoencoder", None) is not None:
         from ..plotting.reconstruction import plot_reconstruction
 
+        # the fit the catalog's rchi2 comes from: the posterior's cleaned batch, refined as
+        # the fitter refines it, and the catalog row's numbers in the title
+        ae = fitter.autoencoder
+        clean, _ = posterior.check(batch)
+        steps = int(getattr(fitter, "refine_steps", 0))
+        if steps:
+            with torch.enable_grad():
+                output = ae.refine(clean, steps=steps, components=True)
+        else:
+            with torch.no_grad():
+                output = ae(clean, components=True)
+        catalog = None
+        if row is not None and "rchi2" in row.colnames:
+            catalog = {k: row[k] for k in ("rchi2", "logmstar_p50", "rchi2_ppc")
+                       if k in row.colnames}  # fmt: skip
         with torch.no_grad():
-            fig, _ = plot_reconstruction(fitter.autoencoder, batch, index=0)
+            fig, _ = plot_reconstruction(ae, output["batch"], index=0, output=output,
+                                         catalog=catalog)  # fmt: skip
         fig.savefig(folder / f"reconstruction_{name}.png", dpi=90)
         plt.close(fig)
     truth = batch["theta"][0] if "theta" in batch else None

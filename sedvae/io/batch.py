@@ -70,6 +70,7 @@ class Flag(enum.IntFlag):
     NO_SIGNAL = 1024  # no significant positive flux (S/N of the mean flux < NO_SIGNAL_SNR)
     OUTLIER_PIXELS = 2048  # more than OUTLIER_FRACTION of the pixels clipped as outliers
     PRIOR_EDGE = 4096  # the posterior sits at a prior boundary (logM*, n_dust, Z(t))
+    MISFIT = 8192  # posterior-predictive check failed: no draw (+ solved lines, calibration) fits
 
     @classmethod
     def describe(cls, value: int) -> str:

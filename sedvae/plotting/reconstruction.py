@@ -16,7 +16,8 @@ def _runs(mask: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def plot_reconstruction(net, batch: dict, index: int = 0, output: dict | None = None,
-                        smooth: int = 5, zooms=((4800.0, 5050.0), (6500.0, 6780.0))):  # fmt: skip
+                        smooth: int = 5, zooms=((4800.0, 5050.0), (6500.0, 6780.0)),
+                        catalog: dict | None = None):  # fmt: skip
     """Reconstruction of galaxy ``index`` of a batch.
 
     Parameters
@@ -31,6 +32,10 @@ def plot_reconstruction(net, batch: dict, index: int = 0, output: dict | None = 
         Boxcar (pixels) applied to the displayed data only (the model is shown as is).
     zooms : sequence of (float, float)
         Rest-frame windows (Angstrom) shown at full resolution (default H-beta/[O III], H-alpha).
+    catalog : dict, optional
+        The galaxy's catalog row (``rchi2``, ``logmstar_p50``, optional ``rchi2_ppc``): the
+        title then quotes the catalog's numbers, so that figure and catalog describe one fit
+        (``output`` should then be the fit the catalog's ``rchi2`` comes from).
 
     Returns
     -------
@@ -80,10 +85,15 @@ def plot_reconstruction(net, batch: dict, index: int = 0, output: dict | None = 
     axes[0].set_ylim(min(lo, 0) - 0.1 * (hi - lo), hi + 0.25 * (hi - lo))
     axes[0].set_ylabel(r"$f_\lambda$ [$10^{-17}$ erg s$^{-1}$ cm$^{-2}$ $\AA^{-1}$]")
     logm = float(latents["theta"][i, THETA.LOGMSTAR])
-    axes[0].set_title(
-        f"z = {z:.4f}   reduced $\\chi^2$ = {chi2:.3f}   log M* = {logm:.2f}   "
-        f"$\\sigma_*$ = {float(latents['sigma_star'][i]):.0f} km/s"
-    )
+    title = f"z = {z:.4f}   reduced $\\chi^2$ = {chi2:.3f}   log M* = {logm:.2f}   "
+    if catalog is not None:
+        title = (
+            f"z = {z:.4f}   reduced $\\chi^2$ = {float(catalog['rchi2']):.3f}   "
+            f"log M* = {float(catalog['logmstar_p50']):.2f} (posterior median)   "
+        )
+        if catalog.get("rchi2_ppc") is not None:
+            title += f"PPC $\\chi^2_\\nu$ = {float(catalog['rchi2_ppc']):.3f}   "
+    axes[0].set_title(title + f"$\\sigma_*$ = {float(latents['sigma_star'][i]):.0f} km/s")
     axes[0].legend(loc="upper right", fontsize=8, ncol=4)
     axes[1].axhline(0, color="C3", lw=0.8)
     axes[1].set_ylim(-5, 5)
