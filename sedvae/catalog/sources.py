@@ -73,6 +73,11 @@ class SpectraSource:
     z_range : redshifts outside it are flagged (the model's supported range).
     prefetch : read the next file in a background thread while the current one is fitted
         (reading overlaps inference; at most two files are in memory). Batches are the same.
+    aperture : the fraction of each galaxy's light its spectrum holds, when known: 1 for a
+        spectrum of the whole galaxy (a summed IFU cube, a long slit across it, a stack);
+        None (default) for a fibre of unknown coverage. Given to every galaxy as
+        ``declared_aperture``; the posterior conditions logM* on it where there is no
+        photometry (``sedvae.posterior.api.aperture_shift``).
     **reader_kwargs : passed to the reader (e.g. ``redrock=...`` or ``z=...`` for DESI).
     """
 
@@ -82,8 +87,15 @@ class SpectraSource:
         path,
         z_range: tuple[float, float] = Z_RANGE,
         prefetch: bool = True,
+        aperture: float | None = None,
         **reader_kwargs,
     ):
+        if aperture is not None and not 0.0 < float(aperture) <= 1.0:
+            raise ValueError(
+                f"aperture is the fraction of the galaxy's light in the spectrum, in (0, 1]; "
+                f"got {aperture}"
+            )
+        self.aperture = None if aperture is None else float(aperture)
         self.kind = kind
         self.prefetch = bool(prefetch)
         self._pending: tuple[int, Future] | None = None
@@ -113,7 +125,8 @@ class SpectraSource:
                 record["redrock"] = None if beside is None else file_record(beside)
             files.append(record)
         reader = {k: describe_value(v) for k, v in sorted(self.reader_kwargs.items())}
-        return {"kind": self.kind, "files": files, "z_range": list(self.z_range), "reader": reader}
+        return {"kind": self.kind, "files": files, "z_range": list(self.z_range),
+                "aperture": self.aperture, "reader": reader}  # fmt: skip
 
     def _check_redshifts(self) -> None:
         """A coadd without redshifts would flag every galaxy BAD_Z and end 'successfully'
@@ -178,7 +191,10 @@ class SpectraSource:
     def __call__(self, start: int, stop: int) -> dict[str, Any]:
         with stage("read"):
             batches = [to_batch(s) for s in self.spectra(start, stop)]
-            return {k: _concat([b[k] for b in batches]) for k in batches[0]}
+            out = {k: _concat([b[k] for b in batches]) for k in batches[0]}
+            if self.aperture is not None:
+                out["declared_aperture"] = torch.full((len(out["z"]),), self.aperture)
+            return out
 
 
 def _redrock_name(path: Path) -> Path:

@@ -1,5 +1,6 @@
 """The one batch type every network reads (:class:`SpectrumBatch`), the one flag enum
-(:class:`Flag`) and the one supported redshift range (:data:`Z_RANGE`).
+(:class:`Flag`) and the one supported redshift range (:data:`Z_RANGE`; the networks' training
+range is :data:`TRAINING_Z_RANGE`).
 
 A batch is built from observed spectra (:meth:`SpectrumBatch.from_spectra`, also
 ``Spectra.to_batch()``), from simulated sets (:meth:`SpectrumBatch.from_items` collates the
@@ -24,13 +25,24 @@ from typing import Any
 import numpy as np
 import torch
 
-# The one supported redshift range. The shipped networks (autoencoder and posterior) were
-# trained on mocks with 0.01 <= z <= 0.6 (a BGS-like n(z)); at z = 0.6 DESI's blue edge
-# (3600 A) is 2250 A in the rest frame, where the decoder's rest-frame grid and the emulator
-# start, and the SPS/cosmology tables (``SEDModel(z_max=...)``) cover it. Below 0.01 peculiar
-# velocities dominate the distance. Outside the range every answer would be an extrapolation,
-# so readers and models flag such galaxies BAD_Z.
-Z_RANGE = (0.01, 0.6)
+# The one supported redshift range, 0.001 <= z <= 0.6. The shipped networks (autoencoder and
+# posterior) were trained on mocks with TRAINING_Z_RANGE = 0.01-0.6 (a BGS-like n(z)); at
+# z = 0.6 DESI's blue edge (3600 A) is 2250 A in the rest frame, where the decoder's rest-frame
+# grid and the emulator start, and the SPS/cosmology tables (``SEDModel(z_max=...)``) cover it.
+# Below 0.01 nothing in the pipeline changes: the rest-frame grids (2200-9900 A binned, 2200-
+# 60000 A decoder) cover DESI and SDSS down to z = 0, the cosmology table starts at z = 0 and
+# the only z clamp (d_L at z >= 1e-3 in the embedding) sits at the lower edge. The posterior's
+# logM* at 0.001 <= z < 0.01 is measured in docs/results.md ("Nearby galaxies"). Two caveats for
+# users: (1) below z ~ 0.01 a peculiar velocity of ~300 km/s (dz = 0.001) is a large part of
+# cz, and logM* inherits the error of the Hubble-flow distance, sigma ~ 2 * 0.434 * v_pec / (cz)
+# dex (0.087 dex at z = 0.01, 0.87 dex at z = 0.001 for 300 km/s); (2) a galaxy this close is
+# much larger than a fibre, so a fibre spectrum without photometry misses most of the light (see
+# the declarable aperture, ``SpectraSource(aperture=...)``). Below 0.001 (v < 300 km/s) the
+# redshift says nothing about the distance, so such galaxies are flagged BAD_Z, as are z > 0.6
+# ones (an extrapolation of every network).
+Z_RANGE = (0.001, 0.6)
+# The redshifts the shipped networks were trained on (and the mock generators' default).
+TRAINING_Z_RANGE = (0.01, 0.6)
 
 # Outlier-pixel clipping (``clean(clip=True)``): a pixel is clipped when its residual from a
 # running median, in units of its noise, is beyond CLIP_SIGMA robust standard deviations AND
@@ -132,6 +144,11 @@ class SpectrumBatch:
         TARGETID or names.
     flags : (B,) int64, optional
         :class:`Flag` bits already known (e.g. from the reader).
+    declared_aperture : (B,) float, optional
+        The fraction of the galaxy's light the spectrum holds, when the user knows it (1: the
+        spectrum covers the whole galaxy, e.g. a summed IFU cube, a long slit or a stack); NaN
+        or None = unknown (a fibre). The posterior uses it for galaxies without photometry
+        (:meth:`sedvae.posterior.Posterior.sample`).
     theta, logU, sigma_v, aperture : optional
         The truth, for simulated galaxies: theta (B, 12) in ``sedvae.sps.PARAM_NAMES`` order.
     extra : dict
@@ -152,6 +169,7 @@ class SpectrumBatch:
     mw_ebv: torch.Tensor | None = None
     ids: np.ndarray | None = None
     flags: torch.Tensor | None = None
+    declared_aperture: torch.Tensor | None = None
     theta: torch.Tensor | None = None
     logU: torch.Tensor | None = None  # noqa: N815 (the mocks' name)
     sigma_v: torch.Tensor | None = None
@@ -172,7 +190,7 @@ class SpectrumBatch:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in batch.items() if k in names}
         extra = {k: v for k, v in batch.items() if k not in names}
-        for key in ("flux", "ivar", "z", "photometry", "photometry_ivar"):
+        for key in ("flux", "ivar", "z", "photometry", "photometry_ivar", "declared_aperture"):
             if known.get(key) is not None and not isinstance(known[key], torch.Tensor):
                 known[key] = _tensor(known[key], torch.float32)
         for key in ("mask", "wave", "arm", "mw_ebv", "theta", "logU", "sigma_v", "aperture"):
@@ -480,6 +498,7 @@ __all__ = [
     "NO_SIGNAL_SNR",
     "OUTLIER_FRACTION",
     "SpectrumBatch",
+    "TRAINING_Z_RANGE",
     "Z_RANGE",
     "fallback_diagonals",
     "outlier_pixels",

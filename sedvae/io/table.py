@@ -9,8 +9,22 @@ Two layouts, told apart by the ``flux`` column's shape:
   (identical ``wave`` in every row: nothing is resampled), scalar ``z`` and ``id`` columns.
   CSV cannot hold array columns; use ECSV or FITS.
 
+Arms: an optional integer ``arm`` column (per pixel, as ``wave``) says which spectrograph arm
+each pixel belongs to, for multi-arm data whose arms overlap (DESI b, r, z: ``wave`` then
+increases within each arm only); the arm names are the metadata key ``ARMS`` (e.g. "B,R,Z").
+
 Resolution: a ``lsf_sigma`` column (Gaussian LSF sigma, Angstrom) or a ``resolving_power``
 column (R = lambda / FWHM, converted to sigma = lambda / (R * 2 sqrt(2 ln 2))).
+
+Photometry (optional): the fluxes of the whole galaxy in the Legacy Surveys bands the
+networks read, g, r, z, W1, W2, in nanomaggies (AB magnitude 22.5 - 2.5 log10 f, not corrected
+for Milky-Way extinction, as in DESI's FIBERMAP) with their inverse variances:
+``flux_g``/``flux_ivar_g``, ..., ``flux_w2``/``flux_ivar_w2`` (names are case-insensitive, so
+DESI's ``FLUX_G``/``FLUX_IVAR_G`` are read as they are). One galaxy per file: constant columns
+or keys of the table metadata (``FLUX_G``, ...); several: scalar columns, one value per row.
+Any subset of the bands may be given (the others get ivar 0); without any, the galaxy has no
+photometry (``Flag.NO_PHOTOMETRY`` from the posterior). A unit on a photometry column must be
+convertible to nanomaggies (``nmgy``, ``mgy``) or to Jy (AB: 1 nanomaggy = 3.631e-6 Jy).
 
 Units: columns with astropy units are converted (wavelength to Angstrom, flux densities to
 1e-17 erg/s/cm^2/A, with ivar scaled to match). Unitless columns are taken to be in those
@@ -35,6 +49,9 @@ from sedvae.io.spectrum import (
 )
 
 FLUX_UNIT = u.Unit("1e-17 erg / (s cm2 Angstrom)")
+# the photometric bands of a table, in the order the networks read them (as DESI_BANDS)
+TABLE_BANDS = ("G", "R", "Z", "W1", "W2")
+NANOMAGGY_JY = 3.631e-6  # AB: 1 nanomaggy = 1e-9 x 3631 Jy
 _FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))  # 2.3548
 
 
@@ -82,6 +99,71 @@ def _as_mask(col: np.ndarray, label: str, name: str) -> np.ndarray:
     return col.astype(bool)
 
 
+def _phot_scale(table: Table, name: str, label: str, power: int = 1) -> float:
+    """Factor that takes photometry column ``name`` to nanomaggies (``power`` -2: an inverse
+    variance to nanomaggies^-2); 1 if it has no unit."""
+    unit = getattr(table[name], "unit", None)
+    if unit is None:
+        return 1.0
+    unit = u.Unit(unit)
+    for target, factor in ((u.nmgy, 1.0), (u.Jy, 1.0 / NANOMAGGY_JY)):
+        try:
+            return float(unit.to(target**power)) * factor**power
+        except u.UnitConversionError:
+            continue
+    raise SpectrumFileError(
+        f"{label}: column {name!r} has unit {unit}; photometry must be in nanomaggies (or Jy)"
+        + (", its inverse variance in their inverse square" if power != 1 else "")
+    )
+
+
+def _read_photometry(
+    table: Table, cols: dict[str, str], single: bool, n: int, label: str
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(n, 5) photometry and ivar (nanomaggies) from ``flux_<band>``/``flux_ivar_<band>``
+    columns (or, for a one-galaxy table, metadata keys); None when no band is given."""
+    meta = {str(k).lower(): v for k, v in table.meta.items()}
+    phot = np.zeros((n, len(TABLE_BANDS)))
+    pivar = np.zeros((n, len(TABLE_BANDS)))
+    found = False
+    for b, band in enumerate(TABLE_BANDS):
+        fkey, ikey = f"flux_{band.lower()}", f"flux_ivar_{band.lower()}"
+        if (fkey in cols) != (ikey in cols) or (fkey in meta) != (ikey in meta):
+            raise SpectrumFileError(
+                f"{label}: photometry needs both {fkey!r} and {ikey!r} (nanomaggies and its "
+                "inverse variance)"
+            )
+        if fkey in cols:
+            scale = _phot_scale(table, cols[fkey], label)
+            f = _values(table, cols[fkey], None, label) * scale
+            if getattr(table[cols[ikey]], "unit", None) is not None:
+                i = _values(table, cols[ikey], None, label) * _phot_scale(
+                    table, cols[ikey], label, power=-2
+                )
+            else:  # a unitless ivar goes with the flux column's unit
+                i = _values(table, cols[ikey], None, label) / scale**2
+            if f.ndim != 1 or i.ndim != 1:
+                raise SpectrumFileError(f"{label}: column {cols[fkey]!r} must be scalar per row")
+            if single:
+                same = np.all(f == f[0]) and np.all(i == i[0]) if len(f) else True
+                if not same:
+                    raise SpectrumFileError(
+                        f"{label}: column {cols[fkey]!r} is not constant in a 1-galaxy table"
+                    )
+                f, i = f[:1], i[:1]
+        elif fkey in meta:
+            f, i = np.atleast_1d(float(meta[fkey])), np.atleast_1d(float(meta[ikey]))
+            if not single:
+                raise SpectrumFileError(
+                    f"{label}: photometry of several galaxies must be columns, not metadata"
+                )
+        else:
+            continue
+        found = True
+        phot[:, b], pivar[:, b] = f, i
+    return (phot, pivar) if found else None
+
+
 def read_table(
     path: str | Path | Table,
     *,
@@ -127,7 +209,9 @@ def read_table(
     -------
     Spectra
         ``flux``/``ivar``/``mask`` (N, M), ``lsf_sigma`` (N, M) Angstrom when a resolution
-        column exists, ``ids`` from ``id_col`` (else 0..N-1, or the file stem for one galaxy).
+        column exists, ``ids`` from ``id_col`` (else 0..N-1, or the file stem for one galaxy),
+        ``photometry``/``photometry_ivar`` (N, 5) nanomaggies (bands :data:`TABLE_BANDS`) when
+        photometry columns exist (module docstring).
     """
     if isinstance(path, Table):
         table, label = path, "<table>"
@@ -151,6 +235,7 @@ def read_table(
         return None
 
     wname, fname, iname = (find(c, True) for c in (wave_col, flux_col, ivar_col))
+    aname = find("arm", False)
     mname, zname, idname = (find(c, False) for c in (mask_col, z_col, id_col))
     sname, rname = find(lsf_sigma_col, False), find(resolving_power_col, False)
     if sname and rname:
@@ -175,6 +260,7 @@ def read_table(
             raise SpectrumFileError(f"{label}: column {wname!r} must be scalar per pixel")
         flux, ivar = flux[None], ivar[None]
         mask = None if mask is None else mask[None]
+        arm = None if aname is None else np.asarray(table[aname])
         if rname is not None:
             lsf_sigma = wave / (_values(table, rname, None, label) * _FWHM_PER_SIGMA)
         lsf_sigma = None if lsf_sigma is None else np.asarray(lsf_sigma)[None]
@@ -187,6 +273,11 @@ def read_table(
         if flux.ndim != 2:
             raise SpectrumFileError(f"{label}: column {fname!r} has shape {flux.shape}")
         n, m = flux.shape
+        arm = None if aname is None else np.asarray(table[aname])
+        if arm is not None and arm.ndim == 2:
+            if not np.all(arm == arm[:1]):
+                raise SpectrumFileError(f"{label}: rows have different {aname!r} columns")
+            arm = arm[0]
         if wave.ndim == 2:
             if wave.shape != (n, m):
                 raise SpectrumFileError(
@@ -213,6 +304,13 @@ def read_table(
         zs, z_src = np.nan, "none"
     n = flux.shape[0]
     zs = np.broadcast_to(np.asarray(zs, dtype=np.float64), (n,)).copy()
+    phot = _read_photometry(table, cols, single, n, label)
+    arm_names: tuple[str, ...] = ()
+    if arm is not None:
+        arm = arm.astype(np.int64)
+        named = str(table.meta.get("ARMS", "")).strip()
+        n_arms = int(arm.max()) + 1 if arm.size else 0
+        arm_names = tuple(named.split(",")) if named else tuple(str(a) for a in range(n_arms))
 
     spectra = Spectra(
         wave=wave,
@@ -221,7 +319,12 @@ def read_table(
         mask=mask,
         z=zs,
         ids=ids,
+        arm=arm,
+        arm_names=arm_names,
         lsf_sigma=lsf_sigma,
+        photometry=None if phot is None else phot[0],
+        photometry_ivar=None if phot is None else phot[1],
+        bands=TABLE_BANDS if phot is not None else (),
         flags=flags,
         meta={
             **{k: v for k, v in table.meta.items() if isinstance(v, str | int | float)},
@@ -253,9 +356,11 @@ def _single_z(table: Table, zname: str | None, label: str) -> float | None:
 def write_table(spectra: Spectra, path: str | Path, overwrite: bool = False) -> None:
     """Write spectra as a multi-row table (one row per galaxy) that :func:`read_table` reads.
 
-    Columns ``id``, ``z``, ``flags``, ``wave``/``flux``/``ivar``/``mask`` (N, M) and
-    ``lsf_sigma`` when present, with units. The format follows the file name (``.fits``,
-    ``.ecsv``). DESI resolution matrices and photometry are not written (use the FITS files).
+    Columns ``id``, ``z``, ``flags``, ``wave``/``flux``/``ivar``/``mask`` (N, M), ``arm`` and
+    ``lsf_sigma`` when present, with units, and the photometry of the bands
+    :data:`TABLE_BANDS` that the spectra have (``flux_<band>``, ``flux_ivar_<band>``,
+    nanomaggies, unitless columns). The format follows the file name (``.fits``, ``.ecsv``).
+    DESI resolution matrices are not written (use the FITS files).
     """
     n, m = spectra.flux.shape
     # INSTRUME: the standard FITS keyword (8 characters, so no HIERARCH card)
@@ -269,4 +374,19 @@ def write_table(spectra: Spectra, path: str | Path, overwrite: bool = False) -> 
     table["mask"] = spectra.mask
     if spectra.lsf_sigma is not None:
         table["lsf_sigma"] = spectra.lsf_sigma * u.AA
+    if spectra.arm is not None:
+        table["arm"] = np.broadcast_to(spectra.arm, (n, m))
+        table.meta["ARMS"] = ",".join(spectra.arm_names)
+    if spectra.photometry is not None:
+        names = [str(b).upper() for b in spectra.bands]
+        if len(names) != spectra.photometry.shape[1]:
+            raise ValueError(
+                f"spectra.bands {spectra.bands} do not name the {spectra.photometry.shape[1]} "
+                "photometry columns"
+            )
+        for band in TABLE_BANDS:
+            if band in names:
+                k = names.index(band)
+                table[f"flux_{band.lower()}"] = spectra.photometry[:, k]
+                table[f"flux_ivar_{band.lower()}"] = spectra.photometry_ivar[:, k]
     table.write(Path(path), overwrite=overwrite)

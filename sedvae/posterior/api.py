@@ -16,17 +16,23 @@ keys: ``flux``, ``ivar`` (B, M) 1e-17 erg/s/cm^2/A on the pixels the posterior w
 ``photometry``, ``photometry_ivar`` (B, 5) nanomaggies (Legacy Surveys g, r, z, W1, W2).
 Shapes are checked (ValueError, expected vs got); problems of single galaxies are
 :class:`sedvae.io.Flag` bits, never exceptions, so one bad spectrum does not spoil a batch.
+
+A spectrum that holds a known fraction of the galaxy's light (``batch["declared_aperture"]``,
+1 for a spectrum of the whole galaxy) fixes the scale the photometry would otherwise give: for
+galaxies without photometry, :meth:`Posterior.sample` conditions logM* on it
+(:func:`aperture_shift`).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
 
 from ..io.batch import FATAL, Z_RANGE, Flag, SpectrumBatch
-from ..sps.provabgs import BOXES, N_THETA, PARAM_NAMES, THETA
+from ..sps.provabgs import BOXES, LOGM_RANGE, N_THETA, PARAM_NAMES, THETA
 from ..timing import stage
 from .model import NeuralPosterior
 
@@ -34,6 +40,26 @@ from .model import NeuralPosterior
 # (0.055 dex for logM*: a posterior of a real galaxy near 10^7 M_sun is wider than that).
 EDGE_FRACTION = 0.01
 DERIVED_NAMES = ("logmstar_surv", "sfr_100myr", "sfr_1gyr", "z_mw", "t_mw_gyr")
+# The fibre fraction of the training mocks (spectrum / total flux), log-uniform: the prior the
+# posterior marginalises over when a galaxy has no photometry (conf/data aperture_range).
+APERTURE_PRIOR = (0.3, 1.0)
+
+
+def aperture_shift(declared, prior: tuple[float, float] = APERTURE_PRIOR) -> torch.Tensor:
+    """The logM* shift (dex) that conditions a spectrum-only posterior on a known aperture.
+
+    In the generative model the spectrum is the galaxy's light times its aperture a (the
+    fraction of the light in the spectrum), and a is independent of theta: without photometry,
+    the spectrum measures s = logM* + log10(a) (with the shape parameters), and the posterior
+    gives logM* = s - log10(a) with a from its prior, log-uniform on ``prior``. Knowing a = a0
+    instead moves logM* by the difference of the means, 0.5 log10(lo hi) - log10(a0): -0.261
+    dex for a0 = 1 with the (0.3, 1) prior. The width is left as it is: it still holds the
+    prior's sd of log10(a) (0.151 dex) in quadrature, so the intervals are conservative
+    (measured in docs/results.md, "A declared aperture"). NaN where ``declared`` is NaN.
+    """
+    a0 = torch.as_tensor(declared, dtype=torch.float64)
+    lo, hi = prior
+    return 0.5 * (math.log10(lo) + math.log10(hi)) - torch.log10(a0)
 
 
 # The posterior's flags are the one enum of sedvae.io.batch (kept under its old name).
@@ -155,7 +181,9 @@ class Posterior:
         -------
         (n, B, 12) tensor: logM* (log10 M_sun formed), beta_1..4, f_burst, t_burst (Gyr),
         gamma_1, gamma_2, tau_BC, tau_ISM, n_dust (``PARAM_NAMES``); every sample lies in the
-        prior support; galaxies with a fatal flag are NaN.
+        prior support; galaxies with a fatal flag are NaN. Galaxies without photometry whose
+        batch gives a ``declared_aperture`` have logM* conditioned on it
+        (:func:`aperture_shift`; :meth:`sample_u` and :meth:`log_prob` are the flow's own).
         """
         if n < 1:
             raise ValueError(f"n must be >= 1; got {n}")
@@ -166,10 +194,36 @@ class Posterior:
             with stage("flow_sampling"):
                 flat = u[:, ok].reshape(-1, u.shape[-1]).double()
                 theta[:, ok] = self.prior.to_constrained(flat).float().reshape(n, -1, N_THETA)
+        theta = self._condition_on_aperture(theta, flags, batch)
         if not return_flags:
             return theta
         flags = flags | self.prior_edge(theta).long() * int(Flag.PRIOR_EDGE)
         return PosteriorSamples(theta, flags)
+
+    @staticmethod
+    def _condition_on_aperture(theta: torch.Tensor, flags: torch.Tensor, batch) -> torch.Tensor:
+        """logM* of galaxies without photometry and with a ``declared_aperture`` moved by
+        :func:`aperture_shift` (kept inside the prior's logM* range); the rest unchanged."""
+        declared = SpectrumBatch.coerce(batch).declared_aperture
+        if declared is None:
+            return theta
+        declared = torch.as_tensor(declared, dtype=torch.float64).reshape(-1)
+        if declared.shape != flags.shape:
+            raise ValueError(
+                f"declared_aperture must have shape {tuple(flags.shape)}; got "
+                f"{tuple(declared.shape)}"
+            )
+        known = torch.isfinite(declared)
+        if bool((known & ((declared <= 0) | (declared > 1))).any()):
+            raise ValueError("declared_aperture must lie in (0, 1] (or be NaN: unknown)")
+        use = known & ((flags & int(Flag.NO_PHOTOMETRY)) != 0) & ((flags & int(FATAL)) == 0)
+        if not bool(use.any()):
+            return theta
+        shift = torch.where(use, aperture_shift(declared.clamp(1e-6, 1.0)), 0.0)
+        theta = theta.clone()
+        moved = theta[..., THETA.LOGMSTAR].double() + shift
+        theta[..., THETA.LOGMSTAR] = moved.clamp(*LOGM_RANGE).to(theta.dtype)
+        return theta
 
     @torch.no_grad()
     def prior_edge(
@@ -322,11 +376,13 @@ def load_posterior(path, map_location="cpu", **kwargs) -> Posterior:
 
 
 __all__ = [
+    "APERTURE_PRIOR",
     "DERIVED_NAMES",
     "FATAL",
     "Posterior",
     "PosteriorFlag",
     "PosteriorSamples",
     "Z_RANGE",
+    "aperture_shift",
     "load_posterior",
 ]

@@ -26,7 +26,7 @@ import os
 import numpy as np
 import torch
 
-from ..io.batch import Z_RANGE
+from ..io.batch import TRAINING_Z_RANGE
 from ..paths import data_dir
 from ..physics import LS_NORTH, DESIInstrument, Photometry
 from ..physics.lines import BENCH_LINES, EMISSION_LINES
@@ -64,7 +64,7 @@ def desi_noise_model(coadd: str | os.PathLike | None = None, index: int = 0, **k
 
 
 def sample_bgs_redshift(
-    n: int, generator: torch.Generator | None, z_range=Z_RANGE, z0: float = 0.15
+    n: int, generator: torch.Generator | None, z_range=TRAINING_Z_RANGE, z0: float = 0.15
 ) -> torch.Tensor:
     """n redshifts from p(z) ~ z^2 exp(-(z/z0)^1.5) on ``z_range`` (inverse CDF, float64)."""
     grid = np.linspace(z_range[0], z_range[1], 4001)
@@ -98,7 +98,7 @@ class MockGenerator(torch.nn.Module):
         photometry: Photometry | None = None,
         noise: SpectralNoiseModel | None = None,
         z_dist: str = "bgs",
-        z_range: tuple[float, float] = Z_RANGE,
+        z_range: tuple[float, float] = TRAINING_Z_RANGE,
         logu_range: tuple[float, float] = (-4.0, -1.0),
         sigma_v_range: tuple[float, float] = (30.0, 300.0),
         aperture_range: tuple[float, float] = (0.3, 1.0),

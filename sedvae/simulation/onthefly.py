@@ -37,7 +37,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..io.batch import Z_RANGE
+from ..io.batch import TRAINING_Z_RANGE
 from ..physics.noise import rng_for
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def desi_instrument(coadd=None, index: int = 0, tables=None):
 def build_generator(
     tables=None,
     z_dist: str = "bgs",
-    z_range=Z_RANGE,
+    z_range=TRAINING_Z_RANGE,
     logu_range=(-4.0, -1.0),
     sigma_v_range=(30.0, 300.0),
     aperture_range=(0.3, 1.0),
