@@ -191,7 +191,13 @@ class SpectraSource:
     def __call__(self, start: int, stop: int) -> dict[str, Any]:
         with stage("read"):
             batches = [to_batch(s) for s in self.spectra(start, stop)]
-            out = {k: _concat([b[k] for b in batches]) for k in batches[0]}
+            out = {k: _concat([b[k] for b in batches]) for k in batches[0]
+                   if k != "luminosity_distance"}  # fmt: skip
+            if any("luminosity_distance" in b for b in batches):  # NaN: from z
+                nan = [torch.full((len(b["z"]),), torch.nan, dtype=torch.float64) for b in batches]
+                out["luminosity_distance"] = torch.cat(
+                    [b.get("luminosity_distance", d) for b, d in zip(batches, nan, strict=True)]
+                )
             if self.aperture is not None:
                 out["declared_aperture"] = torch.full((len(out["z"]),), self.aperture)
             return out
@@ -222,7 +228,12 @@ def to_batch(spectra) -> dict[str, Any]:
     """A validated ``Spectra`` -> the per-galaxy entries of its :class:`sedvae.io.SpectrumBatch`
     (``Spectra.to_batch``), as the mapping the catalog's loader concatenates across files."""
     batch = spectra.to_batch(dtype=torch.float32)
-    return {key: batch[key] for key in GALAXY_KEYS if key in batch}
+    out = {key: batch[key] for key in GALAXY_KEYS if key in batch}
+    if "LUMINOSITY_DISTANCE" in spectra.extra:  # a table's distance column (Mpc)
+        out["luminosity_distance"] = torch.as_tensor(
+            np.asarray(spectra.extra["LUMINOSITY_DISTANCE"], dtype=np.float64)
+        )
+    return out
 
 
 class MockSource:

@@ -29,6 +29,7 @@ from sedvae.io.spectrum import (
     SpectrumFileError,
     SpectrumFileNotFoundError,
 )
+from sedvae.io.synthetic import spectrum_photometry
 from sedvae.io.table import read_table, write_table
 
 _READERS = {"desi": read_desi_coadd, "sdss": read_sdss_spec, "table": read_table}
@@ -73,5 +74,6 @@ __all__ = [
     "read_sdss_spec",
     "read_spectra",
     "read_table",
+    "spectrum_photometry",
     "write_table",
 ]

@@ -149,6 +149,9 @@ class SpectrumBatch:
         spectrum covers the whole galaxy, e.g. a summed IFU cube, a long slit or a stack); NaN
         or None = unknown (a fibre). The posterior uses it for galaxies without photometry
         (:meth:`sedvae.posterior.Posterior.sample`).
+    luminosity_distance : (B,) float, optional
+        Mpc, when the user knows it better than the Hubble flow (nearby galaxies, whose
+        peculiar velocities are a large part of cz); NaN or None = Planck18's d_L(z).
     theta, logU, sigma_v, aperture : optional
         The truth, for simulated galaxies: theta (B, 12) in ``sedvae.sps.PARAM_NAMES`` order.
     extra : dict
@@ -170,6 +173,7 @@ class SpectrumBatch:
     ids: np.ndarray | None = None
     flags: torch.Tensor | None = None
     declared_aperture: torch.Tensor | None = None
+    luminosity_distance: torch.Tensor | None = None
     theta: torch.Tensor | None = None
     logU: torch.Tensor | None = None  # noqa: N815 (the mocks' name)
     sigma_v: torch.Tensor | None = None
@@ -190,7 +194,9 @@ class SpectrumBatch:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in batch.items() if k in names}
         extra = {k: v for k, v in batch.items() if k not in names}
-        for key in ("flux", "ivar", "z", "photometry", "photometry_ivar", "declared_aperture"):
+        floats = ("flux", "ivar", "z", "photometry", "photometry_ivar", "declared_aperture",
+                  "luminosity_distance")  # fmt: skip
+        for key in floats:
             if known.get(key) is not None and not isinstance(known[key], torch.Tensor):
                 known[key] = _tensor(known[key], torch.float32)
         for key in ("mask", "wave", "arm", "mw_ebv", "theta", "logU", "sigma_v", "aperture"):

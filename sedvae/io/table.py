@@ -26,6 +26,11 @@ Any subset of the bands may be given (the others get ivar 0); without any, the g
 photometry (``Flag.NO_PHOTOMETRY`` from the posterior). A unit on a photometry column must be
 convertible to nanomaggies (``nmgy``, ``mgy``) or to Jy (AB: 1 nanomaggy = 3.631e-6 Jy).
 
+Distance (optional): ``luminosity_distance`` in Mpc (a column, one value per galaxy, or the
+metadata key ``LUMINOSITY_DISTANCE`` for one galaxy), for nearby galaxies whose distance is
+known better than from z (Cepheids, TRGB, a group's or a flow model's distance): it sets the
+mass scale instead of the Hubble flow's d_L(z) (``Spectra.extra["LUMINOSITY_DISTANCE"]``).
+
 Units: columns with astropy units are converted (wavelength to Angstrom, flux densities to
 1e-17 erg/s/cm^2/A, with ivar scaled to match). Unitless columns are taken to be in those
 units already. Wavelengths must be vacuum.
@@ -162,6 +167,32 @@ def _read_photometry(
         found = True
         phot[:, b], pivar[:, b] = f, i
     return (phot, pivar) if found else None
+
+
+def _read_distance(
+    table: Table, cols: dict[str, str], single: bool, n: int, label: str
+) -> np.ndarray | None:
+    """(n,) luminosity distances in Mpc from a ``luminosity_distance`` column (or, for one
+    galaxy, the metadata key); None when not given."""
+    name = cols.get("luminosity_distance")
+    meta = {str(k).lower(): v for k, v in table.meta.items()}
+    if name is not None:
+        d = _values(table, name, u.Mpc, label)
+        if d.ndim != 1:
+            raise SpectrumFileError(f"{label}: column {name!r} must be scalar per row")
+        if single:
+            if len(d) and not np.all(d == d[0]):
+                raise SpectrumFileError(
+                    f"{label}: column {name!r} is not constant in a 1-galaxy table"
+                )
+            d = d[:1]
+    elif single and "luminosity_distance" in meta:
+        d = np.atleast_1d(float(meta["luminosity_distance"]))
+    else:
+        return None
+    if np.any(np.isfinite(d) & (d <= 0)):
+        raise SpectrumFileError(f"{label}: luminosity_distance must be > 0 Mpc (NaN: from z)")
+    return np.broadcast_to(d, (n,)).astype(np.float64)
 
 
 def read_table(
@@ -305,6 +336,10 @@ def read_table(
     n = flux.shape[0]
     zs = np.broadcast_to(np.asarray(zs, dtype=np.float64), (n,)).copy()
     phot = _read_photometry(table, cols, single, n, label)
+    extra = {}
+    distance = _read_distance(table, cols, single, n, label)
+    if distance is not None:
+        extra["LUMINOSITY_DISTANCE"] = distance
     arm_names: tuple[str, ...] = ()
     if arm is not None:
         arm = arm.astype(np.int64)
@@ -326,6 +361,7 @@ def read_table(
         photometry_ivar=None if phot is None else phot[1],
         bands=TABLE_BANDS if phot is not None else (),
         flags=flags,
+        extra=extra,
         meta={
             **{k: v for k, v in table.meta.items() if isinstance(v, str | int | float)},
             "instrument": instrument or str(table.meta.get("INSTRUME", "table")),
@@ -359,7 +395,8 @@ def write_table(spectra: Spectra, path: str | Path, overwrite: bool = False) -> 
     Columns ``id``, ``z``, ``flags``, ``wave``/``flux``/``ivar``/``mask`` (N, M), ``arm`` and
     ``lsf_sigma`` when present, with units, and the photometry of the bands
     :data:`TABLE_BANDS` that the spectra have (``flux_<band>``, ``flux_ivar_<band>``,
-    nanomaggies, unitless columns). The format follows the file name (``.fits``, ``.ecsv``).
+    nanomaggies, unitless columns) and ``luminosity_distance`` (Mpc) when ``spectra.extra`` has
+    it. The format follows the file name (``.fits``, ``.ecsv``).
     DESI resolution matrices are not written (use the FITS files).
     """
     n, m = spectra.flux.shape
@@ -389,4 +426,6 @@ def write_table(spectra: Spectra, path: str | Path, overwrite: bool = False) -> 
                 k = names.index(band)
                 table[f"flux_{band.lower()}"] = spectra.photometry[:, k]
                 table[f"flux_ivar_{band.lower()}"] = spectra.photometry_ivar[:, k]
+    if "LUMINOSITY_DISTANCE" in spectra.extra:
+        table["luminosity_distance"] = np.asarray(spectra.extra["LUMINOSITY_DISTANCE"]) * u.Mpc
     table.write(Path(path), overwrite=overwrite)

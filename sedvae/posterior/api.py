@@ -20,7 +20,8 @@ Shapes are checked (ValueError, expected vs got); problems of single galaxies ar
 A spectrum that holds a known fraction of the galaxy's light (``batch["declared_aperture"]``,
 1 for a spectrum of the whole galaxy) fixes the scale the photometry would otherwise give: for
 galaxies without photometry, :meth:`Posterior.sample` conditions logM* on it
-(:func:`aperture_shift`).
+(:func:`aperture_shift`). A ``batch["luminosity_distance"]`` (Mpc) replaces the Hubble flow's
+d_L(z) for the mass scale (:func:`distance_shift`).
 """
 
 from __future__ import annotations
@@ -64,6 +65,18 @@ def aperture_shift(declared, prior: tuple[float, float] = APERTURE_PRIOR) -> tor
 
 # The posterior's flags are the one enum of sedvae.io.batch (kept under its old name).
 PosteriorFlag = Flag
+
+
+def distance_shift(distance_mpc, z) -> torch.Tensor:
+    """The logM* shift (dex) for a galaxy at luminosity distance ``distance_mpc`` rather than
+    the Hubble flow's d_L(z): every flux the head reads scales as M* / d_L^2 (the rest frame and
+    the age of the universe follow z alone), so logM* moves by 2 log10(D / d_L(z)) exactly.
+    NaN where ``distance_mpc`` is NaN."""
+    from ..physics.cosmology import luminosity_distance_mpc
+
+    d = torch.as_tensor(distance_mpc, dtype=torch.float64)
+    z = torch.as_tensor(z, dtype=torch.float64).clamp_min(Z_RANGE[0])
+    return 2.0 * torch.log10(d / luminosity_distance_mpc(z))
 
 
 class PosteriorSamples(NamedTuple):
@@ -183,7 +196,8 @@ class Posterior:
         gamma_1, gamma_2, tau_BC, tau_ISM, n_dust (``PARAM_NAMES``); every sample lies in the
         prior support; galaxies with a fatal flag are NaN. Galaxies without photometry whose
         batch gives a ``declared_aperture`` have logM* conditioned on it
-        (:func:`aperture_shift`; :meth:`sample_u` and :meth:`log_prob` are the flow's own).
+        (:func:`aperture_shift`), and a ``luminosity_distance`` sets the mass scale
+        (:func:`distance_shift`); :meth:`sample_u` and :meth:`log_prob` are the flow's own.
         """
         if n < 1:
             raise ValueError(f"n must be >= 1; got {n}")
@@ -195,6 +209,7 @@ class Posterior:
                 flat = u[:, ok].reshape(-1, u.shape[-1]).double()
                 theta[:, ok] = self.prior.to_constrained(flat).float().reshape(n, -1, N_THETA)
         theta = self._condition_on_aperture(theta, flags, batch)
+        theta = self._condition_on_distance(theta, flags, batch)
         if not return_flags:
             return theta
         flags = flags | self.prior_edge(theta).long() * int(Flag.PRIOR_EDGE)
@@ -220,6 +235,33 @@ class Posterior:
         if not bool(use.any()):
             return theta
         shift = torch.where(use, aperture_shift(declared.clamp(1e-6, 1.0)), 0.0)
+        theta = theta.clone()
+        moved = theta[..., THETA.LOGMSTAR].double() + shift
+        theta[..., THETA.LOGMSTAR] = moved.clamp(*LOGM_RANGE).to(theta.dtype)
+        return theta
+
+    @staticmethod
+    def _condition_on_distance(theta: torch.Tensor, flags: torch.Tensor, batch) -> torch.Tensor:
+        """logM* of galaxies with a ``luminosity_distance`` moved by :func:`distance_shift`
+        (kept inside the prior's logM* range); the rest unchanged."""
+        clean = SpectrumBatch.coerce(batch)
+        distance = clean.luminosity_distance
+        if distance is None:
+            return theta
+        distance = torch.as_tensor(distance, dtype=torch.float64).reshape(-1)
+        if distance.shape != flags.shape:
+            raise ValueError(
+                f"luminosity_distance must have shape {tuple(flags.shape)}; got "
+                f"{tuple(distance.shape)}"
+            )
+        known = torch.isfinite(distance)
+        if bool((known & (distance <= 0)).any()):
+            raise ValueError("luminosity_distance must be > 0 Mpc (or NaN: from z)")
+        use = known & ((flags & int(FATAL)) == 0)
+        if not bool(use.any()):
+            return theta
+        z = torch.where(use, torch.as_tensor(clean.z, dtype=torch.float64), 0.1)
+        shift = torch.where(use, distance_shift(torch.where(use, distance, 1.0), z), 0.0)
         theta = theta.clone()
         moved = theta[..., THETA.LOGMSTAR].double() + shift
         theta[..., THETA.LOGMSTAR] = moved.clamp(*LOGM_RANGE).to(theta.dtype)
@@ -384,5 +426,6 @@ __all__ = [
     "PosteriorSamples",
     "Z_RANGE",
     "aperture_shift",
+    "distance_shift",
     "load_posterior",
 ]
