@@ -73,8 +73,9 @@ def _as_spectra(gen, batch, ids):
 
 def test_z_0005_runs_end_to_end_and_out_of_range_is_flagged(tmp_path, generator):
     """Mock galaxies at z = 0.005 (d_L = 22 Mpc) written as a table, through the catalog's
-    source and fitter with the autoencoder's chi^2: posteriors around the true logM*, not
-    BAD_Z; the same spectra labelled z = 0.0005 and 0.7 are still flagged (no posterior)."""
+    source and fitter with the autoencoder's chi^2 and the posterior-predictive check:
+    posteriors around the true logM* that reproduce the spectra, not BAD_Z; the same spectra
+    labelled z = 0.0005 and 0.7 are still flagged (no posterior)."""
     generator.z_range = (0.005, 0.005)
     batch = generator.sample(4, torch.Generator().manual_seed(5))
     spectra = _as_spectra(generator, batch, [1, 2, 3, 4])
@@ -82,7 +83,8 @@ def test_z_0005_runs_end_to_end_and_out_of_range_is_flagged(tmp_path, generator)
     far.z = np.array([0.0005, 0.7])
     far.ids = np.array([5, 6])
     write_table(type(spectra).concatenate([spectra, far]), tmp_path / "near.fits")
-    fitter = PosteriorFitter(n_samples=200, autoencoder=AUTOENCODER, seed=1)
+    fitter = PosteriorFitter(n_samples=200, autoencoder=AUTOENCODER, seed=1, line_fluxes=True,
+                             ppc=True)  # fmt: skip
     out = fitter(SpectraSource("table", tmp_path / "near.fits")(0, 6))
     flags = out["flags"].numpy()
     assert not (flags[:4] & (FATAL | Flag.PRIOR_EDGE)).any()
@@ -90,6 +92,10 @@ def test_z_0005_runs_end_to_end_and_out_of_range_is_flagged(tmp_path, generator)
     err = out["logmstar_p50"][:4].numpy() - batch["theta"][:, 0].numpy()
     assert np.median(np.abs(err)) < 0.4  # the scatter at z = 0.005 is 0.25 dex (300 mocks)
     assert np.isfinite(out["rchi2"][:4]).all()  # the autoencoder fits them too
+    # the posterior-predictive check: the draws, with lines and calibration solved, fit the
+    # spectra to their noise (chi^2 per degree of freedom within ~4 sigma of 1 for ~7,900)
+    rchi2_ppc = out["rchi2_ppc"][:4].numpy()
+    assert np.all((rchi2_ppc > 0.9) & (rchi2_ppc < 1.1)) and not (flags[:4] & Flag.MISFIT).any()
 
 
 def test_a_known_distance_sets_the_mass_scale_of_nearby_galaxies(posterior, generator):
