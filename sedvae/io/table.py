@@ -150,7 +150,8 @@ def _read_photometry(
             if f.ndim != 1 or i.ndim != 1:
                 raise SpectrumFileError(f"{label}: column {cols[fkey]!r} must be scalar per row")
             if single:
-                same = np.all(f == f[0]) and np.all(i == i[0]) if len(f) else True
+                same = all(np.array_equal(v, np.full_like(v, v[0]), equal_nan=True)
+                           for v in (f, i)) if len(f) else True  # fmt: skip
                 if not same:
                     raise SpectrumFileError(
                         f"{label}: column {cols[fkey]!r} is not constant in a 1-galaxy table"

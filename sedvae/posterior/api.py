@@ -56,7 +56,7 @@ def aperture_shift(declared, prior: tuple[float, float] = APERTURE_PRIOR) -> tor
     instead moves logM* by the difference of the means, 0.5 log10(lo hi) - log10(a0): -0.261
     dex for a0 = 1 with the (0.3, 1) prior. The width is left as it is: it still holds the
     prior's sd of log10(a) (0.151 dex) in quadrature, so the intervals are conservative
-    (measured in docs/results.md, "A declared aperture"). NaN where ``declared`` is NaN.
+    (measured in docs/results.md, "The range users have"). NaN where ``declared`` is NaN.
     """
     a0 = torch.as_tensor(declared, dtype=torch.float64)
     lo, hi = prior
