@@ -81,3 +81,24 @@ def test_catalog_plot_shows_the_catalog_row_and_the_ppc_band(tmp_path):
     spread = max(float(row["rchi2_ppc_spread"]), 1e-3)
     assert abs(shown["rchi2_ppc_band"] - float(row["rchi2_ppc"])) <= 3 * spread
     assert len(list((tmp_path / "out" / "plots").glob("reconstruction_*.png"))) == 1
+
+
+@pytest.mark.slow
+def test_evaluation_autoencoder_metrics_are_the_titles(tmp_path, net):
+    """evaluation=autoencoder: metrics (metrics.json) hold the numbers of the figures' titles,
+    equal to galaxy_metrics recomputed here, and each figure carries the PPC band: an
+    in-model mock's rchi2_ppc is near 1, the bundled DESI galaxy's is finite."""
+    from sedvae.evaluation.autoencoder import evaluate_autoencoder, galaxy_metrics
+    from sedvae.paths import data_dir
+    from sedvae.simulation.mocks import MockGenerator
+
+    metrics = evaluate_autoencoder(str(data_dir() / "autoencoder" / "autoencoder_laptop.pt"),
+                                   tmp_path, n_mocks=1, seed=7, ppc_draws=16)  # fmt: skip
+    batch = MockGenerator().sample(1, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        chi2 = galaxy_metrics(net, net(batch, components=True))["chi2_red"]
+    assert metrics["reduced_chi2_mock0"] == pytest.approx(float(chi2[0]), rel=1e-5)
+    assert 0.9 < metrics["rchi2_ppc_mock0"] < 1.3
+    assert np.isfinite(metrics["rchi2_ppc_desi"]) and np.isfinite(metrics["reduced_chi2_desi"])
+    assert {p.name for p in tmp_path.glob("*.png")} == {"reconstruction_mock0.png",
+                                                        "reconstruction_desi.png"}

@@ -94,7 +94,8 @@ def plot_reconstruction(net, batch: dict, index: int = 0, output: dict | None = 
         sel = arm == a
         gap = _runs(bad[sel])
         dat = np.convolve(flux[sel], kernel, mode="same") if smooth > 1 else flux[sel]
-        axes[0].plot(wave[sel], dat * gap, color="0.6", lw=0.6, label="data" if a == 0 else None)
+        axes[0].plot(wave[sel], dat * gap, color="0.6", lw=0.6, zorder=1,
+                     label="data" if a == 0 else None)  # fmt: skip
         axes[0].plot(wave[sel], mflux[sel], color="C3", lw=0.8, label="model" if a == 0 else None)
         axes[0].plot(wave[sel], cont[sel], color="C0", lw=0.8,
                      label="stellar continuum (SPS)" if a == 0 else None)  # fmt: skip
@@ -103,7 +104,7 @@ def plot_reconstruction(net, batch: dict, index: int = 0, output: dict | None = 
         axes[1].plot(wave[sel], resid[sel] * gap, color="k", lw=0.4)
         if band is not None:
             axes[0].fill_between(wave[sel], band[0][sel] * gap, band[1][sel] * gap, color="C1",
-                                 alpha=0.35, lw=0, label="posterior predictive 16-84 %"
+                                 alpha=0.6, lw=0, zorder=1.5, label="posterior predictive 16-84 %"
                                  if a == 0 else None)  # fmt: skip
             axes[0].plot(wave[sel], ppc_lines[sel], color="C4", lw=0.7,
                          label="solved lines (PPC)" if a == 0 else None)  # fmt: skip
