@@ -49,7 +49,8 @@ def plot_reconstruction(net, batch: dict, index: int = 0, output: dict | None = 
     Returns
     -------
     fig, axes
-        axes[0]: observed frame; axes[1]: (data - model) / sigma; axes[2]: rest frame;
+        axes[0]: observed frame; axes[1]: (data - model) / sigma (orange: against the PPC
+        draws' median model); axes[2]: rest frame;
         axes[3:]: rest-frame zooms. ``fig.shown`` records the numbers of the title (``z``,
         ``rchi2``, ``logmstar``, ``rchi2_ppc`` when shown) and those of the drawn fit
         (``rchi2_fit``: the autoencoder fit's chi^2 / N_pix; ``logmstar_fit``).
@@ -81,13 +82,14 @@ def plot_reconstruction(net, batch: dict, index: int = 0, output: dict | None = 
     axes.append(fig.add_subplot(gs[2, :]))
     axes += [fig.add_subplot(gs[3, k]) for k in range(n_zoom)]
 
-    band = ppc_lines = None
+    band = ppc_lines = ppc_resid = None
     if ppc is not None:
         draws = np.asarray(torch.as_tensor(ppc["model"]).double().cpu())  # (K, M)
         if draws.shape[-1] != len(wave):
             raise ValueError(f"ppc model has {draws.shape[-1]} pixels; the plot {len(wave)}")
         band = np.percentile(draws, [16, 84], axis=0)
         ppc_lines = np.median(np.asarray(torch.as_tensor(ppc["lines"]).double().cpu()), 0)
+        ppc_resid = (flux - np.median(draws, 0)) * np.sqrt(ivar)  # the median draw's model
 
     kernel = np.ones(smooth) / smooth
     for a in np.unique(arm):
@@ -108,6 +110,7 @@ def plot_reconstruction(net, batch: dict, index: int = 0, output: dict | None = 
                                  if a == 0 else None)  # fmt: skip
             axes[0].plot(wave[sel], ppc_lines[sel], color="C4", lw=0.7,
                          label="solved lines (PPC)" if a == 0 else None)  # fmt: skip
+            axes[1].plot(wave[sel], ppc_resid[sel] * gap, color="C1", lw=0.4, alpha=0.8)
     lo, hi = np.nanpercentile(np.where(bad, np.nan, flux), [0.5, 99.5])
     axes[0].set_ylim(min(lo, 0) - 0.1 * (hi - lo), hi + 0.25 * (hi - lo))
     axes[0].set_ylabel(r"$f_\lambda$ [$10^{-17}$ erg s$^{-1}$ cm$^{-2}$ $\AA^{-1}$]")
