@@ -76,7 +76,8 @@ class PosteriorFitter(torch.nn.Module):
     line_fluxes : catalog emission-line fluxes, errors and EWs from ``ppc_draws`` draws.
     ppc : catalog the posterior-predictive check (``rchi2_ppc``, its spread, ``Flag.MISFIT``).
     ppc_draws : K posterior draws pushed through the model with lines and calibration solved.
-    misfit_quantile : the chi^2(N_pix - N_free) quantile the best draw must not exceed.
+    misfit_quantile : 1 - the MISFIT false-alarm probability, split between the check's three
+        tests (global chi^2, coherent residuals, windowed chi^2; :mod:`sedvae.catalog.ppc`).
     """
 
     def __init__(

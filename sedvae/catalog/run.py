@@ -10,7 +10,9 @@ kept, by name;
 ``median_rchi2_ppc`` with the posterior-predictive check; with the truth: 68 % coverage of
 every quantity, the largest coverage deviation, and the bias (median), scatter (standard
 deviation) and NMAD of the posterior medians of the headline properties; a figure that fails
-is logged and listed in ``plot_failures``, never fails the run).
+is logged and listed in ``plot_failures``, never fails the run; ``plots_shown``: per plotted
+galaxy, the numbers of its reconstruction's title, which are the catalog row's, and
+``rchi2_fit``, the reduced chi^2 of the fit the figure draws, recomputed as the catalog does).
 """
 
 from __future__ import annotations
@@ -103,20 +105,26 @@ def run_catalog(
         metrics.update(truth_metrics(table))
         _guarded(failures, "coverage and recovery", _truth_plots, out / "plots", table)
     if n_plots:
-        metrics["n_plotted"] = _plots(out / "plots", source, fitter, table, n_plots, failures)
+        shown: dict[str, Any] = {}
+        metrics["n_plotted"] = _plots(out / "plots", source, fitter, table, n_plots, failures,
+                                      shown)  # fmt: skip
+        metrics["plots_shown"] = shown
     metrics["plot_failures"] = failures
     return metrics
 
 
-def _guarded(failures: list[dict[str, str]], what: str, plot, *args) -> bool:
+def _guarded(failures: list[dict[str, str]], what: str, plot, *args, shown=None) -> bool:
     """Run one plot; a failure is logged and recorded, never raised: the catalog is written
-    already, and a figure must not turn a finished run into an error."""
+    already, and a figure must not turn a finished run into an error. What the plot returns
+    (the numbers its title shows) goes to ``shown[what]`` when given."""
     try:
-        plot(*args)
+        values = plot(*args)
     except Exception as err:
         log.warning("plot of %s failed: %s: %s", what, type(err).__name__, err)
         failures.append({"plot": what, "error": f"{type(err).__name__}: {err}"})
         return False
+    if shown is not None and values is not None:
+        shown[what] = values
     return True
 
 
@@ -217,7 +225,7 @@ def _truth_plots(folder: Path, table: Table) -> None:
 
 
 def _plots(folder: Path, source, fitter, table: Table, n_plots: int,
-           failures: list[dict[str, str]]) -> int:  # fmt: skip
+           failures: list[dict[str, str]], shown: dict | None = None) -> int:  # fmt: skip
     """Reconstruction, corner and SFH figures of the first ``n_plots`` galaxies without a flag,
     then with warnings only (a FATAL one has no posterior); returns how many
     galaxies were plotted, failures go to ``failures``."""
@@ -233,7 +241,7 @@ def _plots(folder: Path, source, fitter, table: Table, n_plots: int,
     for row in chosen:
         index = int(table["index"][row])
         done += _guarded(failures, f"galaxy {ids[row]}", _plot_galaxy, folder, source, fitter,
-                         index, ids[row], table[row])  # fmt: skip
+                         index, ids[row], table[row], shown=shown)  # fmt: skip
     return done
 
 
@@ -249,7 +257,8 @@ def _plot_galaxy(folder: Path, source, fitter, index: int, name, row=None) -> No
     batch = source(index, index + 1)
     posterior = fitter.posterior
     gen = torch.Generator().manual_seed(0)
-    samples = posterior.sample(batch, fitter.n_samples, gen)
+    samples, flags = posterior.sample(batch, fitter.n_samples, gen, return_flags=True)
+    shown = None
     if getattr(fitter, "autoencoder", None) is not None:
         from ..plotting.reconstruction import plot_reconstruction
 
@@ -268,9 +277,20 @@ def _plot_galaxy(folder: Path, source, fitter, index: int, name, row=None) -> No
         if row is not None and "rchi2" in row.colnames:
             catalog = {k: row[k] for k in ("rchi2", "logmstar_p50", "rchi2_ppc")
                        if k in row.colnames}  # fmt: skip
+        # the posterior-predictive band and solved lines: the catalog's check of these draws
+        ppc = None
+        predictive = getattr(fitter, "predictive", None)
+        if predictive is not None and samples.shape[0] >= predictive.n_draws:
+            res = predictive(samples, clean, (flags & int(FATAL)) == 0)
+            if "fit" in res:
+                ppc = {"model": res["fit"]["model"][0], "lines": res["fit"]["lines_model"][0],
+                       "rchi2_ppc": float(res["rchi2_ppc"][0])}  # fmt: skip
         with torch.no_grad():
             fig, _ = plot_reconstruction(ae, output["batch"], index=0, output=output,
-                                         catalog=catalog)  # fmt: skip
+                                         catalog=catalog, ppc=ppc)  # fmt: skip
+        shown = dict(fig.shown)
+        if ppc is not None:
+            shown["rchi2_ppc_band"] = ppc["rchi2_ppc"]
         fig.savefig(folder / f"reconstruction_{name}.png", dpi=90)
         plt.close(fig)
     truth = batch["theta"][0] if "theta" in batch else None
@@ -280,3 +300,4 @@ def _plot_galaxy(folder: Path, source, fitter, index: int, name, row=None) -> No
     fig, _ = plot_sfh_bands(posterior.sfh_bands(samples, batch["z"]), index=0)
     fig.savefig(folder / f"sfh_{name}.png", dpi=90)
     plt.close(fig)
+    return shown

@@ -133,9 +133,14 @@ def summarise(per: dict[str, np.ndarray], snr_min: float = 5.0) -> dict[str, flo
 
 
 def evaluate_autoencoder(model: str, output_dir: str | Path, n_mocks: int = 4, seed: int = 7,
-                         refine_steps: int = 0) -> dict:  # fmt: skip
+                         refine_steps: int = 0, ppc_draws: int = 16) -> dict:  # fmt: skip
     """Reconstruction figures (``reconstruction_mock{i}.png``, ``reconstruction_desi.png``)
-    and their reduced chi^2, for ``n_mocks`` fresh mocks and the bundled DESI spectrum."""
+    and their reduced chi^2, for ``n_mocks`` fresh mocks and the bundled DESI spectrum.
+
+    With ``ppc_draws`` > 0 each figure also shows the posterior-predictive band of the shipped
+    posterior (``ppc_draws`` draws, lines and calibration solved: the catalog's check) and
+    the solved lines, and the metrics get ``rchi2_ppc_<label>``. The metrics are the numbers
+    the figures' titles show (``fig.shown``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,6 +156,14 @@ def evaluate_autoencoder(model: str, output_dir: str | Path, n_mocks: int = 4, s
         "mock": MockGenerator().sample(n_mocks, torch.Generator().manual_seed(seed)),
         "desi": desi_example_batch(),
     }
+    predictive = posterior = None
+    if ppc_draws > 0:
+        from ..catalog.fitter import default_posterior_path
+        from ..catalog.ppc import PosteriorPredictive
+        from ..posterior.api import load_posterior
+
+        posterior = load_posterior(default_posterior_path())
+        predictive = PosteriorPredictive(n_draws=ppc_draws)
     metrics = {}
     for name, batch in batches.items():
         if refine_steps > 0:
@@ -159,10 +172,28 @@ def evaluate_autoencoder(model: str, output_dir: str | Path, n_mocks: int = 4, s
             with torch.no_grad():
                 out = net(batch, components=True)
         chi2 = galaxy_metrics(net, out)["chi2_red"]
+        ppc = None
+        if predictive is not None:
+            from ..io.batch import FATAL
+
+            samples, flags = posterior.sample(batch, ppc_draws, torch.Generator().manual_seed(0),
+                                              return_flags=True)  # fmt: skip
+            clean, _ = posterior.check(batch)
+            ppc = predictive(samples, clean, (flags & int(FATAL)) == 0)
         for i in range(len(chi2)):
             label = name if name == "desi" else f"{name}{i}"
-            fig, _ = plot_reconstruction(net, batch, index=i, output=out)
+            band = None
+            if ppc is not None and "fit" in ppc and bool((ppc["fit"]["index"] == i).any()):
+                j = int(torch.nonzero(ppc["fit"]["index"] == i)[0])
+                band = {"model": ppc["fit"]["model"][j], "lines": ppc["fit"]["lines_model"][j],
+                        "rchi2_ppc": float(ppc["rchi2_ppc"][i])}  # fmt: skip
+            fig, _ = plot_reconstruction(net, batch, index=i, output=out, ppc=band)
             fig.savefig(out_dir / f"reconstruction_{label}.png", dpi=110)
             plt.close(fig)
-            metrics[f"reduced_chi2_{label}"] = float(chi2[i])
+            metrics[f"reduced_chi2_{label}"] = fig.shown["rchi2"]
+            if "rchi2_ppc" in fig.shown:
+                metrics[f"rchi2_ppc_{label}"] = fig.shown["rchi2_ppc"]
+            if not np.isclose(fig.shown["rchi2"], float(chi2[i]), rtol=1e-5):
+                raise RuntimeError(f"{label}: the figure's chi^2 {fig.shown['rchi2']} is not the "
+                                   f"evaluation's {float(chi2[i])}")  # fmt: skip
     return metrics
