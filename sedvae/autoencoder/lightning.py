@@ -134,7 +134,7 @@ class AutoencoderModule(pl.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=n)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=n)
         if batch_idx == 0:
-            shown = batch["real"] if "real" in batch else batch
+            shown = batch.get("real", batch)
             self._plot_batch = {k: v[: self.n_plot] for k, v in shown.items()}
         return loss
 
@@ -168,7 +168,7 @@ class AutoencoderModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """A run that built the file's network carries its config in every checkpoint, so that
-        ``load_checkpoint`` and ``python -m sedvae.checkpoint export`` read it as they read a file."""
+        ``load_checkpoint`` and ``python -m sedvae.checkpoint export`` read it like a file."""
         if self.net_config is None:
             return
         from ..checkpoint import LIGHTNING_KEY, checkpoint_header

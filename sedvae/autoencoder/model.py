@@ -301,8 +301,9 @@ class SpectrumAutoencoder(nn.Module):
                 loss = loss + self.w_supervised * sup.mean()
         return loss, {k: v.detach() for k, v in metrics.items()}
 
-    def mixed_loss(self, real: dict, mock: dict | None = None,
-                   mock_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    def mixed_loss(
+        self, real: dict, mock: dict | None = None, mock_weight: float = 1.0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training on data: the unsupervised loss of real spectra plus ``mock_weight`` times
         the loss of a mock batch (supervised when ``w_supervised > 0``)::
 
