@@ -606,7 +606,8 @@ class ExportCheckpoint(pl.Callback):
     kind : "emulator", "autoencoder" or "posterior"
     out : destination, e.g. ``${paths.output_dir}/posterior.pt``
     run_config : the run's resolved ``config.yaml`` (``train.py`` writes it first thing); its
-        ``model.net`` is the stored config (the emulator's comes from the net itself)
+        ``model.net`` is the stored config (the emulator's comes from the net itself; a module
+        with a ``net_config``, one that fine-tunes a file's own net, gives its own)
     """
 
     def __init__(self, kind: str, out: str, run_config: str | None = None) -> None:
@@ -632,8 +633,9 @@ class ExportCheckpoint(pl.Callback):
             state = _state_to_save(self.kind, net)  # dtypes and keys of the net
             best = _net_state(read_torch_file(ckpt), Path(ckpt))
             state = {k: best[k].to(v.dtype) for k, v in state.items()}
-        config = None
-        if self.kind != "emulator":
+        # a module that built its net from a file (fine-tuning) knows that net's config
+        config = getattr(pl_module, "net_config", None)
+        if config is None and self.kind != "emulator":
             config = OmegaConf.load(self.run_config).model.net
         save_checkpoint(self.out, self.kind, net, config, training, state)
         log.info("exported the %s to %s", self.kind, self.out)

@@ -39,6 +39,10 @@ from ..sps.provabgs import LOGM_RANGE, THETA
 from .decoder import PhysicsDecoder
 from .encoder import APERTURE_RANGE, SpectrumEncoder
 
+# Entries only a simulated galaxy has (the supervised term reads theta, sigma_v, aperture);
+# :meth:`SpectrumAutoencoder.mixed_loss` drops them from real batches.
+TRUTH_KEYS = ("theta", "logU", "sigma_v", "aperture", "flux_true", "photometry_true", "line_lum")
+
 
 class SpectrumAutoencoder(nn.Module):
     """Encoder + physics decoder + loss + augmentation.
@@ -296,6 +300,32 @@ class SpectrumAutoencoder(nn.Module):
             if self.w_supervised > 0:
                 loss = loss + self.w_supervised * sup.mean()
         return loss, {k: v.detach() for k, v in metrics.items()}
+
+    def mixed_loss(
+        self, real: dict, mock: dict | None = None, mock_weight: float = 1.0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training on data: the unsupervised loss of real spectra plus ``mock_weight`` times
+        the loss of a mock batch (supervised when ``w_supervised > 0``)::
+
+            loss = L(real) + mock_weight * L(mock)
+
+        Each L is :meth:`loss` (a per-galaxy mean, so the weight is per batch, not per
+        galaxy). L(real) is the chi^2 of the spectrum (and photometry), the prior and the
+        residual penalty only: truth is never read from a real batch. The mock term keeps the
+        physical latents (theta, sigma_v, aperture) tied to their meaning while the networks
+        adapt to what real spectra hold and mocks lack. Metrics are prefixed ``real/`` and
+        ``mock/``.
+        """
+        if mock_weight < 0:
+            raise ValueError(f"mock_weight must be >= 0; got {mock_weight}")
+        real = {k: v for k, v in real.items() if k not in TRUTH_KEYS}
+        loss, m_real = self.loss(real)
+        metrics = {f"real/{k}": v for k, v in m_real.items()}
+        if mock is not None and mock_weight > 0:
+            loss_mock, m_mock = self.loss(mock)
+            loss = loss + mock_weight * loss_mock
+            metrics.update({f"mock/{k}": v for k, v in m_mock.items()})
+        return loss, metrics
 
     def refine(self, batch: dict, steps: int = 100, lr: float = 0.1,
                components: bool = False) -> dict:  # fmt: skip
