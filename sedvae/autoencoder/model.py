@@ -35,6 +35,7 @@ from torch import nn
 from ..io.batch import Z_RANGE, Flag, SpectrumBatch
 from ..physics.cosmology import luminosity_distance_mpc
 from ..physics.resample import integrate_bins, pixel_edges
+from ..physics.restframe import GridCache, check_grid, grid_key, same_grid
 from ..sps.provabgs import LOGM_RANGE, THETA
 from .decoder import PhysicsDecoder
 from .encoder import APERTURE_RANGE, SpectrumEncoder
@@ -112,6 +113,7 @@ class SpectrumAutoencoder(nn.Module):
             raise ValueError(f"chi2_transform must be 'linear' or 'log'; got {chi2_transform!r}")
         self.profile_amplitude = bool(profile_amplitude)
         self.chi2_transform = chi2_transform
+        self._grids = GridCache()  # how the decoder observes on other grids (``pixels``)
 
     @property
     def prior(self):
@@ -123,8 +125,11 @@ class SpectrumAutoencoder(nn.Module):
         0, flux = 0), unusable photometry gets ivar 0; wrong shapes, z outside ``z_range`` (or
         NaN) and galaxies with no usable pixel raise ValueError (training and fitting need
         every galaxy of a batch; the readers and the posterior flag them instead)."""
-        m = self.decoder.instrument.npix
-        clean = SpectrumBatch.coerce(batch).clean(z_range=self.z_range, npix=m)
+        batch = SpectrumBatch.coerce(batch)
+        if batch.wave is not None:  # any grid: flux and wave (and arm) must agree
+            check_grid(batch.wave, batch.arm, batch.flux.shape[-1])
+        m = self.decoder.instrument.npix if batch.wave is None else None
+        clean = batch.clean(z_range=self.z_range, npix=m)
         lo, hi = self.z_range
         bad_z = (clean.flags & int(Flag.BAD_Z)) != 0
         if bool(bad_z.any()):
@@ -150,17 +155,34 @@ class SpectrumAutoencoder(nn.Module):
             batch["z"],
             batch.get("photometry"),
             batch.get("photometry_ivar"),
+            wave=batch.get("wave"),
+            arm=batch.get("arm"),
         )
+
+    def pixels(self, batch: dict):
+        """None for a batch on the decoder's own grid (or without ``wave``); else how the
+        decoder observes on the batch's pixels (:meth:`PhysicsDecoder.pixels_for`, with the
+        batch's ``lsf_sigma``), cached by grid and LSF."""
+        wave, arm = batch.get("wave"), batch.get("arm")
+        inst = self.decoder.instrument
+        if wave is None or same_grid(wave, arm, inst.wave, getattr(inst, "arm", None)):
+            return None
+        lsf = batch.get("lsf_sigma")
+        lsf_key = None if lsf is None else hash(lsf.detach().cpu().numpy().tobytes())
+        key = (grid_key(wave, arm), lsf_key)
+        return self._grids.get(key, lambda: self.decoder.pixels_for(wave, arm, lsf))
 
     def decode(self, batch: dict, latents: dict, components: bool = False) -> tuple[dict, dict]:
         """Decoder output for latents (with amplitude profiling when enabled); returns the
-        (possibly updated) latents and the model dict."""
+        (possibly updated) latents and the model dict. A batch on another grid than the
+        decoder's instrument is observed on its own pixels (:meth:`pixels`)."""
         model = self.decoder(
             latents,
             batch["z"],
             resolution=batch.get("resolution"),
             mw_ebv=batch.get("mw_ebv"),
             components=components,
+            pixels=self.pixels(batch),
         )
         if self.profile_amplitude:
             latents, model = self._profile(batch, latents, model)
@@ -238,11 +260,12 @@ class SpectrumAutoencoder(nn.Module):
             out["n_phot"] = (pw > 0).sum(-1).to(w.dtype)
         return out
 
-    def residual_fraction(self, z: torch.Tensor, rest: dict) -> dict[str, torch.Tensor]:
+    def residual_fraction(self, z: torch.Tensor, rest: dict, obs=None) -> dict[str, torch.Tensor]:
         """Fraction of the rest-frame flux (absolute values, over the wavelengths the
-        instrument sees) in the residual and in its non-line (smooth + free) part, (B,)."""
+        instrument sees, or the pixels ``obs`` (M,) Angstrom) in the residual and in its
+        non-line (smooth + free) part, (B,)."""
         wave = self.decoder.grid.wave[None, :]
-        obs = self.decoder.instrument.wave
+        obs = self.decoder.instrument.wave if obs is None else obs
         onepz = (1 + z.to(torch.float64))[:, None]
         seen = ((wave * onepz >= float(obs.min())) & (wave * onepz <= float(obs.max()))).to(
             rest["continuum"].dtype
@@ -279,7 +302,7 @@ class SpectrumAutoencoder(nn.Module):
         else:
             loss = c["nll"].mean()
         red = c["chi2"] / c["n_pix"].clamp_min(1.0)
-        frac = self.residual_fraction(batch["z"], model["rest"])
+        frac = self.residual_fraction(batch["z"], model["rest"], batch.get("wave"))
         metrics = {
             "chi2_red": red.mean(),
             "chi2_red_median": red.median(),
@@ -308,7 +331,7 @@ class SpectrumAutoencoder(nn.Module):
         """
         batch = self.check_batch(batch)
         args = (batch["flux"], batch["ivar"], batch["z"], batch.get("photometry"),
-                batch.get("photometry_ivar"))  # fmt: skip
+                batch.get("photometry_ivar"), batch.get("wave"), batch.get("arm"))  # fmt: skip
         with torch.no_grad():
             raw, log_lum = self.encoder.raw(*args)
         raw = raw.detach().clone().requires_grad_(True)

@@ -148,6 +148,12 @@ class PosteriorFitter(torch.nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         shard = int(batch.get("shard", 0))
         gen = torch.Generator().manual_seed(self.seed + shard)
+        if "parts" in batch:  # files on grids that cannot share one batch (sources.py)
+            outs = [self._fit(part, gen) for part in batch["parts"]]
+            return {k: _concat_column([o[k] for o in outs]) for k in outs[0]}
+        return self._fit(batch, gen)
+
+    def _fit(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, Any]:
         samples, post_flags = self.posterior.sample(batch, self.n_samples, gen, return_flags=True)
         flags = post_flags.long() | torch.as_tensor(batch.get("flags", 0), dtype=torch.long)
         with stage("derived"):
@@ -236,3 +242,9 @@ class PosteriorFitter(torch.nn.Module):
         rchi2 = (c["chi2"] / c["n_pix"].clamp_min(1)).float()
         out[ok] = torch.where(torch.isfinite(rchi2), rchi2, torch.nan)
         return out
+
+
+def _concat_column(values: list):
+    if isinstance(values[0], torch.Tensor):
+        return torch.cat(values)
+    return np.concatenate(values)
