@@ -32,7 +32,8 @@ from ..timing import stage
 
 def expand_paths(paths: str | os.PathLike | list) -> list[Path]:
     """A file, a glob pattern or a list of either -> sorted existing files (clear error if none)."""
-    items = paths if isinstance(paths, list | tuple) else [paths]
+    # a str or path is one item; any other sequence (list, tuple, Hydra's ListConfig) is many
+    items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
     out: list[Path] = []
     for item in items:
         matches = (
