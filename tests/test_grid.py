@@ -302,3 +302,22 @@ def test_a_manga_like_table_runs_end_to_end(tmp_path, mocks):
     assert np.median(np.abs(p50 - truth) / half) < 1.5
     assert np.all(np.isfinite(np.asarray(table["rchi2"])))
     assert 0.9 < np.median(np.asarray(table["rchi2_ppc"])) < 1.3
+
+
+def test_coverage_deficit_of_a_grid_is_the_share_of_training_bins_it_misses(shipped, caplog):
+    """The SDSS legacy grid (3796-9204 A) misses the rest-frame bins of DESI's 3600-3796 and
+    9204-9824 A (~12 % of those covered at any z; logged), the BOSS lattice (3600-10400 A) none."""
+    post, _ = shipped
+    emb = post.net.embedding
+    z = torch.tensor([0.05, 0.3])
+    legacy = torch.as_tensor(read_spectra("sdss", SDSS_FILE, z=0.05).wave)
+    boss = 10.0 ** (torch.arange(35563, 40170, dtype=torch.float64) * 1e-4)
+    deficit = emb.coverage_deficit(legacy, None, z)
+    # the share of ln(lambda) the training grid covers that the legacy grid does not
+    expect = (math.log(3796 / 3600) + math.log(9824 / 9204)) / math.log(9824 / 3600)
+    assert torch.allclose(deficit, torch.full_like(deficit, expect), atol=0.01)
+    assert (emb.coverage_deficit(boss, None, z) == 0).all()
+    with caplog.at_level("WARNING"):
+        post.sample({"flux": torch.ones(2, len(legacy)), "ivar": torch.ones(2, len(legacy)),
+                     "z": z, "wave": legacy}, 4)  # fmt: skip
+    assert "uncovered" in caplog.text
