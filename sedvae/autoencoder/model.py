@@ -389,7 +389,8 @@ class SpectrumAutoencoder(nn.Module):
             shift = rand(b) < self.p_redshift
             z_new = (z + (2 * rand(b) - 1) * self.augment_z).clamp(*self.z_range)
             z_new = torch.where(shift, z_new, z)
-            flux, ivar, mask = self._reredshift(flux, ivar, mask, z, z_new)
+            flux, ivar, mask = self._reredshift(flux, ivar, mask, z, z_new, batch.get("wave"),
+                                                batch.get("arm"))  # fmt: skip
             z = z_new
             if batch.get("photometry_ivar") is not None:
                 batch["photometry_ivar"] = batch["photometry_ivar"] * (~shift)[:, None]
@@ -418,12 +419,15 @@ class SpectrumAutoencoder(nn.Module):
         )
         return out
 
-    def _reredshift(self, flux, ivar, mask, z, z_new):
+    def _reredshift(self, flux, ivar, mask, z, z_new, wave=None, arm=None):
         """Move observed spectra from z to z_new (flux-conserving, per arm), scaling by the
-        luminosity-distance ratio; pixels that fall outside the old coverage are masked."""
-        inst = self.decoder.instrument
-        wave = inst.wave.to(torch.float64)
-        arm = getattr(inst, "arm", torch.zeros_like(wave, dtype=torch.long))
+        luminosity-distance ratio; pixels that fall outside the old coverage are masked.
+        ``wave``, ``arm``: the batch's pixels (default the decoder's instrument's)."""
+        if wave is None:
+            inst = self.decoder.instrument
+            wave, arm = inst.wave, getattr(inst, "arm", None)
+        wave = torch.as_tensor(wave).to(torch.float64)
+        arm = torch.zeros_like(wave, dtype=torch.long) if arm is None else arm
         ratio = ((1 + z) / (1 + z_new)).to(torch.float64)[:, None]  # old lambda = new * ratio
         d_old, d_new = luminosity_distance_mpc(z), luminosity_distance_mpc(z_new)
         scale = (d_old**2 * (1 + z) / (d_new**2 * (1 + z_new)))[:, None]
