@@ -31,6 +31,7 @@ REDROCK = data_dir() / "desi_example" / "redrock-4-80613-thru20210324.fits"
 POSTERIOR = data_dir() / "posterior" / "posterior.pt"
 AUTOENCODER = data_dir() / "autoencoder" / "autoencoder_laptop.pt"
 FAST = ["evaluation.fitter.n_samples=300", "evaluation.fitter.refine_steps=10",
+        "evaluation.fitter.ppc_draws=8",
         "evaluation.n_plots=0", "evaluation.progress=false"]  # fmt: skip
 
 
@@ -345,3 +346,29 @@ def test_autoencoder_trains_on_a_batch_on_another_grid(shipped):
     assert torch.isfinite(loss) and torch.isfinite(metrics["chi2_red"])
     grads = [p.grad for p in ae.encoder.parameters() if p.grad is not None]
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_instrument_for_a_grid_takes_each_galaxys_lsf_or_r_2000():
+    """One-arm grids: a Gaussian instrument whose band reaches every galaxy's LSF, the given
+    sigma per galaxy (bad values replaced by R = 2000), R = 2000 without any; a line observed
+    through it has the FWHM of the galaxy's own LSF."""
+    from sedvae.physics.instruments import DEFAULT_GRID_R, instrument_for_grid
+
+    wave = torch.as_tensor(np.geomspace(4000.0, 7000.0, 8000))  # 0.4 A: the LSF resolved
+    r2000 = wave / (DEFAULT_GRID_R * 2 * math.sqrt(2 * math.log(2)))
+    inst, sigma = instrument_for_grid(wave)
+    assert sigma is None and torch.allclose(inst.sigma.double(), r2000, rtol=1e-5)
+    lsf = torch.stack([0.5 * r2000, 1.5 * r2000])
+    lsf[0, 10] = float("nan")
+    inst, sigma = instrument_for_grid(wave, None, lsf)
+    assert torch.allclose(sigma[0, 10], r2000[10]) and torch.allclose(sigma[1], 1.5 * r2000)
+    assert torch.allclose(inst.sigma.double(), torch.maximum(sigma[0], sigma[1]), rtol=1e-5)
+    # an unresolved line at 5500 A rest, z = 0.01: the observed FWHM is each galaxy's LSF's
+    rest = torch.linspace(5450.0, 5550.0, 10001, dtype=torch.float64)
+    lum = torch.exp(-0.5 * ((rest - 5500.0) / 0.05) ** 2)[None].repeat(2, 1)
+    flux = inst(rest, lum, torch.full((2,), 0.01), sigma=sigma)
+    for i, k in enumerate((0.5, 1.5)):
+        f = flux[i].double()
+        centre = int(f.argmax())
+        var = (f * (wave - wave[centre]) ** 2).sum() / f.sum()
+        assert float(var.sqrt()) == pytest.approx(k * float(r2000[centre]), rel=0.1)
