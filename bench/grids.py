@@ -8,11 +8,12 @@ nebular emission, BGS-like z, fibre apertures 0.3-1, DESI noise and Legacy Surve
 Each galaxy is observed four times (``sedvae.simulation.grids.observe_on_grid``): on the DESI
 coadd pixels (3600-9824 A, 0.8 A, the coadd's resolution matrix), on the SDSS legacy lattice
 (1e-4 dex, 3800-9200 A, wdisp = 0.9 pixel, sigma ~ 1.7 A at 5000 A, in the batch as
-``lsf_sigma``), on the BOSS lattice (the same, 3600-10400 A) and on a MaNGA-like grid (1e-4 dex from 3622 to 10354 A, 4563 pixels, R = 2000),
-with the same depth per Angstrom and the same photometry; with ``--no-photometry`` the
-photometry is hidden. Figures per grid: the median bias and the scatter (1.4826 MAD) of the
-posterior median logM* against the truth, the fraction of truths inside the 16-84 % interval,
-the median 16-84 % half-width; and, for SDSS and MaNGA, the median and scatter of their
+``lsf_sigma``), on the BOSS lattice (the same, 3600-10400 A) and on a MaNGA-like grid (1e-4
+dex from 3622 to 10354 A, 4563 pixels, R = 2000), with the same depth per Angstrom and the same
+photometry; with ``--no-photometry`` the photometry is hidden. Figures per grid: the median
+bias and the scatter (1.4826 MAD) of the posterior median logM* against the truth, the fraction
+of truths inside the 16-84 % interval, the median 16-84 % half-width; and, for SDSS, BOSS and
+MaNGA, the median and scatter of their
 posterior medians minus the DESI ones, in units of the DESI half-width. Last line: JSON.
 
 The grids differ in coverage: the shipped network was trained on DESI pixels only, so at
