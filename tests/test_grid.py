@@ -175,6 +175,8 @@ def test_the_shipped_sdss_spectrum_runs_end_to_end(tmp_path):
     assert 0 < float(row["rchi2"]) < 50 and 0 < float(row["rchi2_ppc"]) < 50
     assert float(row["flux_halpha"]) > 5 * float(row["flux_err_halpha"])  # its strong H alpha
     assert metrics["n_galaxies"] == 1 and metrics["n_without_posterior"] == 0
+    # the legacy range misses 3600-3796 and 9204-9824 A of the training grid's coverage
+    assert float(row["coverage_deficit"]) == pytest.approx(0.12, abs=0.01)
 
 
 # ---------------------------------------------------------------------------- mocks on grids
@@ -268,6 +270,7 @@ def test_sdss_files_of_mocks_agree_with_the_truth_as_desi_does(tmp_path, mocks, 
     assert np.all((half / half_desi > 0.5) & (half / half_desi < 2.0))
     assert np.all(np.isfinite(np.asarray(table["rchi2"])))
     assert 0.9 < np.median(np.asarray(table["rchi2_ppc"])) < 1.3
+    assert np.all(np.asarray(table["coverage_deficit"]) == 0)  # BOSS covers DESI's range
 
 
 def test_a_manga_like_table_runs_end_to_end(tmp_path, mocks):
