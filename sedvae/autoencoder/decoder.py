@@ -17,16 +17,31 @@ Checkpoints: the SPS, instrument and photometry are rebuilt from the config, so 
 
 from __future__ import annotations
 
+import logging
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from ..physics.calibration import SmoothCalibration, milky_way_transmission
+from ..physics.instruments import DEFAULT_GRID_R, instrument_for_grid
 from ..physics.redshift import redshift_spectrum
 from ..physics.resample import resample
 from .grid import LogGrid
 from .residual import ResidualNet
 
 _REBUILT = ("sps.", "instrument.", "photometry.")  # submodules rebuilt from the config
+log = logging.getLogger(__name__)
+
+
+class GridPixels(NamedTuple):
+    """How the decoder observes on a batch's own grid: ``instrument``, its ``calibration``
+    basis and the per-galaxy Gaussian LSF ``sigma`` (B, M) Angstrom (None: the instrument's
+    own, or per-galaxy resolution matrices for DESI-like grids)."""
+
+    instrument: nn.Module
+    calibration: SmoothCalibration
+    sigma: torch.Tensor | None
 
 
 class PhysicsDecoder(nn.Module):
@@ -121,16 +136,37 @@ class PhysicsDecoder(nn.Module):
         latents: dict[str, torch.Tensor],
         resolution=None,
         mw_ebv: torch.Tensor | None = None,
+        pixels: GridPixels | None = None,
     ) -> torch.Tensor:
         """Rest-frame (B, L) -> instrument flux (B, M), 1e-17 erg/s/cm^2/A, with the
-        aperture and calibration nuisances (and Galactic extinction when ``mw_ebv``)."""
+        aperture and calibration nuisances (and Galactic extinction when ``mw_ebv``);
+        ``pixels``: another grid than the decoder's instrument (:meth:`pixels_for`)."""
         if mw_ebv is not None:
             wave_obs = self.grid.wave[None, :] * (1 + z.to(torch.float64))[:, None]
             lum_rest = lum_rest * _mw(wave_obs, mw_ebv).to(lum_rest.dtype)
+        instrument, calibration = self.instrument, self.calibration
         kwargs = {} if resolution is None else {"resolution": resolution}
-        flux = self.instrument(self.grid.wave, lum_rest, z, **kwargs)
+        if pixels is not None:
+            instrument, calibration = pixels.instrument, pixels.calibration
+            if pixels.sigma is not None:  # Gaussian LSF per galaxy (SDSS wdisp, tables)
+                kwargs = {"sigma": pixels.sigma}
+        flux = instrument(self.grid.wave, lum_rest, z, **kwargs)
         flux = flux * latents["aperture"][:, None]
-        return self.calibration(flux, latents["calib"])
+        return calibration(flux, latents["calib"])
+
+    def pixels_for(self, wave, arm=None, lsf_sigma=None) -> GridPixels:
+        """The instrument (and calibration basis) that observes the model on a batch's own
+        pixels ``wave`` (M,) (arms ``arm``), with the galaxies' Gaussian LSF ``lsf_sigma``
+        (B, M) Angstrom where given (else R = 2000, logged):
+        :func:`sedvae.physics.instrument_for_grid`. DESI-like grids of three arms take the
+        galaxies' resolution matrices as the decoder's own instrument does."""
+        if lsf_sigma is None and (arm is None or int(torch.as_tensor(arm).max()) == 0):
+            log.warning("no LSF given for a grid of %d pixels: assuming R = %.0f",
+                        len(wave), DEFAULT_GRID_R)  # fmt: skip
+        instrument, sigma = instrument_for_grid(wave, arm, lsf_sigma)
+        instrument = instrument.to(self.grid.wave.device)
+        calibration = SmoothCalibration(instrument.wave, self.calibration.order)
+        return GridPixels(instrument, calibration.to(self.grid.wave.device), sigma)
 
     def model_photometry(
         self, lum_rest: torch.Tensor, z: torch.Tensor, mw_ebv: torch.Tensor | None = None
@@ -148,6 +184,7 @@ class PhysicsDecoder(nn.Module):
         resolution=None,
         mw_ebv: torch.Tensor | None = None,
         components: bool = False,
+        pixels: GridPixels | None = None,
     ) -> dict[str, torch.Tensor]:
         """Model of a batch.
 
@@ -160,6 +197,8 @@ class PhysicsDecoder(nn.Module):
         mw_ebv : (B,) tensor, mag, optional
         components : bool
             Also return the observed continuum-only flux ``flux_continuum`` (for plots).
+        pixels : GridPixels, optional
+            Observe on another grid than the instrument's (:meth:`pixels_for`).
 
         Returns
         -------
@@ -167,12 +206,14 @@ class PhysicsDecoder(nn.Module):
         decoder has photometry), ``rest`` (the :meth:`rest_frame` dict).
         """
         rest = self.rest_frame(latents, z)
-        out = {"rest": rest, "flux": self.observe(rest["total"], z, latents, resolution, mw_ebv)}
-        out["coverage"] = self.instrument.coverage(self.grid.wave, z)
+        obs = (z, latents, resolution, mw_ebv, pixels)
+        out = {"rest": rest, "flux": self.observe(rest["total"], *obs)}
+        instrument = self.instrument if pixels is None else pixels.instrument
+        out["coverage"] = instrument.coverage(self.grid.wave, z)
         if self.photometry is not None:
             out["photometry"] = self.model_photometry(rest["total"], z, mw_ebv)
         if components:
-            out["flux_continuum"] = self.observe(rest["continuum"], z, latents, resolution, mw_ebv)
+            out["flux_continuum"] = self.observe(rest["continuum"], *obs)
         return out
 
 

@@ -3,8 +3,9 @@ velocity dispersions, calibration/aperture nuisances and free latents s.
 
 Architecture (spender, Melchior et al. 2022, scaled by ``channels``): the observed pixels are
 first binned onto a fixed rest-frame ln(lambda) grid (ivar-weighted, per arm, so that features
-line up across redshifts), then Conv1d blocks (InstanceNorm, PReLU, dropout, max-pooling), an
-attention pooling (softmax over wavelength) and an MLP that also reads z and photometry.
+line up across redshifts; from any instrument's pixels, :meth:`SpectrumEncoder.binner_for`),
+then Conv1d blocks (InstanceNorm, PReLU, dropout, max-pooling), an attention pooling (softmax
+over wavelength) and an MLP that also reads z and photometry.
 
 Bijections (:class:`LatentMap`): the 11 unconstrained coordinates u go through
 ``PROVABGSPrior.to_constrained`` (stick-breaking for the simplex, scaled sigmoids for boxes), so
@@ -25,7 +26,7 @@ from torch import nn
 
 from ..physics.cosmology import luminosity_distance_mpc
 from ..physics.redshift import LSUN_PER_MPC2_IN_FLUX_UNIT
-from ..physics.restframe import RestFrameBinner
+from ..physics.restframe import GridCache, RestFrameBinner, grid_key, same_grid
 from ..sps.provabgs import LOGM_RANGE, N_FREE, PROVABGSPrior
 
 NMGY_TO_FLAM = 3631e-32 * 2.99792458e18 * 1e17  # nanomaggies * this / lambda^2 -> 1e-17 f_lambda
@@ -137,6 +138,7 @@ class SpectrumEncoder(nn.Module):
         self.n_bins = int(n_bins)
         self.rest_range = (float(rest_range[0]), float(rest_range[1]))
         self.binner: RestFrameBinner | None = None
+        self._grids = GridCache()  # binners of other instruments' grids
         self.n_bands = int(n_bands)
         self.z_max = float(z_max)
         blocks, c_in = [], 3
@@ -160,17 +162,37 @@ class SpectrumEncoder(nn.Module):
     def bind(self, instrument: nn.Module) -> None:
         """Build the rest-frame binner for an instrument's pixels (``wave``, optional ``arm``);
         called by :class:`~sedvae.autoencoder.SpectrumAutoencoder`."""
+        self._bound = (instrument.wave.detach(), getattr(instrument, "arm", None))
         self.binner = RestFrameBinner(
             instrument.wave, getattr(instrument, "arm", None), *self.rest_range, self.n_bins
         ).to(instrument.wave.device)
 
-    def features(self, flux, ivar, z, photometry=None, photometry_ivar=None):
-        """Network inputs: conv input (B, 3, N), head extras (B, n_extra) and log10 of the
-        anchor flux density (B,), 1e-17 erg/s/cm^2/A: the anchor band's photometry (total
-        light) where it is measured at S/N > 3, else the spectrum's median level."""
+    def binner_for(self, wave=None, arm=None) -> RestFrameBinner:
+        """The rest-frame binner of spectra on pixels ``wave`` (M,), ``arm`` (M,): the bound
+        instrument's for ``wave=None`` or its grid (unchanged results), else one built for
+        those pixels (the same bins, flux-conserving and ivar-weighted), cached by grid. The
+        bins (220 km/s for 2048 over 2200-9900 A) are wider than the LSF sigma of DESI, SDSS
+        or MaNGA (50-80 km/s), so the resolution is not an input."""
         if self.binner is None:
             raise RuntimeError("SpectrumEncoder.bind(instrument) must be called before use")
-        f_rest, w_rest = self.binner(flux, ivar, z)
+        if wave is None or same_grid(wave, arm, *self._bound):
+            return self.binner
+        wave = torch.as_tensor(wave, dtype=torch.float64)
+        dev = self._bound[0].device
+
+        def build():
+            a = None if arm is None else torch.as_tensor(arm).cpu()
+            return RestFrameBinner(wave.cpu(), a, *self.rest_range, self.n_bins).to(dev)
+
+        return self._grids.get(grid_key(wave, arm), build)
+
+    def features(self, flux, ivar, z, photometry=None, photometry_ivar=None, wave=None,
+                 arm=None):  # fmt: skip
+        """Network inputs: conv input (B, 3, N), head extras (B, n_extra) and log10 of the
+        anchor flux density (B,), 1e-17 erg/s/cm^2/A: the anchor band's photometry (total
+        light) where it is measured at S/N > 3, else the spectrum's median level. ``wave``,
+        ``arm``: the pixels of ``flux`` when they are not the bound instrument's."""
+        f_rest, w_rest = self.binner_for(wave, arm)(flux, ivar, z)
         good = w_rest > 0
         if not bool(good.any(-1).all()):
             bad = torch.nonzero(~good.any(-1)).flatten().tolist()
@@ -208,10 +230,11 @@ class SpectrumEncoder(nn.Module):
             extras += [colours, ok, aperture[:, None], use.to(flux.dtype)[:, None]]
         return x, torch.cat(extras, -1), torch.log10(anchor)
 
-    def raw(self, flux, ivar, z, photometry=None, photometry_ivar=None):
+    def raw(self, flux, ivar, z, photometry=None, photometry_ivar=None, wave=None, arm=None):
         """Unconstrained network outputs (B, n_raw) and the anchor luminosity log10 L_sun/A
         (B,): ``latent_map(raw, log_lum)`` gives the latents (used by test-time refinement)."""
-        x, extras, log_anchor = self.features(flux, ivar, z, photometry, photometry_ivar)
+        x, extras, log_anchor = self.features(flux, ivar, z, photometry, photometry_ivar, wave,
+                                              arm)  # fmt: skip
         h = self.conv(x)  # (B, 2C, N')
         values, logits = h[:, : self.n_features], h[:, self.n_features :]
         pooled = (values * F.softmax(logits, dim=-1)).sum(-1)  # attention over wavelength
@@ -221,7 +244,7 @@ class SpectrumEncoder(nn.Module):
         log_lum = log_anchor + torch.log10(d_l**2 * (1 + z) / LSUN_PER_MPC2_IN_FLUX_UNIT)
         return raw, log_lum
 
-    def forward(self, flux, ivar, z, photometry=None, photometry_ivar=None):
+    def forward(self, flux, ivar, z, photometry=None, photometry_ivar=None, wave=None, arm=None):
         """Latents of a batch.
 
         Parameters
@@ -229,6 +252,7 @@ class SpectrumEncoder(nn.Module):
         flux, ivar : (B, M) tensors, 1e-17 erg/s/cm^2/A and its inverse square (0 = masked)
         z : (B,) tensor
         photometry, photometry_ivar : (B, nb) tensors, nanomaggies, optional
+        wave, arm : (M,) tensors, optional: the pixels, when not the bound instrument's
 
         Returns
         -------
@@ -236,7 +260,7 @@ class SpectrumEncoder(nn.Module):
         ``aperture`` (B,), ``calib`` (B, K), ``s`` (B, n_s), ``log_lum`` (B,) (the anchor's
         rest-frame luminosity density, log10 L_sun/A).
         """
-        raw, log_lum = self.raw(flux, ivar, z, photometry, photometry_ivar)
+        raw, log_lum = self.raw(flux, ivar, z, photometry, photometry_ivar, wave, arm)
         out = self.latent_map(raw, log_lum)
         out["log_lum"] = log_lum
         return out

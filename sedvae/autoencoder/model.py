@@ -35,6 +35,7 @@ from torch import nn
 from ..io.batch import Z_RANGE, Flag, SpectrumBatch
 from ..physics.cosmology import luminosity_distance_mpc
 from ..physics.resample import integrate_bins, pixel_edges
+from ..physics.restframe import GridCache, check_grid, grid_key, same_grid
 from ..sps.provabgs import LOGM_RANGE, THETA
 from .decoder import PhysicsDecoder
 from .encoder import APERTURE_RANGE, SpectrumEncoder
@@ -116,6 +117,7 @@ class SpectrumAutoencoder(nn.Module):
             raise ValueError(f"chi2_transform must be 'linear' or 'log'; got {chi2_transform!r}")
         self.profile_amplitude = bool(profile_amplitude)
         self.chi2_transform = chi2_transform
+        self._grids = GridCache()  # how the decoder observes on other grids (``pixels``)
 
     @property
     def prior(self):
@@ -127,8 +129,11 @@ class SpectrumAutoencoder(nn.Module):
         0, flux = 0), unusable photometry gets ivar 0; wrong shapes, z outside ``z_range`` (or
         NaN) and galaxies with no usable pixel raise ValueError (training and fitting need
         every galaxy of a batch; the readers and the posterior flag them instead)."""
-        m = self.decoder.instrument.npix
-        clean = SpectrumBatch.coerce(batch).clean(z_range=self.z_range, npix=m)
+        batch = SpectrumBatch.coerce(batch)
+        if batch.wave is not None:  # any grid: flux and wave (and arm) must agree
+            check_grid(batch.wave, batch.arm, batch.flux.shape[-1])
+        m = self.decoder.instrument.npix if batch.wave is None else None
+        clean = batch.clean(z_range=self.z_range, npix=m)
         lo, hi = self.z_range
         bad_z = (clean.flags & int(Flag.BAD_Z)) != 0
         if bool(bad_z.any()):
@@ -154,17 +159,34 @@ class SpectrumAutoencoder(nn.Module):
             batch["z"],
             batch.get("photometry"),
             batch.get("photometry_ivar"),
+            wave=batch.get("wave"),
+            arm=batch.get("arm"),
         )
+
+    def pixels(self, batch: dict):
+        """None for a batch on the decoder's own grid (or without ``wave``); else how the
+        decoder observes on the batch's pixels (:meth:`PhysicsDecoder.pixels_for`, with the
+        batch's ``lsf_sigma``), cached by grid and LSF."""
+        wave, arm = batch.get("wave"), batch.get("arm")
+        inst = self.decoder.instrument
+        if wave is None or same_grid(wave, arm, inst.wave, getattr(inst, "arm", None)):
+            return None
+        lsf = batch.get("lsf_sigma")
+        lsf_key = None if lsf is None else hash(lsf.detach().cpu().numpy().tobytes())
+        key = (grid_key(wave, arm), lsf_key)
+        return self._grids.get(key, lambda: self.decoder.pixels_for(wave, arm, lsf))
 
     def decode(self, batch: dict, latents: dict, components: bool = False) -> tuple[dict, dict]:
         """Decoder output for latents (with amplitude profiling when enabled); returns the
-        (possibly updated) latents and the model dict."""
+        (possibly updated) latents and the model dict. A batch on another grid than the
+        decoder's instrument is observed on its own pixels (:meth:`pixels`)."""
         model = self.decoder(
             latents,
             batch["z"],
             resolution=batch.get("resolution"),
             mw_ebv=batch.get("mw_ebv"),
             components=components,
+            pixels=self.pixels(batch),
         )
         if self.profile_amplitude:
             latents, model = self._profile(batch, latents, model)
@@ -242,11 +264,12 @@ class SpectrumAutoencoder(nn.Module):
             out["n_phot"] = (pw > 0).sum(-1).to(w.dtype)
         return out
 
-    def residual_fraction(self, z: torch.Tensor, rest: dict) -> dict[str, torch.Tensor]:
+    def residual_fraction(self, z: torch.Tensor, rest: dict, obs=None) -> dict[str, torch.Tensor]:
         """Fraction of the rest-frame flux (absolute values, over the wavelengths the
-        instrument sees) in the residual and in its non-line (smooth + free) part, (B,)."""
+        instrument sees, or the pixels ``obs`` (M,) Angstrom) in the residual and in its
+        non-line (smooth + free) part, (B,)."""
         wave = self.decoder.grid.wave[None, :]
-        obs = self.decoder.instrument.wave
+        obs = self.decoder.instrument.wave if obs is None else obs
         onepz = (1 + z.to(torch.float64))[:, None]
         seen = ((wave * onepz >= float(obs.min())) & (wave * onepz <= float(obs.max()))).to(
             rest["continuum"].dtype
@@ -283,7 +306,7 @@ class SpectrumAutoencoder(nn.Module):
         else:
             loss = c["nll"].mean()
         red = c["chi2"] / c["n_pix"].clamp_min(1.0)
-        frac = self.residual_fraction(batch["z"], model["rest"])
+        frac = self.residual_fraction(batch["z"], model["rest"], batch.get("wave"))
         metrics = {
             "chi2_red": red.mean(),
             "chi2_red_median": red.median(),
@@ -338,7 +361,7 @@ class SpectrumAutoencoder(nn.Module):
         """
         batch = self.check_batch(batch)
         args = (batch["flux"], batch["ivar"], batch["z"], batch.get("photometry"),
-                batch.get("photometry_ivar"))  # fmt: skip
+                batch.get("photometry_ivar"), batch.get("wave"), batch.get("arm"))  # fmt: skip
         with torch.no_grad():
             raw, log_lum = self.encoder.raw(*args)
         raw = raw.detach().clone().requires_grad_(True)
@@ -396,7 +419,8 @@ class SpectrumAutoencoder(nn.Module):
             shift = rand(b) < self.p_redshift
             z_new = (z + (2 * rand(b) - 1) * self.augment_z).clamp(*self.z_range)
             z_new = torch.where(shift, z_new, z)
-            flux, ivar, mask = self._reredshift(flux, ivar, mask, z, z_new)
+            flux, ivar, mask = self._reredshift(flux, ivar, mask, z, z_new, batch.get("wave"),
+                                                batch.get("arm"))  # fmt: skip
             z = z_new
             if batch.get("photometry_ivar") is not None:
                 batch["photometry_ivar"] = batch["photometry_ivar"] * (~shift)[:, None]
@@ -425,12 +449,15 @@ class SpectrumAutoencoder(nn.Module):
         )
         return out
 
-    def _reredshift(self, flux, ivar, mask, z, z_new):
+    def _reredshift(self, flux, ivar, mask, z, z_new, wave=None, arm=None):
         """Move observed spectra from z to z_new (flux-conserving, per arm), scaling by the
-        luminosity-distance ratio; pixels that fall outside the old coverage are masked."""
-        inst = self.decoder.instrument
-        wave = inst.wave.to(torch.float64)
-        arm = getattr(inst, "arm", torch.zeros_like(wave, dtype=torch.long))
+        luminosity-distance ratio; pixels that fall outside the old coverage are masked.
+        ``wave``, ``arm``: the batch's pixels (default the decoder's instrument's)."""
+        if wave is None:
+            inst = self.decoder.instrument
+            wave, arm = inst.wave, getattr(inst, "arm", None)
+        wave = torch.as_tensor(wave).to(torch.float64)
+        arm = torch.zeros_like(wave, dtype=torch.long) if arm is None else arm
         ratio = ((1 + z) / (1 + z_new)).to(torch.float64)[:, None]  # old lambda = new * ratio
         d_old, d_new = luminosity_distance_mpc(z), luminosity_distance_mpc(z_new)
         scale = (d_old**2 * (1 + z) / (d_new**2 * (1 + z_new)))[:, None]

@@ -2,6 +2,7 @@
 
 ``PosteriorFitter(batch)`` returns, for each galaxy of a shard: its id and z; the 16/50/84th
 percentiles of every theta parameter and derived property from ``n_samples`` posterior samples;
+``coverage_deficit``, the share of the posterior's training rest-frame bins its grid leaves empty;
 the reduced chi^2 of the autoencoder's reconstruction (when one is given); and the OR of the
 readers' and the posterior's ``sedvae.io.Flag`` bits (PRIOR_EDGE included). Galaxies with a
 fatal flag get NaN values, never an exception.
@@ -149,6 +150,12 @@ class PosteriorFitter(torch.nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         shard = int(batch.get("shard", 0))
         gen = torch.Generator().manual_seed(self.seed + shard)
+        if "parts" in batch:  # files on grids that cannot share one batch (sources.py)
+            outs = [self._fit(part, gen) for part in batch["parts"]]
+            return {k: _concat_column([o[k] for o in outs]) for k in outs[0]}
+        return self._fit(batch, gen)
+
+    def _fit(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, Any]:
         samples, post_flags = self.posterior.sample(batch, self.n_samples, gen, return_flags=True)
         flags = post_flags.long() | torch.as_tensor(batch.get("flags", 0), dtype=torch.long)
         with stage("derived"):
@@ -170,6 +177,7 @@ class PosteriorFitter(torch.nn.Module):
             true_values.update({k: v[0] for k, v in catalog_quantities(derived_truth).items()})
         with stage("quantiles"):
             self._quantiles(out, quantities, true_values)
+        out["coverage_deficit"] = self._coverage_deficit(batch)
         with stage("reconstruction"):
             out["rchi2"] = self._reduced_chi2(batch, flags)
         if self.predictive is not None:
@@ -210,6 +218,24 @@ class PosteriorFitter(torch.nn.Module):
                 out[f"{name}_true"] = t.float()
                 out[f"{name}_rank"] = torch.where(ok, rank, torch.nan).float()
 
+    def _coverage_deficit(self, batch: dict[str, Any]) -> torch.Tensor:
+        """(B,) share of the rest-frame bins the posterior was trained with (covered at z by
+        its training grid) that the batch's grid leaves empty
+        (``SpectrumEmbedding.coverage_deficit``): 0 on the training grid; legacy SDSS files
+        ~0.12, whose posteriors are less accurate (``bench/grids.py``). NaN without a finite z."""
+        z = torch.as_tensor(batch["z"], dtype=torch.float64)
+        out = torch.where(torch.isfinite(z), 0.0, torch.nan).float()
+        emb = self.posterior.net.embedding
+        wave = batch.get("wave")
+        if wave is None or not hasattr(emb, "coverage_deficit"):
+            return out
+        if emb.pixels(wave, batch.get("arm"))[0] is emb.binner:  # the training grid itself
+            return out
+        ok = torch.isfinite(z)
+        if bool(ok.any()):
+            out[ok] = emb.coverage_deficit(wave, batch.get("arm"), z[ok]).float()
+        return out
+
     def _reduced_chi2(self, batch: dict[str, Any], flags: torch.Tensor) -> torch.Tensor:
         """chi^2 / N_pix of the autoencoder's reconstruction of the posterior's cleaned batch
         (bad and outlier pixels masked, broken resolution matrices replaced); NaN for fatal
@@ -237,3 +263,9 @@ class PosteriorFitter(torch.nn.Module):
         rchi2 = (c["chi2"] / c["n_pix"].clamp_min(1)).float()
         out[ok] = torch.where(torch.isfinite(rchi2), rchi2, torch.nan)
         return out
+
+
+def _concat_column(values: list):
+    if isinstance(values[0], torch.Tensor):
+        return torch.cat(values)
+    return np.concatenate(values)

@@ -6,7 +6,10 @@ the generative model the mocks come from (:class:`sedvae.simulation.mocks.MockGe
 1. continuum: the SPS (BC03 stars, and the Cloudy nebular *continuum* of stars < 10 Myr at a
    fixed ``logu``) x 10^logM*, broadened by the fitted velocity dispersion (stars and gas share
    one sigma_v in the mocks), redshifted, dimmed by d_L and observed through the DESI instrument
-   with the galaxy's own resolution matrix (``MockGenerator.spectrum``, the mocks' one path);
+   with the galaxy's own resolution matrix (``MockGenerator.spectrum``, the mocks' one path),
+   or, for a batch on another grid (SDSS, tables), through an instrument on its own pixels
+   with each galaxy's Gaussian LSF (``sedvae.physics.instrument_for_grid``: SDSS ``wdisp``, a
+   table's resolution column, else R = 2000);
 2. an overall scale s_k (weighted least squares against the data; the fibre aperture, which
    theta does not carry) counted as one free parameter;
 3. emission lines (NNLS, tied doublets, one narrow velocity and width per galaxy) and the
@@ -65,7 +68,9 @@ Columns (B,) returned by :class:`PosteriorPredictive`:
 
 from __future__ import annotations
 
+import logging
 import re
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -74,6 +79,8 @@ from torch import nn
 from ..io.batch import SpectrumBatch
 from ..linear import CATALOG_LINES, LinearModel, LineList, line_list, solve_linear
 from ..linear.design import LineDesign, arm_index
+from ..physics.instruments import DEFAULT_GRID_R, instrument_for_grid
+from ..physics.restframe import GridCache, grid_key, same_grid
 from ..sps import THETA
 from ..timing import stage
 
@@ -97,6 +104,25 @@ EXTRA_LINES: dict[str, float] = {
     "[ClII]8579": 8581.06,
     "[ClII]9124": 9126.10,
 }
+
+
+log = logging.getLogger(__name__)
+
+
+class Observation(NamedTuple):
+    """The pixels a batch is checked on: the ``instrument``, its lines-and-calibration
+    ``linear`` model and the keyword (``resolution`` or ``lsf_sigma``) under which the
+    galaxies' own line-spread functions go to ``LinearModel``."""
+
+    instrument: nn.Module
+    linear: LinearModel
+    lsf_key: str
+
+    def observe(self, wave_rest, lum, z, lsf=None) -> torch.Tensor:
+        if lsf is None:
+            return self.instrument(wave_rest, lum, z)
+        key = "resolution" if self.lsf_key == "resolution" else "sigma"
+        return self.instrument(wave_rest, lum, z, **{key: lsf})
 
 
 # stellar velocity dispersions scanned (km/s); the mocks draw 30-300
@@ -290,6 +316,7 @@ class PosteriorPredictive(nn.Module):
         self.chunk = int(chunk)
         self._mocks = mocks
         self._linear = None
+        self._grids = GridCache()  # Observations of other grids than the mocks' DESI pixels
 
     @property
     def mocks(self):
@@ -317,10 +344,35 @@ class PosteriorPredictive(nn.Module):
                         "rchi2_ppc_spread"]  # fmt: skip
 
     # ---- the generative model -------------------------------------------------------------
+    def observation(self, batch: SpectrumBatch) -> tuple[Observation, torch.Tensor | None]:
+        """The :class:`Observation` of a batch's pixels and the galaxies' LSFs (B, ...):
+        the mocks' DESI instrument for a batch on its grid (or without ``wave``), else an
+        instrument on the batch's own grid (cached by grid and LSF)."""
+        inst = self.mocks.instrument
+        wave, arm = batch.wave, batch.arm
+        if wave is None or same_grid(wave, arm, inst.wave, getattr(inst, "arm", None)):
+            return Observation(inst, self.linear, "resolution"), batch.resolution
+        lsf = batch.lsf_sigma
+
+        def build():
+            if lsf is None and (arm is None or int(arm.max()) == 0):
+                log.warning("no LSF given for a grid of %d pixels: assuming R = %.0f",
+                            len(wave), DEFAULT_GRID_R)  # fmt: skip
+            grid_inst, sigma = instrument_for_grid(wave, arm, lsf)
+            obs = Observation(grid_inst, LinearModel(grid_inst, ppc_line_list()),
+                              "resolution" if sigma is None else "lsf_sigma")  # fmt: skip
+            return obs, sigma
+
+        key = (grid_key(wave, arm), None if lsf is None else hash(lsf.cpu().numpy().tobytes()))
+        obs, sigma = self._grids.get(key, build)
+        return obs, (batch.resolution if obs.lsf_key == "resolution" else sigma)
+
     @torch.no_grad()
-    def continuum(self, theta, z, sigma_v=None, resolution=None) -> torch.Tensor:
+    def continuum(self, theta, z, sigma_v=None, resolution=None, obs=None) -> torch.Tensor:
         """Continuum (N, M), 1e-17 erg/s/cm^2/A at aperture 1, of theta (N, 12) at z (N,):
-        stars + nebular continuum, broadened by ``sigma_v`` (N,) km/s when given."""
+        stars + nebular continuum, broadened by ``sigma_v`` (N,) km/s when given; observed
+        through ``obs`` (:meth:`observation`; default the mocks' DESI instrument) with the
+        galaxies' LSFs ``resolution`` (N, ...)."""
         sps = self.mocks.sps
         out = []
         for i in range(0, theta.shape[0], self.chunk):
@@ -339,12 +391,16 @@ class PosteriorPredictive(nn.Module):
             if sigma_v is not None:
                 lum = sps.broaden(lum, sigma_v[i : i + self.chunk].to(sps.dtype).clamp(0, 1000))
             res = None if resolution is None else resolution[i : i + self.chunk]
-            out.append(self.mocks.spectrum(lum, zz_c, resolution=res))
+            if obs is None:
+                out.append(self.mocks.spectrum(lum, zz_c, resolution=res))
+            else:
+                out.append(obs.observe(sps.wave, lum, zz_c, res))
         return torch.cat(out)
 
-    def _bad(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _bad(self, z: torch.Tensor, mask: torch.Tensor, obs=None) -> torch.Tensor:
         """Pixels outside the data or the model's coverage."""
-        cover = self.mocks.instrument.coverage(self.mocks.sps.wave, z.double())
+        inst = self.mocks.instrument if obs is None else obs.instrument
+        cover = inst.coverage(self.mocks.sps.wave, z.double())
         return mask | ~cover.to(mask.device)
 
     @staticmethod
@@ -355,20 +411,20 @@ class PosteriorPredictive(nn.Module):
         den = (w * cont * cont).sum(-1).clamp_min(torch.finfo(cont.dtype).tiny)
         return (num / den).clamp_min(1e-6)
 
-    def _stellar_sigma(self, theta, z, flux, ivar, bad, w, res, v, sig) -> torch.Tensor:
+    def _stellar_sigma(self, theta, z, flux, ivar, bad, w, res, v, sig, obs) -> torch.Tensor:
         """(b,) stellar velocity dispersion, km/s: the median draw broadened on the grid
         :data:`SIGMA_STAR_GRID`, lines and calibration solved at each, the parabola in
         ln sigma through the best grid point and its neighbours (pPXF fits it non-linearly;
         a scan of the same chi^2 is enough for a check)."""
-        lm = self.linear
+        lm = obs.linear
         grid = torch.tensor(SIGMA_STAR_GRID, dtype=torch.float64)
         b, g = theta.shape[0], len(grid)
         with stage("posterior_predictive"):
             resg = None if res is None else res.repeat_interleave(g, 0)
             cg = self.continuum(theta.repeat_interleave(g, 0), z.repeat_interleave(g),
-                                grid.repeat(b), resg).float()  # fmt: skip
+                                grid.repeat(b), resg, obs).float()  # fmt: skip
         with stage("line_calibration_solve"):
-            design = _repeat_design(lm.design(z.float(), v, sig, resolution=res,
+            design = _repeat_design(lm.design(z.float(), v, sig, **{obs.lsf_key: res},
                                               dtype=cg.dtype), g)  # fmt: skip
             fg, ig = flux.repeat_interleave(g, 0), ivar.repeat_interleave(g, 0)
             bg, wg = bad.repeat_interleave(g, 0), w.repeat_interleave(g, 0)
@@ -398,7 +454,8 @@ class PosteriorPredictive(nn.Module):
         Parameters
         ----------
         samples : (n, B, 12) posterior samples (n >= n_draws), NaN rows allowed where not ok
-        batch : SpectrumBatch on the DESI pixels (flux, ivar, mask, z, optional resolution)
+        batch : SpectrumBatch (flux, ivar, mask, z, optional resolution or lsf_sigma) on the
+            DESI pixels or, with ``wave`` (and ``arm``), on any grid (:meth:`observation`)
         ok : (B,) bool: galaxies to check (the others get NaN and no misfit)
 
         Returns
@@ -415,14 +472,15 @@ class PosteriorPredictive(nn.Module):
         idx = torch.nonzero(ok).flatten()
         if len(idx) == 0:
             return out
-        lm = self.linear
+        obs, lsf = self.observation(batch)
+        lm = obs.linear
         b = len(idx)
         theta = samples[:k, idx].permute(1, 0, 2).double()  # (b, K, 12)
         z = batch.z[idx].double()
         flux, ivar = batch.flux[idx].float(), batch.ivar[idx].float()
-        bad = self._bad(z, batch.mask[idx].bool())
+        bad = self._bad(z, batch.mask[idx].bool(), obs)
         w = torch.where(bad, 0.0, ivar)
-        res = None if batch.resolution is None else batch.resolution[idx].float()
+        res = None if lsf is None else lsf[idx].float()
 
         with stage("posterior_predictive"):
             # the draw nearest the posterior median (standardised over the draws)
@@ -430,15 +488,15 @@ class PosteriorPredictive(nn.Module):
             scl = theta.std(1, keepdim=True).clamp_min(1e-6)
             pick = ((theta - med) / scl).pow(2).sum(-1).argmin(1)  # (b,)
             theta_med = theta[torch.arange(b), pick]  # (b, 12)
-            c0 = self.continuum(theta_med, z, None, res).float()
+            c0 = self.continuum(theta_med, z, None, res, obs).float()
         with stage("line_calibration_solve"):
-            kw = dict(mask=bad, resolution=res)
+            kw = {"mask": bad, obs.lsf_key: res}
             c0 = c0 * self._scale(c0, flux, w)[:, None]
             v, sig, _ = lm.fit_kinematics(c0, flux, ivar, z.float(), **kw)
-        sig_star = self._stellar_sigma(theta_med, z, flux, ivar, bad, w, res, v, sig)
+        sig_star = self._stellar_sigma(theta_med, z, flux, ivar, bad, w, res, v, sig, obs)
         # the gas once more, on that draw broadened by the stellar width
         with stage("posterior_predictive"):
-            c0 = self.continuum(theta_med, z, sig_star, res).float()
+            c0 = self.continuum(theta_med, z, sig_star, res, obs).float()
         with stage("line_calibration_solve"):
             c0 = c0 * self._scale(c0, flux, w)[:, None]
             v, sig, _ = lm.fit_kinematics(
@@ -457,9 +515,9 @@ class PosteriorPredictive(nn.Module):
             zk = z.repeat_interleave(k)
             resk = None if res is None else res.repeat_interleave(k, 0)
             cont = self.continuum(theta.reshape(b * k, -1), zk, sig_star.repeat_interleave(k),
-                                  resk).float()  # fmt: skip
+                                  resk, obs).float()  # fmt: skip
         with stage("line_calibration_solve"):
-            design = lm.design(z.float(), v, sig, resolution=res, dtype=cont.dtype)
+            design = lm.design(z.float(), v, sig, **{obs.lsf_key: res}, dtype=cont.dtype)
             design = _repeat_design(design, k)
             fk = flux.repeat_interleave(k, 0)
             ik = ivar.repeat_interleave(k, 0)

@@ -6,7 +6,9 @@ reads the galaxies of one shard and returns the batch dict the networks take::
 
     flux, ivar (n, M) float32 1e-17 erg/s/cm^2/A; mask (n, M) bool (True = bad); z (n,);
     photometry, photometry_ivar (n, nb) nanomaggies; flags (n,) int (sedvae.io.SpecFlag bits);
-    ids (n,) TARGETID or name; plus ``resolution`` (n, 11, M) for DESI.
+    ids (n,) TARGETID or name; ``wave`` (M,) Angstrom and ``arm`` (M,) (DESI) the pixel grid;
+    plus ``resolution`` (n, 11, M) for DESI, ``lsf_sigma`` (n, M) Angstrom for SDSS and tables
+    with a resolution column. Files on different grids: :func:`combine_batches`.
 
 A bad galaxy (NaN flux, no valid pixel, redshift outside the supported range, ZWARN) is flagged
 by ``Spectra.validate`` and passed on with its flag, so one bad spectrum never stops a batch.
@@ -30,7 +32,8 @@ from ..timing import stage
 
 def expand_paths(paths: str | os.PathLike | list) -> list[Path]:
     """A file, a glob pattern or a list of either -> sorted existing files (clear error if none)."""
-    items = paths if isinstance(paths, list | tuple) else [paths]
+    # a str or path is one item; any other sequence (list, tuple, Hydra's ListConfig) is many
+    items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
     out: list[Path] = []
     for item in items:
         matches = (
@@ -191,15 +194,16 @@ class SpectraSource:
     def __call__(self, start: int, stop: int) -> dict[str, Any]:
         with stage("read"):
             batches = [to_batch(s) for s in self.spectra(start, stop)]
-            out = {k: _concat([b[k] for b in batches]) for k in batches[0]
-                   if k != "luminosity_distance"}  # fmt: skip
             if any("luminosity_distance" in b for b in batches):  # NaN: from z
-                nan = [torch.full((len(b["z"]),), torch.nan, dtype=torch.float64) for b in batches]
-                out["luminosity_distance"] = torch.cat(
-                    [b.get("luminosity_distance", d) for b, d in zip(batches, nan, strict=True)]
-                )
+                for b in batches:
+                    if "luminosity_distance" not in b:
+                        b["luminosity_distance"] = torch.full(
+                            (len(b["z"]),), torch.nan, dtype=torch.float64
+                        )
+            out = combine_batches(batches)
             if self.aperture is not None:
-                out["declared_aperture"] = torch.full((len(out["z"]),), self.aperture)
+                for part in out.get("parts", [out]):
+                    part["declared_aperture"] = torch.full((len(part["z"]),), self.aperture)
             return out
 
 
@@ -219,20 +223,109 @@ def _concat(values: list):
 
 
 # per-galaxy entries of a SpectrumBatch that the catalog's loader concatenates across files
-# (the pixel grid, ``wave`` and ``arm``, is the model's and stays out)
 GALAXY_KEYS = ("flux", "ivar", "mask", "z", "flags", "ids", "photometry", "photometry_ivar",
-               "resolution")  # fmt: skip
+               "resolution", "lsf_sigma")  # fmt: skip
+# the pixel grid of a batch: the networks bin any grid onto their rest-frame bins, and the
+# autoencoder and the posterior-predictive check observe their models on it
+GRID_KEYS = ("wave", "arm")
+PIXEL_KEYS = ("flux", "ivar", "mask", "lsf_sigma")  # (n, M) entries on the grid
+SDSS_DLOGLAM = 1e-4  # the SDSS/BOSS lattice: loglam = k * 1e-4 for every spec file
+_LATTICE_TOL = 0.05  # pixels (float32 loglam errs by < 0.005 pixel)
 
 
 def to_batch(spectra) -> dict[str, Any]:
-    """A validated ``Spectra`` -> the per-galaxy entries of its :class:`sedvae.io.SpectrumBatch`
-    (``Spectra.to_batch``), as the mapping the catalog's loader concatenates across files."""
+    """A validated ``Spectra`` -> the entries of its :class:`sedvae.io.SpectrumBatch`
+    (``Spectra.to_batch``) the catalog reads: the per-galaxy ones and the pixel grid."""
     batch = spectra.to_batch(dtype=torch.float32)
-    out = {key: batch[key] for key in GALAXY_KEYS if key in batch}
+    out = {key: batch[key] for key in GALAXY_KEYS + GRID_KEYS if key in batch}
     if "LUMINOSITY_DISTANCE" in spectra.extra:  # a table's distance column (Mpc)
         out["luminosity_distance"] = torch.as_tensor(
             np.asarray(spectra.extra["LUMINOSITY_DISTANCE"], dtype=np.float64)
         )
+    return out
+
+
+def _lattice(wave: torch.Tensor) -> torch.Tensor | None:
+    """Integer positions k of pixels on the SDSS 1e-4 dex lattice, or None when off it."""
+    k = torch.log10(wave.double()) / SDSS_DLOGLAM
+    k_int = torch.round(k).long()
+    on = bool(((k - k_int).abs() < _LATTICE_TOL).all()) and bool((torch.diff(k_int) == 1).all())
+    return k_int if on else None
+
+
+def combine_batches(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """One shard's batch from the batches of the files it spans (in file order).
+
+    Files on one grid (DESI coadds; tables written on one grid) are concatenated as they are.
+    Files on different grids of the SDSS 1e-4 dex log-lambda lattice (every SDSS/BOSS spec
+    file; they differ in where they start and end) are placed on the union of their lattice
+    pixels, those a file lacks masked with ivar = 0: exact, as the readers do for several
+    files (no pixel is interpolated, the chi^2 and the rest-frame bins see the same data),
+    and the shard stays one batch. Any other mix of grids cannot be padded exactly: the
+    shard then comes as ``{"parts": [batch per run of files on one grid, ...]}``, which the
+    catalog's fitter runs part by part.
+    """
+    groups: list[list[dict[str, Any]]] = []
+    for b in batches:
+        last = groups[-1][0] if groups else None
+        if last is not None and _same_grid(last, b):
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    merged = [_concat_batches(g) for g in groups]
+    if len(merged) == 1:
+        return merged[0]
+    lattices = [_lattice(m["wave"]) if "arm" not in m else None for m in merged]
+    if all(k is not None for k in lattices):
+        return _pad_to_lattice(merged, lattices)
+    return {"parts": merged}
+
+
+def _same_grid(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    from ..physics.restframe import same_grid
+
+    if ("wave" in a) != ("wave" in b):
+        return False
+    return "wave" not in a or same_grid(a["wave"], a.get("arm"), b["wave"], b.get("arm"))
+
+
+def _concat_batches(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {k: _concat([b[k] for b in batches]) for k in batches[0] if k not in GRID_KEYS}
+    out.update({k: batches[0][k] for k in GRID_KEYS if k in batches[0]})
+    return out
+
+
+def _pad_to_lattice(batches: list[dict[str, Any]], lattices: list[torch.Tensor]) -> dict:
+    """Batches on pieces of the SDSS lattice -> one batch on the union (see
+    :func:`combine_batches`); LSF sigma is extended by the edge values (masked pixels)."""
+    k_lo = min(int(k[0]) for k in lattices)
+    k_hi = max(int(k[-1]) for k in lattices)
+    m = k_hi - k_lo + 1
+    out: dict[str, Any] = {}
+    for key in batches[0]:
+        if key in GRID_KEYS:
+            continue
+        if key not in PIXEL_KEYS:
+            out[key] = _concat([b[key] for b in batches])
+            continue
+        if not all(key in b for b in batches):
+            if key == "lsf_sigma":  # not every file has wdisp: the default LSF for all
+                continue
+            raise KeyError(key)
+        rows = []
+        for b, k in zip(batches, lattices, strict=True):
+            v = b[key]
+            s0 = int(k[0]) - k_lo
+            pad = (s0, m - s0 - v.shape[-1])
+            if key == "mask":
+                v = torch.nn.functional.pad(v, pad, value=True)
+            elif key == "lsf_sigma":
+                v = torch.nn.functional.pad(v[:, None], pad, mode="replicate")[:, 0]
+            else:
+                v = torch.nn.functional.pad(v, pad, value=0.0)
+            rows.append(v)
+        out[key] = torch.cat(rows)
+    out["wave"] = 10.0 ** (torch.arange(k_lo, k_hi + 1, dtype=torch.float64) * SDSS_DLOGLAM)
     return out
 
 

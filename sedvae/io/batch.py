@@ -136,6 +136,8 @@ class SpectrumBatch:
         Arm of each pixel (DESI b, r, z = 0, 1, 2).
     resolution : (B, ndiag, M) float, optional
         Per-galaxy resolution diagonals, arms concatenated (DESI).
+    lsf_sigma : (B, M) float, optional
+        Per-galaxy Gaussian LSF sigma, Angstrom (SDSS ``wdisp``, a table's resolution column).
     photometry, photometry_ivar : (B, nb) float, optional
         Nanomaggies and its inverse square (0 = band missing).
     mw_ebv : (B,) float, optional
@@ -167,6 +169,7 @@ class SpectrumBatch:
     wave: torch.Tensor | None = None
     arm: torch.Tensor | None = None
     resolution: torch.Tensor | None = None
+    lsf_sigma: torch.Tensor | None = None
     photometry: torch.Tensor | None = None
     photometry_ivar: torch.Tensor | None = None
     mw_ebv: torch.Tensor | None = None
@@ -194,8 +197,8 @@ class SpectrumBatch:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in batch.items() if k in names}
         extra = {k: v for k, v in batch.items() if k not in names}
-        floats = ("flux", "ivar", "z", "photometry", "photometry_ivar", "declared_aperture",
-                  "luminosity_distance")  # fmt: skip
+        floats = ("flux", "ivar", "z", "photometry", "photometry_ivar", "lsf_sigma",
+                  "declared_aperture", "luminosity_distance")  # fmt: skip
         for key in floats:
             if known.get(key) is not None and not isinstance(known[key], torch.Tensor):
                 known[key] = _tensor(known[key], torch.float32)
@@ -228,6 +231,7 @@ class SpectrumBatch:
             wave=t["wave"],
             arm=t.get("arm"),
             resolution=None if res is None else torch.cat(list(res), -1),
+            lsf_sigma=t.get("lsf_sigma"),
             photometry=t.get("photometry"),
             photometry_ivar=t.get("photometry_ivar"),
             ids=np.asarray(spectra.ids),
@@ -344,6 +348,11 @@ class SpectrumBatch:
         if flux.ndim != 2 or (npix is not None and flux.shape[1] != npix):
             m = npix if npix is not None else "M"
             raise ValueError(f"flux must have shape (B, {m}); got {tuple(flux.shape)}")
+        if self.wave is not None and tuple(self.wave.shape) != (flux.shape[1],):
+            raise ValueError(
+                f"wave must have shape ({flux.shape[1]},) like flux's pixels; got "
+                f"{tuple(self.wave.shape)}"
+            )
         b = flux.shape[0]
         if ivar.shape != flux.shape:
             raise ValueError(f"ivar must have shape {tuple(flux.shape)}; got {tuple(ivar.shape)}")

@@ -441,3 +441,46 @@ class DESIInstrument(_Spectrograph):
             out.append(apply_resolution(resolution[..., arm_slice], pix[:, arm_slice]))
             start += n
         return torch.cat(out, dim=-1)
+
+
+# LSF assumed for a grid that comes without one (no wdisp, no resolution column): R = 2000, the
+# resolving power of SDSS/BOSS (1560-2650) and MaNGA (~2000) around their middle.
+DEFAULT_GRID_R = 2000.0
+
+
+def instrument_for_grid(wave, arm=None, lsf_sigma=None, *, resolving_power=DEFAULT_GRID_R,
+                        n_sigma: float = 5.0) -> tuple[nn.Module, torch.Tensor | None]:  # fmt: skip
+    """An instrument that observes models on a batch's own pixels.
+
+    Parameters
+    ----------
+    wave : (M,) tensor, Angstrom
+        Pixel centres (arms concatenated for DESI).
+    arm : (M,) int tensor, optional
+        Three arms (b, r, z): a :class:`DESIInstrument` on those arm grids, to be called with
+        the galaxies' own resolution matrices. One arm (or None): a :class:`GenericInstrument`.
+    lsf_sigma : (B, M) tensor, Angstrom, optional
+        The galaxies' Gaussian LSF sigma (SDSS ``wdisp``, a table's resolution column);
+        pixels where it is not finite and > 0, and grids without it, get
+        ``resolving_power`` (R = lambda / FWHM).
+
+    Returns
+    -------
+    (instrument, sigma): the instrument, built with the per-pixel largest sigma of the batch
+    (its banded matrix then reaches ``n_sigma`` of every galaxy's LSF), and the per-galaxy
+    sigma (B, M) Angstrom to pass as ``instrument(..., sigma=sigma)`` (None for DESI).
+    """
+    wave = torch.as_tensor(wave, dtype=torch.float64)
+    arms = 1 if arm is None else int(torch.as_tensor(arm).max()) + 1
+    if arms == 3:
+        a = torch.as_tensor(arm).cpu()
+        return DESIInstrument([wave.cpu()[a == k] for k in range(3)]).to(wave.device), None
+    if arms != 1:
+        raise ValueError(f"grids of {arms} arms are not supported (one arm, or DESI's three)")
+    default = sigma_from_resolution(wave, resolving_power)  # (M,)
+    if lsf_sigma is None:
+        return GenericInstrument(wave, sigma=default, n_sigma=n_sigma), None
+    sig = torch.as_tensor(lsf_sigma, dtype=torch.float64, device=wave.device)
+    sig = torch.where(torch.isfinite(sig) & (sig > 0), sig, default)
+    inst = GenericInstrument(wave, sigma=sig.max(0).values, n_sigma=n_sigma)
+    return inst, sig

@@ -80,3 +80,81 @@ class RestFrameBinner(nn.Module):
         good = den > 0
         f = torch.where(good, num / den.clamp_min(1e-300), torch.zeros_like(num))
         return f.to(flux.dtype), den.clamp_min(0.0).to(flux.dtype)
+
+
+# Two grids are one when they have the same pixels, arms and centres to within this fraction of
+# a pixel: a coadd's float32 wavelengths differ from the float64 grid they were written from by
+# ~4e-4 A (5e-4 of a DESI pixel), which must not count as another grid.
+SAME_GRID_TOL = 0.01  # pixels
+
+
+def _arm_or_zeros(wave: torch.Tensor, arm) -> torch.Tensor:
+    if arm is None:
+        return torch.zeros(wave.shape, dtype=torch.long, device=wave.device)
+    return torch.as_tensor(arm, device=wave.device).long()
+
+
+def same_grid(wave, arm, ref_wave, ref_arm, tol: float = SAME_GRID_TOL) -> bool:
+    """True when pixel centres ``wave`` (M,) (arms ``arm``, None = one arm) are the grid
+    ``ref_wave``, ``ref_arm`` up to ``tol`` of the smallest reference pixel width."""
+    wave = torch.as_tensor(wave, dtype=torch.float64)
+    ref = torch.as_tensor(ref_wave, dtype=torch.float64).to(wave.device)
+    if wave.shape != ref.shape:
+        return False
+    if not torch.equal(_arm_or_zeros(wave, arm), _arm_or_zeros(ref, ref_arm)):
+        return False
+    width = torch.diff(ref).abs()
+    width = width[width > 0].min() if bool((width > 0).any()) else torch.tensor(1.0)
+    return bool(((wave - ref).abs() <= tol * width).all())
+
+
+def grid_key(wave, arm=None) -> tuple:
+    """A hashable key of a pixel grid (centres to 1e-6 A, and arms), for caches."""
+    w = torch.as_tensor(wave, dtype=torch.float64).detach().cpu()
+    a = _arm_or_zeros(w, arm).cpu()
+    rounded = torch.round(w * 1e6).to(torch.int64)
+    return (int(w.shape[0]), hash(rounded.numpy().tobytes()), hash(a.numpy().tobytes()))
+
+
+def check_grid(wave, arm, npix: int) -> None:
+    """ValueError unless ``wave`` (M,) with M = ``npix`` finite pixel centres, strictly
+    increasing within each arm (``arm`` (M,) int, None = one arm; each arm one contiguous
+    block of >= 2 pixels): the consistency of a batch's flux and its grid."""
+    wave = torch.as_tensor(wave)
+    if wave.ndim != 1 or wave.shape[0] != npix:
+        raise ValueError(
+            f"wave must have shape ({npix},) like flux's pixels; got {tuple(wave.shape)}"
+        )
+    if not bool(torch.isfinite(wave).all()):
+        raise ValueError("wave has NaN or inf pixel centres")
+    a = _arm_or_zeros(wave, arm)
+    if a.shape != wave.shape:
+        raise ValueError(f"arm must have shape ({npix},); got {tuple(a.shape)}")
+    for k in torch.unique(a).tolist():
+        idx = torch.nonzero(a == k).flatten()
+        if len(idx) < 2 or not bool((torch.diff(idx) == 1).all()):
+            raise ValueError(f"arm {k} must be one contiguous block of >= 2 pixels")
+        if not bool((torch.diff(wave[idx].double()) > 0).all()):
+            raise ValueError(f"wave must increase strictly within arm {k}")
+
+
+class GridCache:
+    """A few objects built for pixel grids (binners, instruments), keyed by :func:`grid_key`
+    plus anything else that fixes them; the least recently used is dropped beyond ``size``.
+    A plain attribute, not a submodule: what it holds is rebuilt from the data, never saved."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = int(size)
+        self._items: dict = {}
+
+    def get(self, key, build):
+        item = self._items.pop(key, None)
+        if item is None:
+            item = build()
+        self._items[key] = item  # most recent last
+        while len(self._items) > self.size:
+            self._items.pop(next(iter(self._items)))
+        return item
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -61,8 +61,11 @@ def plot_reconstruction(net, batch: dict, index: int = 0, output: dict | None = 
         output = net(batch, components=True)
     b, model, latents = output["batch"], output["model"], output["latents"]
     i = index
-    wave = net.decoder.instrument.wave.cpu().numpy()
-    arm = getattr(net.decoder.instrument, "arm", torch.zeros(len(wave), dtype=torch.long))
+    # the batch's own pixels when it carries them (any grid), else the decoder's instrument's
+    own = b.get("wave") is not None
+    wave = (b["wave"] if own else net.decoder.instrument.wave).cpu().numpy()
+    arm = b.get("arm") if own else getattr(net.decoder.instrument, "arm", None)
+    arm = torch.zeros(len(wave), dtype=torch.long) if arm is None else arm
     arm = arm.cpu().numpy()
     flux = b["flux"][i].cpu().numpy()
     ivar = b["ivar"][i].cpu().numpy()

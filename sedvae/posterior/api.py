@@ -11,9 +11,12 @@ bands = post.sfh_bands(theta, batch["z"])    # SFR(t) and Z(t) percentiles per g
 ```
 
 ``batch`` is a :class:`sedvae.io.SpectrumBatch` (``Spectra.to_batch()``) or a dict with its
-keys: ``flux``, ``ivar`` (B, M) 1e-17 erg/s/cm^2/A on the pixels the posterior was trained on
-(``post.npix``), optional ``mask`` (B, M) bool (True = bad), ``z`` (B,), optional
-``photometry``, ``photometry_ivar`` (B, 5) nanomaggies (Legacy Surveys g, r, z, W1, W2).
+keys: ``flux``, ``ivar`` (B, M) 1e-17 erg/s/cm^2/A on the pixels ``wave`` (M,) Angstrom
+(optional ``arm`` (M,); without ``wave``, the pixels the posterior was trained on,
+``post.npix`` of them), optional ``mask`` (B, M) bool (True = bad), ``z`` (B,), optional
+``photometry``, ``photometry_ivar`` (B, 5) nanomaggies (Legacy Surveys g, r, z, W1, W2). Any
+instrument's grid works: the summary network bins it onto its rest-frame bins
+(``SpectrumEmbedding.pixels``).
 Shapes are checked (ValueError, expected vs got); problems of single galaxies are
 :class:`sedvae.io.Flag` bits, never exceptions, so one bad spectrum does not spoil a batch.
 
@@ -33,6 +36,7 @@ from typing import NamedTuple
 import torch
 
 from ..io.batch import FATAL, Z_RANGE, Flag, SpectrumBatch
+from ..physics.restframe import check_grid
 from ..sps.provabgs import BOXES, LOGM_RANGE, N_THETA, PARAM_NAMES, THETA
 from ..timing import stage
 from .model import NeuralPosterior
@@ -153,8 +157,12 @@ class Posterior:
         Fatal galaxies get placeholder inputs (a copy of a usable one, or ones) so the batch
         still runs; their samples become NaN.
         """
-        clean = SpectrumBatch.coerce(batch).clean(
-            z_range=self.z_range, npix=self.npix, n_bands=self.net.embedding.n_bands, clip=True
+        batch = SpectrumBatch.coerce(batch)
+        if batch.wave is not None:  # any grid: flux and wave (and arm) must agree
+            check_grid(batch.wave, batch.arm, batch.flux.shape[-1])
+        npix = self.npix if batch.wave is None else None  # no grid given: the training one
+        clean = batch.clean(
+            z_range=self.z_range, npix=npix, n_bands=self.net.embedding.n_bands, clip=True
         )
         flags = clean.flags
         partial = (flags & int(Flag.PARTIAL_PHOTOMETRY)) != 0

@@ -4,7 +4,9 @@ Inputs are made comparable across redshifts and brightnesses before any learning
 
 - the observed pixels are binned onto a fixed rest-frame ln(lambda) grid, ivar-weighted
   (``sedvae.physics.restframe.RestFrameBinner``), so a spectral feature always lands in the
-  same bin;
+  same bin; a batch on another instrument's pixels (``wave``, ``arm`` given) is binned from
+  its own pixels by a binner built for them (:meth:`SpectrumEmbedding.pixels`), so the same
+  weights read any grid: what differs is only which bins are covered and their noise;
 - the binned spectrum is divided by its median (shape only) and given as three channels:
   asinh(flux / norm), log(1 + S/N per bin at the norm level), and the coverage mask;
 - the absolute scale enters as luminosities: log10 of the spectrum's norm and of each band's
@@ -24,6 +26,7 @@ reads the trunk features and the extras and returns the summary vector.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -32,9 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..physics.cosmology import luminosity_distance_mpc
-from ..physics.restframe import RestFrameBinner
+from ..physics.restframe import GridCache, RestFrameBinner, grid_key, same_grid
 from .indices import SpectralIndices
 from .pca import GappyPCA
+
+log = logging.getLogger(__name__)
 
 LOG_LUM_CENTRE = 6.5  # log10 (flux unit x Mpc^2): the middle of BGS galaxies' luminosities
 LOG_LUM_SCALE = 1.5  # their spread (dex)
@@ -200,10 +205,69 @@ class SpectrumEmbedding(nn.Module):
             self.n_extras += self.pca.n_features
         self.n_out = int(n_out)
         self.head = mlp(trunk.n_out + self.n_extras, head, self.n_out)
+        self._grids = GridCache()  # binners (and index windows) of other instruments' grids
+        self._warned: set = set()  # grids whose coverage deficit was logged
 
     @property
     def npix(self) -> int:
         return self.wave_obs.shape[0]
+
+    def pixels(self, wave=None, arm=None) -> tuple[RestFrameBinner, SpectralIndices | None]:
+        """The rest-frame binner (and spectral indices) for spectra on pixels ``wave`` (M,),
+        Angstrom, with arms ``arm`` (M,) (None: one arm).
+
+        ``wave=None`` or the training grid (:func:`~sedvae.physics.restframe.same_grid`): the
+        embedding's own, so such batches give exactly what they gave before. Any other grid:
+        a binner of the same rest-frame bins built from those pixels (flux-conserving,
+        ivar-weighted, as for the training grid), cached by the grid. The resolution is not
+        an input: the bins (~880 km/s for 512 over 2200-9900 A) and the index windows
+        (15-100 A) are several times wider than any survey's LSF (DESI, SDSS, MaNGA: 50-80
+        km/s sigma).
+        """
+        if wave is None or same_grid(wave, arm, self.wave_obs, self.arm):
+            return self.binner, self.indices
+        wave = torch.as_tensor(wave, dtype=torch.float64)
+
+        def build():
+            a = None if arm is None else torch.as_tensor(arm).cpu()
+            binner = RestFrameBinner(wave.cpu(), a, *self.rest_range, self.n_bins)
+            binner = binner.to(self.wave_obs.device)
+            indices = SpectralIndices(pixels=binner) if self.indices is not None else None
+            return binner, None if indices is None else indices.to(self.wave_obs.device)
+
+        return self._grids.get(grid_key(wave, arm), build)
+
+    @torch.no_grad()
+    def coverage_deficit(self, wave, arm, z: torch.Tensor) -> torch.Tensor:
+        """(B,) fraction of the rest-frame bins that the training grid covers at z but the
+        grid ``wave``, ``arm`` does not. The network only ever saw the training grid's
+        coverage: bins it always saw filled and now finds empty cost accuracy
+        (``bench/grids.py``: the SDSS legacy 3800-9200 A, ~10 % of the bins, against DESI's
+        3600-9824 A), while grids that cover as much (BOSS, MaNGA) read as well as DESI."""
+        binner, _ = self.pixels(wave, arm)
+        z = torch.as_tensor(z, dtype=torch.float64, device=self.wave_obs.device).reshape(-1)
+        ones_ref = torch.ones(z.shape[0], self.npix, dtype=torch.float64, device=z.device)
+        m = int(torch.as_tensor(wave).shape[0])
+        ones = torch.ones(z.shape[0], m, dtype=torch.float64, device=z.device)
+        ref = self.binner(ones_ref, ones_ref, z)[1] > 0
+        seen = binner(ones, ones, z)[1] > 0
+        return (ref & ~seen).sum(-1) / ref.sum(-1).clamp_min(1)
+
+    def _warn_coverage(self, wave, arm, z) -> None:
+        """Log (once per grid) when a grid leaves > 2 % of the training bins uncovered."""
+        key = grid_key(wave, arm)
+        if key in self._warned:
+            return
+        deficit = self.coverage_deficit(wave, arm, z)
+        if bool((deficit > 0.02).any()):
+            self._warned.add(key)
+            w = torch.as_tensor(wave)
+            log.warning(
+                "pixels %.0f-%.0f A leave up to %.0f %% of the rest-frame bins that the posterior "
+                "was trained with (%.0f-%.0f A) uncovered: expect less accurate posteriors "
+                "(see bench/grids.py)", float(w.min()), float(w.max()),
+                100 * float(deficit.max()), float(self.wave_obs.min()), float(self.wave_obs.max()),
+            )  # fmt: skip
 
     @torch.no_grad()
     def inputs(
@@ -213,6 +277,8 @@ class SpectrumEmbedding(nn.Module):
         z: torch.Tensor,
         photometry: torch.Tensor | None = None,
         photometry_ivar: torch.Tensor | None = None,
+        wave: torch.Tensor | None = None,
+        arm: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised network inputs: spectrum channels (B, 3, N), extras (B, n_extras) and a
         luminosity-based guess of logM* (B,) (W1, else z band at S/N > 3, else the spectrum;
@@ -220,9 +286,13 @@ class SpectrumEmbedding(nn.Module):
 
         Expects clean inputs (masked pixels with ivar = 0, finite values, z in range), as
         :meth:`sedvae.posterior.Posterior.check` makes them. A galaxy without any usable bin
-        gets all-zero channels rather than an error (the API flags it beforehand).
+        gets all-zero channels rather than an error (the API flags it beforehand). ``wave``,
+        ``arm``: the pixels of ``flux`` when they are not the training grid (:meth:`pixels`).
         """
-        f_rest, w_rest = self.binner(flux, ivar, z)  # (B, N) each
+        binner, indices = self.pixels(wave, arm)
+        f_rest, w_rest = binner(flux, ivar, z)  # (B, N) each
+        if binner is not self.binner:
+            self._warn_coverage(wave, arm, z)
         good = w_rest > 0
         n_good = good.sum(-1).clamp_min(1)
         norm = self.spectrum_norm(f_rest, good)
@@ -261,8 +331,8 @@ class SpectrumEmbedding(nn.Module):
                     use = ok[:, band] & (f_b > 3 * sigma[:, band])
                     guess = torch.log10(f_b.clamp_min(1e-30)) + log_dist + offset
                     anchor = torch.where(use, guess, anchor)
-        if self.indices is not None:
-            extras.append(self.indices(flux, ivar, z))
+        if indices is not None:
+            extras.append(indices(flux, ivar, z))
         if self.pca is not None:
             # float64: w x norm^2 overflows float32 for fluxes given in the wrong unit
             w_norm = w_rest.double() * norm.double()[:, None] ** 2
@@ -320,6 +390,8 @@ class SpectrumEmbedding(nn.Module):
         z: torch.Tensor,
         photometry: torch.Tensor | None = None,
         photometry_ivar: torch.Tensor | None = None,
+        wave: torch.Tensor | None = None,
+        arm: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Summary vectors (B, n_out).
 
@@ -328,14 +400,15 @@ class SpectrumEmbedding(nn.Module):
         flux, ivar : (B, M) tensors, 1e-17 erg/s/cm^2/A and its inverse square (0 = masked)
         z : (B,) tensor
         photometry, photometry_ivar : (B, n_bands) tensors, nanomaggies and its inverse square
+        wave, arm : (M,) tensors, optional: the pixels, when not the training grid
         """
-        return self.embed_and_anchor(flux, ivar, z, photometry, photometry_ivar)[0]
+        return self.embed_and_anchor(flux, ivar, z, photometry, photometry_ivar, wave, arm)[0]
 
     def embed_and_anchor(
-        self, flux, ivar, z, photometry=None, photometry_ivar=None
+        self, flux, ivar, z, photometry=None, photometry_ivar=None, wave=None, arm=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summary vectors (B, n_out) and the luminosity guess of logM* (B,) in one pass."""
-        x, extras, anchor = self.inputs(flux, ivar, z, photometry, photometry_ivar)
+        x, extras, anchor = self.inputs(flux, ivar, z, photometry, photometry_ivar, wave, arm)
         return self.head(torch.cat([self.trunk(x), extras], -1)), anchor
 
 
@@ -404,15 +477,17 @@ class AutoencoderEmbedding(nn.Module):
             self.encoder.eval()  # frozen: no dropout, fixed normalisation statistics
         return self
 
-    def embed_and_anchor(self, flux, ivar, z, photometry=None, photometry_ivar=None):
+    def embed_and_anchor(self, flux, ivar, z, photometry=None, photometry_ivar=None, wave=None,
+                         arm=None):  # fmt: skip
         """Summary vectors (B, n_out) and no logM* guess (None): the encoder's own estimate
         of u is part of the summary already."""
-        return self(flux, ivar, z, photometry, photometry_ivar), None
+        return self(flux, ivar, z, photometry, photometry_ivar, wave, arm), None
 
-    def forward(self, flux, ivar, z, photometry=None, photometry_ivar=None) -> torch.Tensor:
+    def forward(self, flux, ivar, z, photometry=None, photometry_ivar=None, wave=None,
+                arm=None) -> torch.Tensor:  # fmt: skip
         """Summary vectors (B, n_out); inputs as for :class:`SpectrumEmbedding`."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
-            lat = self.encoder(flux, ivar, z, photometry, photometry_ivar)
+            lat = self.encoder(flux, ivar, z, photometry, photometry_ivar, wave=wave, arm=arm)
         feats = torch.cat(
             [
                 lat["u"],

@@ -40,6 +40,7 @@ from .embedding import SpectrumEmbedding
 from .flow import PosteriorFlow
 
 BATCH_KEYS = ("flux", "ivar", "z", "photometry", "photometry_ivar")
+GRID_KEYS = ("wave", "arm")  # the batch's pixel grid, when not the training one
 BOX_DIMS = (0, 4, 5, 6, 7, 8, 9, 10)  # u coordinates that are logits of uniform fractions
 SIMPLEX_DIMS = ((1, 3), (2, 2), (3, 1))  # (u coordinate, K - k): z_k ~ Beta(1, K - k)
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -156,7 +157,12 @@ class NeuralPosterior(nn.Module):
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summary vectors (B, C) of a clean batch and the shift (B, 11) of the flow's
         coordinates (zero but for the first one with the mass anchor)."""
-        context, anchor = self.embedding.embed_and_anchor(*(batch.get(k) for k in BATCH_KEYS))
+        # the batch's pixels, when it carries them: the embedding bins any grid (its own or
+        # another instrument's) onto the same rest-frame bins
+        grid = {k: batch.get(k) for k in GRID_KEYS if batch.get(k) is not None}
+        context, anchor = self.embedding.embed_and_anchor(
+            *(batch.get(k) for k in BATCH_KEYS), **grid
+        )
         shift = torch.zeros(context.shape[0], N_FREE, dtype=context.dtype, device=context.device)
         if self.mass_anchor and anchor is not None:
             lo, hi = LOGM_RANGE
