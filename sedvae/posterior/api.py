@@ -250,56 +250,56 @@ class Posterior:
         return PosteriorSamples(theta, flags)
 
     @staticmethod
-    def _condition_on_aperture(theta: torch.Tensor, flags: torch.Tensor, batch) -> torch.Tensor:
+    def _per_galaxy(batch, name: str, flags: torch.Tensor) -> torch.Tensor | None:
+        """The batch's optional per-galaxy ``name`` (B,) as float64 (None when absent); a
+        shape other than the flags' is a ValueError."""
+        values = getattr(SpectrumBatch.coerce(batch), name)
+        if values is None:
+            return None
+        values = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+        if values.shape != flags.shape:
+            raise ValueError(
+                f"{name} must have shape {tuple(flags.shape)}; got {tuple(values.shape)}"
+            )
+        return values
+
+    @staticmethod
+    def _shift_logmstar(theta: torch.Tensor, use: torch.Tensor, shift: torch.Tensor):
+        """theta with logM* of the galaxies ``use`` moved by ``shift`` (B,) dex, kept inside
+        the prior's logM* range."""
+        theta = theta.clone()
+        moved = theta[..., THETA.LOGMSTAR].double() + torch.where(use, shift, 0.0)
+        theta[..., THETA.LOGMSTAR] = moved.clamp(*LOGM_RANGE).to(theta.dtype)
+        return theta
+
+    def _condition_on_aperture(self, theta: torch.Tensor, flags: torch.Tensor, batch):
         """logM* of galaxies without photometry and with a ``declared_aperture`` moved by
         :func:`aperture_shift` (kept inside the prior's logM* range); the rest unchanged."""
-        declared = SpectrumBatch.coerce(batch).declared_aperture
+        declared = self._per_galaxy(batch, "declared_aperture", flags)
         if declared is None:
             return theta
-        declared = torch.as_tensor(declared, dtype=torch.float64).reshape(-1)
-        if declared.shape != flags.shape:
-            raise ValueError(
-                f"declared_aperture must have shape {tuple(flags.shape)}; got "
-                f"{tuple(declared.shape)}"
-            )
         known = torch.isfinite(declared)
         if bool((known & ((declared <= 0) | (declared > 1))).any()):
             raise ValueError("declared_aperture must lie in (0, 1] (or be NaN: unknown)")
         use = known & ((flags & int(Flag.NO_PHOTOMETRY)) != 0) & ((flags & int(FATAL)) == 0)
         if not bool(use.any()):
             return theta
-        shift = torch.where(use, aperture_shift(declared.clamp(1e-6, 1.0)), 0.0)
-        theta = theta.clone()
-        moved = theta[..., THETA.LOGMSTAR].double() + shift
-        theta[..., THETA.LOGMSTAR] = moved.clamp(*LOGM_RANGE).to(theta.dtype)
-        return theta
+        return self._shift_logmstar(theta, use, aperture_shift(declared.clamp(1e-6, 1.0)))
 
-    @staticmethod
-    def _condition_on_distance(theta: torch.Tensor, flags: torch.Tensor, batch) -> torch.Tensor:
+    def _condition_on_distance(self, theta: torch.Tensor, flags: torch.Tensor, batch):
         """logM* of galaxies with a ``luminosity_distance`` moved by :func:`distance_shift`
         (kept inside the prior's logM* range); the rest unchanged."""
-        clean = SpectrumBatch.coerce(batch)
-        distance = clean.luminosity_distance
+        distance = self._per_galaxy(batch, "luminosity_distance", flags)
         if distance is None:
             return theta
-        distance = torch.as_tensor(distance, dtype=torch.float64).reshape(-1)
-        if distance.shape != flags.shape:
-            raise ValueError(
-                f"luminosity_distance must have shape {tuple(flags.shape)}; got "
-                f"{tuple(distance.shape)}"
-            )
         known = torch.isfinite(distance)
         if bool((known & (distance <= 0)).any()):
             raise ValueError("luminosity_distance must be > 0 Mpc (or NaN: from z)")
         use = known & ((flags & int(FATAL)) == 0)
         if not bool(use.any()):
             return theta
-        z = torch.where(use, torch.as_tensor(clean.z, dtype=torch.float64), 0.1)
-        shift = torch.where(use, distance_shift(torch.where(use, distance, 1.0), z), 0.0)
-        theta = theta.clone()
-        moved = theta[..., THETA.LOGMSTAR].double() + shift
-        theta[..., THETA.LOGMSTAR] = moved.clamp(*LOGM_RANGE).to(theta.dtype)
-        return theta
+        z = torch.where(use, torch.as_tensor(SpectrumBatch.coerce(batch).z).double(), 0.1)
+        return self._shift_logmstar(theta, use, distance_shift(torch.where(use, distance, 1.0), z))
 
     @torch.no_grad()
     def prior_edge(
