@@ -19,6 +19,7 @@ The model is stored in a small companion file beside the posterior checkpoint
 
     python -m sedvae.posterior.ood fit [--checkpoint data/posterior/posterior.pt] [--n-fit 4000]
         [--n-held 2000] [--seed 7] [--components 4] [--quantile 0.01] [--generative]
+        [--outlier-rate 0.001]
 
 simulates the fit and held-out sets with the on-the-fly simulator (``--generative``: with the
 generative model's data-driven parts, for a head trained on them), fits, sets the threshold and
@@ -245,11 +246,14 @@ def summaries(posterior, batch: dict, drop_seed: int | None = None) -> torch.Ten
     return context
 
 
-def simulated_summaries(posterior, n: int, seed: int, generative=None, batch: int = 256):
-    """Summaries of ``n`` simulations (``sedvae.simulation.onthefly``, steps of ``seed``)."""
+def simulated_summaries(posterior, n: int, seed: int, generative=None, batch: int = 256,
+                        generator=None):  # fmt: skip
+    """Summaries of ``n`` simulations (``sedvae.simulation.onthefly``, steps of ``seed``;
+    ``generator``: a ``MockGenerator``, default ``build_generator()``)."""
     from ..simulation.onthefly import SimulatorDataModule
 
-    dm = SimulatorDataModule(batch_size=batch, n_val=0, seed=seed, generative=generative)
+    dm = SimulatorDataModule(generator, batch_size=batch, n_val=0, seed=seed,
+                             generative=generative)  # fmt: skip
     out = []
     for step, start in enumerate(range(0, n, batch)):
         b = dm.make_batch(min(batch, n - start), seed, step)
@@ -274,8 +278,12 @@ def main(argv=None) -> None:
                      help="simulate with GenerativeParts' defaults (a head trained on them)")
     fit.add_argument("--generative-config", default=None,
                      help="a JSON object of GenerativeParts keyword arguments")
+    fit.add_argument("--outlier-rate", type=float, default=0.0,
+                     help="unflagged outlier pixels of the noise model (0.001 with --generative"
+                          " as experiment=posterior_generative trains)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from ..simulation.onthefly import build_generator
     from . import load_posterior
 
     posterior = load_posterior(args.checkpoint, ood=False)
@@ -284,14 +292,17 @@ def main(argv=None) -> None:
         generative = json.loads(args.generative_config)
     elif args.generative:
         generative = True
-    fit_ctx = simulated_summaries(posterior, args.n_fit, args.seed, generative)
-    held_ctx = simulated_summaries(posterior, args.n_held, args.seed + 1, generative)
+    gen = build_generator(noise={"outlier_rate": args.outlier_rate} if args.outlier_rate else None)
+    fit_ctx = simulated_summaries(posterior, args.n_fit, args.seed, generative, generator=gen)
+    held_ctx = simulated_summaries(posterior, args.n_held, args.seed + 1, generative,
+                                   generator=gen)  # fmt: skip
     model = fit_ood(fit_ctx, held_ctx, args.components, args.quantile, seed=args.seed)
     model.meta.update({
         "checkpoint": Path(args.checkpoint).name,
         "checkpoint_sha256": sha256_file(args.checkpoint),
         "fit_seed": args.seed, "held_seed": args.seed + 1,
         "simulator": "generative" if generative else "sps_mocks",
+        "outlier_rate": args.outlier_rate,
         "generative": generative if isinstance(generative, dict) else bool(generative),
         "command": " ".join(["python -m sedvae.posterior.ood", *(sys.argv[1:] if argv is None
                                                                   else argv)]),
