@@ -128,6 +128,7 @@ class Posterior:
             clean.mask[fatal] = False
         return clean, flags
 
+    @torch.no_grad()
     def flags(self, batch: dict) -> torch.Tensor:
         """(B,) :class:`sedvae.io.Flag` bits of a batch (before sampling: no PRIOR_EDGE; OOD
         when an OOD model is attached)."""
