@@ -117,13 +117,16 @@ def _logm(table, row):
 
 def test_clean_file_is_unflagged_and_fits(clean_run):
     table, _ = clean_run
-    assert (table["flags"] == 0).all()
+    # no data problem; the one bit is OOD: the bundled DESI galaxy (a strong line emitter) lies
+    # outside the shipped head's training summaries (sedvae.posterior.ood)
+    assert (table["flags"] == int(Flag.OOD)).all()
     assert 8.5 < _logm(table, CLEAN) < 12.0 and np.isfinite(table["rchi2"]).all()
 
 
 def test_nan_resolution_is_flagged_and_falls_back_to_a_gaussian_lsf(tmp_path, mixed_run, clean_run):
     table, _ = mixed_run
-    assert table["flags"][BAD_RES] == Flag.BAD_RESOLUTION  # a warning: the fit goes on
+    # a warning: the fit goes on (OOD as for the clean copies of the bundled galaxy)
+    assert table["flags"][BAD_RES] == Flag.BAD_RESOLUTION | Flag.OOD
     assert _logm(table, BAD_RES) == _logm(clean_run[0], BAD_RES)  # the posterior ignores the LSF
     # the autoencoder's chi^2 uses the Gaussian LSF: finite and close to the file's own matrix
     rchi2, rchi2_clean = float(table["rchi2"][BAD_RES]), float(clean_run[0]["rchi2"][BAD_RES])
@@ -172,7 +175,7 @@ def test_no_signal_threshold_is_the_weighted_mean_snr():
 
 def test_spike_pixel_is_clipped_and_the_mass_kept(mixed_run, clean_run):
     table, _ = mixed_run
-    assert table["flags"][SPIKE] == 0  # one clipped pixel is not "many"
+    assert table["flags"][SPIKE] == int(Flag.OOD)  # one clipped pixel is not "many"
     assert abs(_logm(table, SPIKE) - _logm(clean_run[0], SPIKE)) < 0.02  # was 10.25 -> 9.06
     assert abs(float(table["rchi2"][SPIKE]) / float(clean_run[0]["rchi2"][SPIKE]) - 1) < 0.01
 
@@ -227,6 +230,6 @@ def test_good_galaxies_of_a_mixed_file_keep_their_values(mixed_run, clean_run):
         assert table["logmstar_p50"][row] == table0["logmstar_p50"][row]
     for row in (CLEAN, CLEAN2):
         # the autoencoder sees only a shard's fit-able galaxies, a smaller batch: round-off
-        assert table["flags"][row] == 0
+        assert table["flags"][row] == int(Flag.OOD)  # the bundled galaxy's, as the clean file's
         assert float(table["rchi2"][row]) == pytest.approx(float(table0["rchi2"][row]), rel=1e-5)
     assert len(table) == N_ROWS and list(table["index"]) == list(range(N_ROWS))

@@ -88,18 +88,22 @@ def test_main_job_default_is_the_catalog_of_the_bundled_desi_spectrum(tmp_path):
     from astropy.table import Table
 
     from sedvae.evaluation.evaluate import evaluate
+    from sedvae.posterior import load_posterior
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("evaluate", overrides=[f"paths.output_dir={tmp_path}"])
     assert cfg.evaluation._target_ == "sedvae.catalog.run.run_catalog"
     metrics = evaluate(cfg)
     table = Table.read(tmp_path / "catalog.fits")
-    # the one warning: MISFIT, the posterior-predictive check of this strong line emitter
-    # (H alpha EW ~ 340 A) gives rchi2_ppc ~ 1.5, above the chi^2 0.999 quantile (~1.05)
+    # the warnings: MISFIT, the posterior-predictive check of this strong line emitter
+    # (H alpha EW ~ 340 A) gives rchi2_ppc ~ 1.5, above the chi^2 0.999 quantile (~1.05); OOD,
+    # its summary lies outside the shipped head's training summaries (sedvae.posterior.ood)
     assert list(table["TARGETID"]) == [39633345008634465]
-    assert table["flags"][0] == int(Flag.MISFIT)
+    assert table["flags"][0] == int(Flag.MISFIT | Flag.OOD)
     assert metrics["n_flagged"] == 0 and 0 < metrics["median_rchi2"] < 20
-    assert metrics["n_warnings"] == {"MISFIT": 1}
+    assert metrics["n_warnings"] == {"MISFIT": 1, "OOD": 1}
+    threshold = load_posterior(cfg.evaluation.fitter.posterior).ood.threshold
+    assert float(table["ood_score"][0]) < threshold
     assert 1.05 < float(table["rchi2_ppc"][0]) < metrics["median_rchi2"]
     assert float(table["flux_halpha"][0]) > 10 * float(table["flux_err_halpha"][0])
     plots = {p.name.split("_")[0] for p in (tmp_path / "plots").glob("*.png")}

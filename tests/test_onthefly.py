@@ -152,3 +152,90 @@ def test_emulator_trains_on_the_fly(tmp_path):
         baseline = float(loaded.baseline_loss(val["theta"], val["lum"]))
     assert loss == pytest.approx(first, rel=0.2)
     assert loss < baseline  # better than the PCA mean spectrum
+
+
+# ---- the generative model's data-driven parts (issue 26) ----------------------------------------
+@pytest.fixture(scope="module")
+def parts(generator):
+    from sedvae.simulation.onthefly import GenerativeParts
+
+    return GenerativeParts(generator.sps.line_names, generator.instrument)
+
+
+def test_generative_batches_are_reproducible_and_carry_their_draws(generator):
+    dm = SimulatorDataModule(generator, batch_size=8, n_val=0, seed=9, generative=True)
+    a = dm.train_batch(2)
+    again = SimulatorDataModule(generator, batch_size=8, n_val=0, seed=9, generative=True)
+    b = again.train_batch(2)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    plain = SimulatorDataModule(generator, batch_size=8, n_val=0, seed=9).train_batch(2)
+    # the same galaxies (prior draws come first from the step's stream), other spectra
+    assert torch.equal(a["theta"], plain["theta"]) and torch.equal(a["z"], plain["z"])
+    assert not torch.allclose(a["flux_true"], plain["flux_true"])
+    assert {"log_line_factor", "calib", "sky_amp"} <= set(a)
+    assert a["calib"].shape == (8, 9)  # 3 DESI arms x Legendre P_0..P_2
+
+
+def test_calibration_warps_have_the_prior_amplitude(parts):
+    """Warps drawn from sedvae.linear's calibration prior: c ~ N(0, 0.05^2) per arm and order,
+    so the rms of warp - 1 over an arm is 0.05 sqrt(1 + 1/3 + 1/5) = 0.0619 (P_k has mean
+    square 1 / (2k + 1)); the coefficients are recovered exactly by least squares."""
+    draws = parts.draw(3000, torch.Generator().manual_seed(0))
+    calib = draws["calib"]
+    assert calib.std(0).sub(0.05).abs().max() < 0.05 * 0.08  # 3000 draws: 1.3 % per sigma
+    warp = parts.warp(calib[:200]).double()
+    basis = parts.calib_basis.double()
+    coef = torch.linalg.lstsq(basis.T, (warp - 1).T).solution.T
+    assert torch.allclose(coef, calib[:200], atol=1e-5)
+    rms = (parts.warp(calib).double() - 1).pow(2).mean().sqrt()
+    assert abs(float(rms) - 0.05 * (1 + 1 / 3 + 1 / 5) ** 0.5) < 0.003
+
+
+def test_line_ratios_are_free_within_their_bounds(generator, parts):
+    """Family factors are log-normal with the stated sigma, clipped at +-1 dex; lines of one
+    ion keep Cloudy's ratio; a factor multiplies exactly that line's luminosity in the
+    spectrum (flux conservation of the nebular deposit)."""
+    draws = parts.draw(4000, torch.Generator().manual_seed(1))
+    dex = draws["log_line_factor"]
+    assert float(dex.abs().max()) <= 1.0
+    o3 = parts.family_names.index("O  3")
+    h1 = parts.family_names.index("H  1")
+    assert abs(float(dex[:, o3].std()) - 0.3) < 0.02
+    assert abs(float(dex[:, h1].std()) - 0.15) < 0.01
+    factors = parts.line_factors(dex[:5])
+    names = [str(n) for n in generator.sps.line_names]
+    i5007, i4959 = names.index("O  3  5006.84A"), names.index("O  3  4958.91A")
+    ia, ib = names.index("H  1  6562.80A"), names.index("H  1  4861.32A")
+    assert torch.equal(factors[:, i5007], factors[:, i4959])
+    assert torch.equal(factors[:, ia], factors[:, ib])
+    # the spectrum: [O III] 5007 times 10 adds 9 x its luminosity, nothing else changes
+    sps = generator.sps
+    theta = sps.prior.sample(2, torch.Generator().manual_seed(2), dtype=torch.float64)
+    z = torch.tensor([0.1, 0.2], dtype=torch.float64)
+    logu = torch.tensor([-2.5, -3.0], dtype=torch.float64)
+    f = torch.ones(2, len(names), dtype=torch.float64)
+    f[:, i5007] = 10.0
+    diff = sps.simulate(theta, z, logu, line_factors=f) - sps.simulate(theta, z, logu)
+    wave = sps.wave
+    dlam = torch.gradient(wave)[0]
+    near = (wave > 4990) & (wave < 5020)
+    added = (diff.double() * dlam)[:, near].sum(-1)
+    expected = 9 * sps.line_luminosities(theta, z, logu)[:, i5007].double()
+    assert torch.allclose(added, expected, rtol=0.02)
+    assert float(diff[:, ~near].abs().max()) <= 1e-6 * float(diff.abs().max())
+
+
+def test_sky_residuals_sit_on_bright_sky_lines(generator, parts):
+    dm = SimulatorDataModule(generator, batch_size=16, n_val=0, seed=10,
+                             generative={"sky_frac": 1.0, "sky_line_prob": 1.0})  # fmt: skip
+    batch = dm.train_batch(0)
+    good = ~batch["mask"]
+    chi = ((batch["flux"] - batch["flux_true"]) * batch["ivar"].sqrt())[good]
+    wave = generator.instrument.wave.double()
+    near = (wave[None] - parts.sky_wave[:, None]).abs().min(0).values < 3.0  # (M,)
+    near = near[None].expand_as(good)[good]
+    # away from sky lines the noise is the ivar's (chi^2 ~ 1, outliers off by default);
+    # on them the residuals (4 sigma rms spikes) raise it far above
+    assert abs(float(chi[~near].pow(2).mean()) - 1.0) < 0.05
+    assert float(chi[near].pow(2).mean()) > 3.0

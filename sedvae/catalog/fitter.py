@@ -18,6 +18,10 @@ draws go through the generative model with emission lines and calibration solved
 ``flux_err_<line>``, ``ew_<line>``, 1e-17 erg/s/cm^2 and rest-frame Angstrom), the narrow-line
 ``line_velocity`` and ``line_sigma`` (km/s), ``rchi2_ppc`` and ``rchi2_ppc_spread``, and the
 ``Flag.MISFIT`` warning bit.
+
+With an OOD model beside the posterior file (:mod:`sedvae.posterior.ood`), ``ood_score``: the
+log density of the galaxy's summary under the head's training summaries (lower = stranger;
+``Flag.OOD`` below the stored threshold).
 """
 
 from __future__ import annotations
@@ -166,6 +170,8 @@ class PosteriorFitter(torch.nn.Module):
             "z": torch.as_tensor(batch["z"]).float(),
             "flags": flags,
         }
+        if self.posterior.ood is not None:
+            out["ood_score"] = self.posterior.ood_score(batch).float()
         truth = batch.get("theta")
         truth = None if truth is None else torch.as_tensor(truth, dtype=samples.dtype)
         quantities = {name: samples[..., j] for j, name in enumerate(PARAM_NAMES)}

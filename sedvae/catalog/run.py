@@ -227,13 +227,13 @@ def _truth_plots(folder: Path, table: Table) -> None:
 def _plots(folder: Path, source, fitter, table: Table, n_plots: int,
            failures: list[dict[str, str]], shown: dict | None = None) -> int:  # fmt: skip
     """Reconstruction, corner and SFH figures of the first ``n_plots`` galaxies without a flag,
-    then with warnings only (a FATAL one has no posterior); returns how many
+    then with the fewest warning bits (a FATAL one has no posterior); returns how many
     galaxies were plotted, failures go to ``failures``."""
-    flags = np.asarray(table["flags"])
-    # unflagged galaxies first, then those with warnings only (a FATAL one has no posterior)
-    usable = (flags & int(FATAL)) == 0
-    chosen = np.concatenate([np.flatnonzero(flags == 0), np.flatnonzero(usable & (flags != 0))])
-    chosen = chosen[:n_plots]
+    flags = np.asarray(table["flags"]).astype(np.int64)
+    # unflagged galaxies first, then those with fewer warnings (a FATAL one has no posterior)
+    usable = np.flatnonzero((flags & int(FATAL)) == 0)
+    n_bits = np.array([bin(int(f)).count("1") for f in flags[usable]], dtype=int)
+    chosen = usable[np.argsort(n_bits, kind="stable")][:n_plots]
     ids = table["ids"] if "ids" in table.colnames else table["index"]
     if len(chosen) < min(n_plots, len(table)):
         log.info("plots: %d unflagged galaxies of %d", len(chosen), len(table))

@@ -83,6 +83,7 @@ class Flag(enum.IntFlag):
     OUTLIER_PIXELS = 2048  # more than OUTLIER_FRACTION of the pixels clipped as outliers
     PRIOR_EDGE = 4096  # the posterior sits at a prior boundary (logM*, n_dust, Z(t))
     MISFIT = 8192  # posterior-predictive check failed: no draw (+ solved lines, calibration) fits
+    OOD = 16384  # the head's summary is outside its training distribution (sedvae.posterior.ood)
 
     @classmethod
     def describe(cls, value: int) -> str:

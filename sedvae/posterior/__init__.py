@@ -4,8 +4,10 @@
 (zuko coupling flow over the unconstrained R^11) = ``NeuralPosterior`` (owns the NPE loss);
 ``Posterior`` is the user API (samples in physical units, flags, derived properties, history
 bands); ``diagnostics`` has TARP, SBC and recovery statistics; ``summaries`` computes the
-frozen summary once, to train the flow alone. Studies of the head (exact posteriors, Fisher
-information, fits to the frozen summary) live in the top-level ``studies/`` folder.
+frozen summary once, to train the flow alone; ``ood`` scores a galaxy's summary against the
+training summaries (``sedvae.posterior.ood.OODScore``, ``Flag.OOD``). Studies of the head
+(exact posteriors, Fisher information, fits to the frozen summary) live in the top-level
+``studies/`` folder.
 """
 
 from .api import FATAL, Posterior, PosteriorFlag, PosteriorSamples, load_posterior

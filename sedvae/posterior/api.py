@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -40,6 +40,9 @@ from ..physics.restframe import check_grid
 from ..sps.provabgs import BOXES, LOGM_RANGE, N_THETA, PARAM_NAMES, THETA
 from ..timing import stage
 from .model import NeuralPosterior
+
+if TYPE_CHECKING:
+    from .ood import OODScore
 
 # PRIOR_EDGE: a 16-84 % interval within this fraction of the parameter's range from its end
 # (0.055 dex for logM*: a posterior of a real galaxy near 10^7 M_sun is wider than that).
@@ -103,6 +106,10 @@ class Posterior:
         coupling layers in cache (1.5x faster than one call for 1000 galaxies here; with
         1,000 samples each, 10 galaxies took 6.0-6.3 ms per galaxy, 20 took 6.8-7.1 and 40
         7.9-8.1, one thread).
+    ood : OODScore, optional
+        Out-of-distribution model of this head's summaries (:mod:`sedvae.posterior.ood`):
+        galaxies scoring below its threshold get ``Flag.OOD`` (a warning; they are sampled).
+        :func:`load_posterior` attaches the checkpoint's companion file when there is one.
     compile : bool
         Fuse the flow's inverse pass with ``torch.compile`` (~1 min once per number of
         samples n; then ~30 % faster sampling here: 5.1-5.7 against 7.4-7.9 ms per galaxy
@@ -125,6 +132,7 @@ class Posterior:
         chunk: int = 10,
         compile: bool = False,
         partial_photometry: str = "drop",
+        ood: OODScore | None = None,
     ) -> None:
         if partial_photometry not in ("drop", "use"):
             raise ValueError(
@@ -132,6 +140,7 @@ class Posterior:
             )
         self.partial_photometry = partial_photometry
         self.net = net.eval()
+        self.ood = ood
         self.prior = net.prior
         self.z_range = (float(z_range[0]), float(z_range[1]))
         self.chunk = int(chunk)
@@ -188,9 +197,34 @@ class Posterior:
             clean.mask[fatal] = False
         return clean, flags
 
+    @torch.no_grad()
     def flags(self, batch: dict) -> torch.Tensor:
-        """(B,) :class:`sedvae.io.Flag` bits of a batch (before sampling: no PRIOR_EDGE)."""
-        return self.check(batch)[1]
+        """(B,) :class:`sedvae.io.Flag` bits of a batch (before sampling: no PRIOR_EDGE; OOD
+        when an OOD model is attached)."""
+        clean, flags = self.check(batch)
+        if self.ood is None:
+            return flags
+        return self._ood_flags(self.net.embed(clean)[0], flags)
+
+    def _ood_flags(self, context: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        """``flags`` with ``Flag.OOD`` set where the summary scores below the threshold."""
+        if self.ood is None:
+            return flags
+        ok = (flags & int(FATAL)) == 0
+        out = self.ood.flagged(context).to(flags.device) & ok
+        return flags | out.to(flags.dtype) * int(Flag.OOD)
+
+    @torch.no_grad()
+    def ood_score(self, batch: dict) -> torch.Tensor:
+        """(B,) float64 OOD score of each galaxy (log density of its summary under the
+        training summaries' mixture; lower = stranger; NaN for fatal flags). ValueError
+        without an OOD model."""
+        if self.ood is None:
+            raise ValueError("this posterior has no OOD model (python -m sedvae.posterior.ood fit)")
+        clean, flags = self.check(batch)
+        score = self.ood.score(self.net.embed(clean)[0])
+        score[((flags & int(FATAL)) > 0).cpu()] = torch.nan
+        return score
 
     # ---- sampling -----------------------------------------------------------------------
     @torch.no_grad()
@@ -200,7 +234,10 @@ class Posterior:
         """Unconstrained samples u (n, B, 11) (NaN where fatal) and flags (B,)."""
         with stage("clean"):
             clean, flags = self.check(batch)
-        u = self.net.sample_u(clean, n, generator, chunk=self.chunk)
+        with stage("summary"):
+            embedded = self.net.embed(clean)
+        flags = self._ood_flags(embedded[0], flags)
+        u = self.net.sample_u(clean, n, generator, chunk=self.chunk, embedded=embedded)
         u[:, (flags & int(FATAL)) > 0] = torch.nan
         return PosteriorSamples(u, flags)
 
@@ -437,8 +474,12 @@ class Posterior:
         }
 
 
-def load_posterior(path, map_location="cpu", **kwargs) -> Posterior:
+def load_posterior(path, map_location="cpu", ood: bool | str = "auto", **kwargs) -> Posterior:
     """A :class:`Posterior` from a posterior checkpoint (:mod:`sedvae.checkpoint`).
+
+    ``ood``: "auto" attaches the checkpoint's OOD companion file (``<stem>_ood.pt``,
+    :mod:`sedvae.posterior.ood`) when it exists; True requires it; False leaves it out. A
+    companion fitted for another file is refused (CheckpointError).
 
     Raises ``FileNotFoundError`` for a missing file and
     :class:`~sedvae.checkpoint.CheckpointError` (a ValueError naming the file) when the file is
@@ -447,8 +488,16 @@ def load_posterior(path, map_location="cpu", **kwargs) -> Posterior:
     to :class:`Posterior`.
     """
     from ..checkpoint import load_checkpoint
+    from .ood import OODScore, ood_path
 
-    return Posterior(load_checkpoint(path, "posterior", map_location)[0], **kwargs)
+    net = load_checkpoint(path, "posterior", map_location)[0]
+    model = None
+    companion = ood_path(path)
+    if ood is True and not companion.is_file():
+        raise FileNotFoundError(f"no OOD model beside {path} ({companion.name})")
+    if ood and companion.is_file():
+        model = OODScore.load(companion, checkpoint=path)
+    return Posterior(net, ood=model, **kwargs)
 
 
 __all__ = [

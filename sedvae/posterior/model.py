@@ -187,12 +187,21 @@ class NeuralPosterior(nn.Module):
         return self.flow.log_prob(y - shift, context) + log_dy_du
 
     def sample_u(
-        self, batch: dict, n: int, generator: torch.Generator | None = None, chunk: int = 0
+        self,
+        batch: dict,
+        n: int,
+        generator: torch.Generator | None = None,
+        chunk: int = 0,
+        embedded: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """n samples of u per galaxy (n, B, 11) for a clean batch; the flow runs ``chunk``
-        galaxies at a time (0: all), the last chunk padded so every call has one shape."""
-        with stage("summary"):
-            context, shift = self.embed(batch)
+        galaxies at a time (0: all), the last chunk padded so every call has one shape.
+        ``embedded``: the batch's :meth:`embed` when already computed."""
+        if embedded is not None:
+            context, shift = embedded
+        else:
+            with stage("summary"):
+                context, shift = self.embed(batch)
         with stage("flow_sampling"):
             b = context.shape[0]
             chunk = min(chunk or b, b)  # a batch smaller than a chunk is not padded

@@ -175,22 +175,168 @@ def noisy_batch(noise, flux_true, photometry_true=None, generator=None) -> dict:
     return out
 
 
+# ---- the data-driven parts of the generative model --------------------------------------------
+# Bright night-sky lines (air, Angstrom): [O I] 5577, Na D, [O I] 6300/6364 and the strongest OH
+# Meinel lines of the DESI range (Osterbrock et al. 1996, PASP 108, 277; Rousselot et al. 2000,
+# A&A 354, 1134), where sky subtraction leaves residuals (converted to vacuum when used).
+BRIGHT_SKY_LINES_AIR = (
+    5577.34, 5889.95, 5895.92, 6300.30, 6363.78, 6863.96, 7316.28, 7340.89, 7369.25,
+    7401.69, 7750.64, 7794.11, 7821.50, 7913.71, 7993.33, 8344.60, 8399.17, 8430.17,
+    8465.36, 8827.10, 8885.85, 8919.61, 8943.39, 9375.98, 9439.67,
+)  # fmt: skip
+
+
+def line_families(line_names) -> tuple[tuple[str, ...], torch.Tensor]:
+    """Families of Cloudy's lines for the generative line model: one per ion (bagpipes' first
+    four characters, e.g. ``"O  3"`` for [O III] 4959, 5007 and 4363), so the ratios atomic
+    physics fixes (doublets, the Balmer series without dust) stay Cloudy's, while the ratios
+    between ions (excitation, abundances, density) are free. Blends (``"Blnd"``) form one
+    family. Returns (family names, (N_lines,) long index)."""
+    keys = [str(n)[:4].strip() for n in line_names]
+    names = tuple(dict.fromkeys(keys))
+    return names, torch.as_tensor([names.index(k) for k in keys], dtype=torch.long)
+
+
+class GenerativeParts(torch.nn.Module):
+    """What the SPS mocks lack and real spectra carry (DESIGN section 6; issue 26), drawn per
+    galaxy and applied inside :func:`simulate_batch`:
+
+    - **free line ratios**: every Cloudy line times a log-normal factor per family
+      (:func:`line_families`), 10^N(0, ``line_sigma_dex``^2) for metal lines and
+      10^N(0, ``balmer_sigma_dex``^2) for hydrogen, clipped to +-``line_bound_dex`` around
+      Cloudy's prediction (the physical bounds: a factor 10 either way spans the BPT plane
+      from metal-poor H II regions to LINERs at fixed Balmer flux);
+    - **calibration warps** from the exact solve's calibration prior
+      (:class:`sedvae.linear.LinearModel`): the flux times 1 + sum_{a,k} c_{a,k} P_k(x_a) per
+      spectrograph arm, c_{a,k} ~ N(0, ``calib_sigma``^2) for k = 1 .. degree (2 for DESI) and
+      each arm's constant c_{a,0} ~ N(0, ``scale_sigma``^2), on a fraction ``warp_frac``;
+    - **sky residuals**: on a fraction ``sky_frac`` of galaxies, each bright sky line
+      (:data:`BRIGHT_SKY_LINES_AIR`) in the spectrum leaves, with probability ``sky_line_prob``,
+      a Gaussian spike (sigma ``sky_width_a``) of amplitude N(0, ``sky_amp``^2) times the
+      pixel's noise sigma, not reflected in the ivar (a sky-subtraction residual).
+
+    Outlier pixels come from the noise model (``noise.outlier_rate`` of :func:`build_generator`).
+    The draws use the batch's CPU stream, so a step's galaxies stay reproducible.
+    """
+
+    def __init__(
+        self,
+        line_names,
+        instrument,
+        line_sigma_dex: float = 0.3,
+        balmer_sigma_dex: float = 0.15,
+        line_bound_dex: float = 1.0,
+        calib_sigma: float = 0.05,
+        scale_sigma: float = 0.05,
+        calib_degree: int | None = None,
+        warp_frac: float = 1.0,
+        sky_frac: float = 0.3,
+        sky_line_prob: float = 0.3,
+        sky_amp: float = 4.0,
+        sky_width_a: float = 0.9,
+    ) -> None:
+        super().__init__()
+        from ..linear import arm_index, calibration_basis, default_calibration_degree
+        from ..sps.ssp import air_to_vacuum
+
+        for name, v in (("line_sigma_dex", line_sigma_dex), ("balmer_sigma_dex", balmer_sigma_dex),
+                        ("line_bound_dex", line_bound_dex), ("calib_sigma", calib_sigma),
+                        ("scale_sigma", scale_sigma), ("sky_amp", sky_amp)):  # fmt: skip
+            if not v >= 0:
+                raise ValueError(f"{name} must be >= 0; got {v}")
+        for name, v in (("warp_frac", warp_frac), ("sky_frac", sky_frac),
+                        ("sky_line_prob", sky_line_prob)):  # fmt: skip
+            if not 0 <= v <= 1:
+                raise ValueError(f"{name} must lie in [0, 1]; got {v}")
+        self.family_names, family = line_families(line_names)
+        self.register_buffer("family", family, persistent=False)
+        sigma = torch.full((len(self.family_names),), float(line_sigma_dex), dtype=torch.float64)
+        if "H  1" in self.family_names:
+            sigma[self.family_names.index("H  1")] = float(balmer_sigma_dex)
+        self.register_buffer("family_sigma", sigma, persistent=False)
+        self.line_bound_dex = float(line_bound_dex)
+        wave = instrument.wave.double()
+        degree = default_calibration_degree(instrument) if calib_degree is None else calib_degree
+        basis = calibration_basis(wave, arm_index(instrument), int(degree))
+        self.register_buffer("calib_basis", basis.float(), persistent=False)  # (J, M)
+        order = torch.arange(basis.shape[0]) % (int(degree) + 1)
+        csig = torch.where(order == 0, float(scale_sigma), float(calib_sigma)).double()
+        self.register_buffer("calib_sigma", csig, persistent=False)
+        self.warp_frac, self.sky_frac = float(warp_frac), float(sky_frac)
+        self.sky_line_prob, self.sky_amp = float(sky_line_prob), float(sky_amp)
+        sky = torch.as_tensor(air_to_vacuum(np.asarray(BRIGHT_SKY_LINES_AIR)), dtype=torch.float64)
+        inside = (sky > wave.min() + 5) & (sky < wave.max() - 5)
+        self.register_buffer("sky_wave", sky[inside], persistent=False)
+        # (S, M) unit-height Gaussian spikes; zero beyond 5 sigma
+        d = (wave[None] - self.sky_wave[:, None]) / float(sky_width_a)
+        self.register_buffer(
+            "sky_profile", torch.where(d.abs() < 5, torch.exp(-0.5 * d * d), 0.0).float(),
+            persistent=False,
+        )  # fmt: skip
+
+    def draw(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Per-galaxy draws on the CPU (float64): ``log_line_factor`` (n, F) dex per family,
+        ``calib`` (n, J) warp coefficients (zero without a warp), ``sky_amp`` (n, S) spike
+        amplitudes in noise sigmas (zero where none)."""
+        f = self.family_sigma.shape[0]
+        dex = torch.randn(n, f, generator=generator, dtype=torch.float64) * self.family_sigma.cpu()
+        dex = dex.clamp(-self.line_bound_dex, self.line_bound_dex)
+        j = self.calib_sigma.shape[0]
+        calib = torch.randn(n, j, generator=generator, dtype=torch.float64) * self.calib_sigma.cpu()
+        warped = torch.rand(n, generator=generator, dtype=torch.float64) < self.warp_frac
+        calib = calib * warped[:, None]
+        s = self.sky_wave.shape[0]
+        sky = torch.randn(n, s, generator=generator, dtype=torch.float64) * self.sky_amp
+        on = torch.rand(n, generator=generator, dtype=torch.float64) < self.sky_frac
+        hit = torch.rand(n, s, generator=generator, dtype=torch.float64) < self.sky_line_prob
+        sky = sky * (on[:, None] & hit)
+        return {"log_line_factor": dex, "calib": calib, "sky_amp": sky}
+
+    def line_factors(self, log_line_factor: torch.Tensor) -> torch.Tensor:
+        """(n, N_lines) multipliers of Cloudy's lines from the family draws (n, F)."""
+        return 10 ** log_line_factor[:, self.family.to(log_line_factor.device)]
+
+    def warp(self, calib: torch.Tensor) -> torch.Tensor:
+        """(n, M) multiplicative calibration 1 + c @ P."""
+        return 1.0 + calib.to(self.calib_basis) @ self.calib_basis
+
+    def sky_residuals(self, sky_amp: torch.Tensor, ivar: torch.Tensor) -> torch.Tensor:
+        """(n, M) additive spikes: amplitude (in sigmas at each line's pixel) x profile."""
+        sd = torch.where(ivar > 0, ivar.clamp_min(1e-30).rsqrt(), torch.zeros_like(ivar))
+        return (sky_amp.to(ivar) @ self.sky_profile) * sd
+
+
 @torch.no_grad()
-def simulate_batch(gen, n: int, seed: int, step: int, device=None) -> dict[str, torch.Tensor]:
+def simulate_batch(
+    gen, n: int, seed: int, step: int, device=None, parts: GenerativeParts | None = None
+) -> dict[str, torch.Tensor]:
     """Batch ``step`` of ``n`` noisy mocks (float32, on ``device``; default the generator's):
-    prior draws from ``rng_for(seed, step)``, then the mock pipeline's steps on the device."""
+    prior draws from ``rng_for(seed, step)``, then the mock pipeline's steps on the device.
+    With ``parts`` (:class:`GenerativeParts`), the generative model's free line ratios,
+    calibration warp and sky residuals too; ``flux_true`` then includes the warp (not the sky
+    residuals, which are noise), and the draws are returned as ``log_line_factor``, ``calib``
+    and ``sky_amp``."""
     device = torch.device(device) if device is not None else gen.sps.wave.device
     cpu = rng_for(seed, step)
     params = {k: v.to(device) for k, v in gen.draw(n, cpu).items()}
+    extra = parts.draw(n, cpu) if parts is not None else None
     dt = gen.sps.dtype
     theta, z = params["theta"].to(dt), params["z"].to(dt)
-    lum = gen.sps.simulate(theta, z, params["logU"].to(dt), params["sigma_v"].to(dt))
+    factors = None if extra is None else parts.line_factors(extra["log_line_factor"].to(device))
+    lum = gen.sps.simulate(theta, z, params["logU"].to(dt), params["sigma_v"].to(dt), factors)
     flux, phot = gen.observe(lum, z)
     flux = flux * params["aperture"].to(dt)[:, None]  # the fibre sees a fraction of the galaxy
+    if extra is not None:
+        flux = flux * parts.warp(extra["calib"].to(device)).to(flux.dtype)
     obs = noisy_batch(gen.noise, flux, phot, device_generator(cpu, device))
+    if extra is not None:
+        sky = parts.sky_residuals(extra["sky_amp"].to(device), obs["ivar"])
+        obs["flux"] = torch.where(obs["mask"], obs["flux"], obs["flux"] + sky)
     batch = {k: obs[k] for k in OBS_KEYS}
     batch.update({k: params[k].float() for k in TRUTH_KEYS})
     batch["flux_true"] = flux.float()
+    if extra is not None:
+        batch.update({k: v.float().to(device) for k, v in extra.items()})
     return batch
 
 
@@ -347,19 +493,32 @@ class SimulatorDataModule(_OnTheFly):
         Galaxies in the fixed validation and test sets (simulated once, at setup).
     seed : int
         Training batch ``i`` is made from ``rng_for(seed, i)``.
+    generative : dict or bool, optional
+        The generative model's data-driven parts (:class:`GenerativeParts`; its keyword
+        arguments, or True for its defaults): free line ratios, calibration warps, sky
+        residuals. None/False: the SPS mocks alone.
     """
 
     def __init__(self, generator=None, batch_size: int = 256, steps_per_epoch: int = 400,
-                 n_val: int = 2048, n_test: int = 0, seed: int = 11) -> None:  # fmt: skip
+                 n_val: int = 2048, n_test: int = 0, seed: int = 11,
+                 generative: dict | bool | None = None) -> None:  # fmt: skip
         super().__init__(batch_size, steps_per_epoch, n_val, n_test, seed)
         self.generator = generator if generator is not None else build_generator()
+        self.parts = None
+        if generative:
+            kwargs = {} if generative is True else dict(generative)
+            self.parts = GenerativeParts(
+                self.generator.sps.line_names, self.generator.instrument, **kwargs
+            )
         self.datasets["train"] = _SimulatedTrainSet(self)
 
     def _module(self) -> torch.nn.Module:
-        return self.generator
+        if self.parts is None:
+            return self.generator
+        return torch.nn.ModuleList([self.generator, self.parts])
 
     def make_batch(self, n: int, seed: int, step: int) -> dict:
-        batch = simulate_batch(self.generator, n, seed, step, self._device)
+        batch = simulate_batch(self.generator, n, seed, step, self._device, self.parts)
         return batch
 
 
@@ -486,6 +645,9 @@ def observation_arrays() -> tuple[dict, dict]:
 
 
 __all__ = [
+    "BRIGHT_SKY_LINES_AIR",
+    "GenerativeParts",
+    "line_families",
     "observation_arrays",
     "EmulatorSimulatorDataModule",
     "SimulatorDataModule",

@@ -460,11 +460,22 @@ class SEDModel(torch.nn.Module):
         young = self._dense_weights(h)[:, : self.n_young]  # (B, Ay, Z)
         return (w_u[:, :, None, None] * young[:, None]).flatten(1)
 
-    def nebular_spectrum(self, h: History, dust: torch.Tensor, logu: torch.Tensor) -> torch.Tensor:
+    def nebular_spectrum(
+        self,
+        h: History,
+        dust: torch.Tensor,
+        logu: torch.Tensor,
+        line_factors: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Nebular lines (unresolved) + continuum, attenuated like the young stars (birth
-        clouds and ISM): (B, L) L_sun/A per M_sun formed."""
+        clouds and ISM): (B, L) L_sun/A per M_sun formed. ``line_factors`` (B, N_lines)
+        multiplies each Cloudy line luminosity (``line_names``; the generative simulator's
+        free line ratios), the nebular continuum is left as it is."""
         coef = self._nebular_coefficients(h, logu)
-        lum = coef @ self.neb_cont + (coef @ self.neb_lines) @ self.line_deposit
+        lines = coef @ self.neb_lines
+        if line_factors is not None:
+            lines = lines * line_factors.to(lines.dtype)
+        lum = coef @ self.neb_cont + lines @ self.line_deposit
         t_bc, t_ism = self.dust.transmission(dust[:, 0], dust[:, 1], dust[:, 2])
         return lum * t_bc * t_ism
 
@@ -524,15 +535,18 @@ class SEDModel(torch.nn.Module):
         z: torch.Tensor,
         logu: torch.Tensor | None = None,
         sigma_v: torch.Tensor | None = None,
+        line_factors: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Rest-frame spectra for mocks, (B, L) L_sun/A incl. 10^logM*: stars, plus nebular
-        emission when ``logu`` is given, broadened by ``sigma_v`` (km/s) when given."""
+        emission when ``logu`` is given (each line times ``line_factors`` (B, N_lines) when
+        given), broadened by ``sigma_v`` (km/s) when given."""
         theta, z = self.check_inputs(theta, z)
         h = self.history(theta, z)
         mass = 10 ** theta[:, THETA.LOGMSTAR]
         lum = self.spectrum_from_history(h, theta[:, THETA.DUST], mass)
         if logu is not None:
-            lum = lum + self.nebular_spectrum(h, theta[:, THETA.DUST], logu) * mass[:, None]
+            neb = self.nebular_spectrum(h, theta[:, THETA.DUST], logu, line_factors)
+            lum = lum + neb * mass[:, None]
         if sigma_v is not None:
             lum = self.broaden(lum, sigma_v)
         return lum
