@@ -27,6 +27,7 @@ log density of the galaxy's summary under the head's training summaries (lower =
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -245,12 +246,22 @@ class PosteriorFitter(torch.nn.Module):
     def _reduced_chi2(self, batch: dict[str, Any], flags: torch.Tensor) -> torch.Tensor:
         """chi^2 / N_pix of the autoencoder's reconstruction of the posterior's cleaned batch
         (bad and outlier pixels masked, broken resolution matrices replaced); NaN for fatal
-        flags, and for galaxies the autoencoder cannot fit (logged with their ids)."""
+        flags, outside the autoencoder's redshift range, and for galaxies the autoencoder
+        cannot fit (logged with their ids)."""
         b = flags.shape[0]
         out = torch.full((b,), float("nan"))
         ok = (flags & int(FATAL)) == 0
         if self.autoencoder is None or not bool(ok.any()):
             return out
+        lo, hi = getattr(self.autoencoder, "z_range", (-math.inf, math.inf))
+        z = torch.as_tensor(batch["z"], dtype=torch.float64)
+        outside = ok & ((z < lo) | (z > hi))
+        if bool(outside.any()):
+            ids = np.asarray(batch.get("ids", np.arange(b)))[outside.numpy()]
+            log.warning("no autoencoder chi^2 outside its z range %s: %s", (lo, hi), ids[:10])
+            ok = ok & ~outside
+            if not bool(ok.any()):
+                return out
         clean, _ = self.posterior.check(batch)
         sub = clean.select(ok)
         try:
