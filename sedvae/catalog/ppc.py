@@ -180,12 +180,19 @@ class PosteriorPredictive(nn.Module):
     def continuum(self, theta, z, sigma_v=None, resolution=None) -> torch.Tensor:
         """Continuum (N, M), 1e-17 erg/s/cm^2/A at aperture 1, of theta (N, 12) at z (N,):
         stars + nebular continuum, broadened by ``sigma_v`` (N,) km/s when given."""
+        lum, z_c = self.luminosity(theta, z)
+        return self.observe(lum, z_c, sigma_v, resolution)
+
+    @torch.no_grad()
+    def luminosity(self, theta, z) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rest-frame stars + nebular continuum (N, L_sps), L_sun/A x 10^logM*, and the
+        redshifts as the SPS checked them: the part of :meth:`continuum` that depends on
+        theta (computed once where one draw is observed at several widths)."""
         sps = self.mocks.sps
-        out = []
+        lums, zs = [], []
         for i in range(0, theta.shape[0], self.chunk):
             th = theta[i : i + self.chunk].to(sps.dtype)
             zz = z[i : i + self.chunk].to(sps.dtype)
-            zz_c, th_c = zz, th
             th_c, zz_c = sps.check_inputs(th, zz)
             h = sps.history(th_c, zz_c)
             mass = 10 ** th_c[:, THETA.LOGMSTAR]
@@ -194,11 +201,23 @@ class PosteriorPredictive(nn.Module):
             logu = torch.full_like(zz_c, self.logu)
             coef = sps._nebular_coefficients(h, logu)
             t_bc, t_ism = sps.dust.transmission(dust[:, 0], dust[:, 1], dust[:, 2])
-            lum = lum + (coef @ sps.neb_cont) * t_bc * t_ism * mass[:, None]
+            lums.append(lum + (coef @ sps.neb_cont) * t_bc * t_ism * mass[:, None])
+            zs.append(zz_c)
+        return torch.cat(lums), torch.cat(zs)
+
+    @torch.no_grad()
+    def observe(self, lum, z, sigma_v=None, resolution=None) -> torch.Tensor:
+        """:meth:`luminosity` output broadened by ``sigma_v`` (N,) km/s when given, redshifted
+        and observed through the instrument (per-galaxy ``resolution`` when given)."""
+        sps = self.mocks.sps
+        out = []
+        for i in range(0, lum.shape[0], self.chunk):
+            part = lum[i : i + self.chunk]
             if sigma_v is not None:
-                lum = sps.broaden(lum, sigma_v[i : i + self.chunk].to(sps.dtype).clamp(0, 1000))
+                sv = sigma_v[i : i + self.chunk].to(sps.dtype).clamp(0, 1000)
+                part = sps.broaden(part, sv)
             res = None if resolution is None else resolution[i : i + self.chunk]
-            out.append(self.mocks.spectrum(lum, zz_c, resolution=res))
+            out.append(self.mocks.spectrum(part, z[i : i + self.chunk], resolution=res))
         return torch.cat(out)
 
     def _bad(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -214,27 +233,36 @@ class PosteriorPredictive(nn.Module):
         den = (w * cont * cont).sum(-1).clamp_min(torch.finfo(cont.dtype).tiny)
         return (num / den).clamp_min(1e-6)
 
-    def _stellar_sigma(self, theta, z, flux, ivar, bad, w, res, v, sig) -> torch.Tensor:
+    def _line_gram(self, design: LineDesign, ivar, bad, k: int) -> torch.Tensor:
+        """``tie @ gram @ tie.T`` of the b galaxies' design and weights (as ``solve_linear``
+        forms them), repeated for their k rows: the K draws, or the widths of the stellar
+        scan, share both, so it is summed once per galaxy instead of k times."""
+        w = torch.where((ivar > 0) & ~bad, ivar, torch.zeros_like(ivar)).to(design.dtype)
+        tie = self.linear.tie.to(design.dtype)
+        return (tie @ design.gram(w) @ tie.T).repeat_interleave(k, 0)
+
+    def _stellar_sigma(self, lum, z_c, z, flux, ivar, bad, w, res, v, sig) -> torch.Tensor:
         """(b,) stellar velocity dispersion, km/s: the median draw broadened on the grid
         :data:`SIGMA_STAR_GRID`, lines and calibration solved at each, the parabola in
         ln sigma through the best grid point and its neighbours (pPXF fits it non-linearly;
         a scan of the same chi^2 is enough for a check)."""
         lm = self.linear
         grid = torch.tensor(SIGMA_STAR_GRID, dtype=torch.float64)
-        b, g = theta.shape[0], len(grid)
+        b, g = lum.shape[0], len(grid)
         with stage("posterior_predictive"):
             resg = None if res is None else res.repeat_interleave(g, 0)
-            cg = self.continuum(theta.repeat_interleave(g, 0), z.repeat_interleave(g),
-                                grid.repeat(b), resg).float()  # fmt: skip
+            cg = self.observe(lum.repeat_interleave(g, 0), z_c.repeat_interleave(g),
+                              grid.repeat(b), resg).float()  # fmt: skip
         with stage("line_calibration_solve"):
-            design = _repeat_design(lm.design(z.float(), v, sig, resolution=res,
-                                              dtype=cg.dtype), g)  # fmt: skip
+            base = lm.design(z.float(), v, sig, resolution=res, dtype=cg.dtype)
+            design = _repeat_design(base, g)
             fg, ig = flux.repeat_interleave(g, 0), ivar.repeat_interleave(g, 0)
             bg, wg = bad.repeat_interleave(g, 0), w.repeat_interleave(g, 0)
             cg = cg * self._scale(cg, fg, wg)[:, None]
             fit = solve_linear(cg, fg, ig, design, lm.tie, lm.calib_basis, lm.calib_sigma,
                                mask=bg, pixel_width=lm.pixel_width,
-                               z=z.float().repeat_interleave(g))  # fmt: skip
+                               z=z.float().repeat_interleave(g),
+                               line_gram=self._line_gram(base, ivar, bad, g))  # fmt: skip
         chi = fit.chi2.double().reshape(b, g)
         j = chi.argmin(1).clamp(1, g - 2)
         rows = torch.arange(b)
@@ -289,15 +317,16 @@ class PosteriorPredictive(nn.Module):
             scl = theta.std(1, keepdim=True).clamp_min(1e-6)
             pick = ((theta - med) / scl).pow(2).sum(-1).argmin(1)  # (b,)
             theta_med = theta[torch.arange(b), pick]  # (b, 12)
-            c0 = self.continuum(theta_med, z, None, res).float()
+            lum_med, z_c = self.luminosity(theta_med, z)
+            c0 = self.observe(lum_med, z_c, None, res).float()
         with stage("line_calibration_solve"):
             kw = dict(mask=bad, resolution=res)
             c0 = c0 * self._scale(c0, flux, w)[:, None]
-            v, sig, _ = lm.fit_kinematics(c0, flux, ivar, z.float(), **kw)
-        sig_star = self._stellar_sigma(theta_med, z, flux, ivar, bad, w, res, v, sig)
+            v, sig, _ = lm.fit_kinematics(c0, flux, ivar, z.float(), return_fit=False, **kw)
+        sig_star = self._stellar_sigma(lum_med, z_c, z, flux, ivar, bad, w, res, v, sig)
         # the gas once more, on that draw broadened by the stellar width
         with stage("posterior_predictive"):
-            c0 = self.continuum(theta_med, z, sig_star, res).float()
+            c0 = self.observe(lum_med, z_c, sig_star, res).float()
         with stage("line_calibration_solve"):
             c0 = c0 * self._scale(c0, flux, w)[:, None]
             v, sig, _ = lm.fit_kinematics(
@@ -310,6 +339,7 @@ class PosteriorPredictive(nn.Module):
                 velocity_range=100.0,
                 n_grid=5,
                 n_refine=3,
+                return_fit=False,
                 **kw,
             )
         with stage("posterior_predictive"):
@@ -318,14 +348,15 @@ class PosteriorPredictive(nn.Module):
             cont = self.continuum(theta.reshape(b * k, -1), zk, sig_star.repeat_interleave(k),
                                   resk).float()  # fmt: skip
         with stage("line_calibration_solve"):
-            design = lm.design(z.float(), v, sig, resolution=res, dtype=cont.dtype)
-            design = _repeat_design(design, k)
+            base = lm.design(z.float(), v, sig, resolution=res, dtype=cont.dtype)
+            design = _repeat_design(base, k)
             fk = flux.repeat_interleave(k, 0)
             ik = ivar.repeat_interleave(k, 0)
             bk = bad.repeat_interleave(k, 0)
             wk = w.repeat_interleave(k, 0)
             args = (design, lm.tie, lm.calib_basis, lm.calib_sigma)
-            kwargs = dict(mask=bk, pixel_width=lm.pixel_width, z=zk.float())
+            kwargs = dict(mask=bk, pixel_width=lm.pixel_width, z=zk.float(),
+                          line_gram=self._line_gram(base, ivar, bad, k))  # fmt: skip
             # scale, solve, re-scale against the data minus the solved lines, solve again
             scale = self._scale(cont, fk, wk)
             fit = solve_linear(cont * scale[:, None], fk, ik, *args, **kwargs)
