@@ -38,6 +38,7 @@ Columns (B,) returned by :class:`PosteriorPredictive`:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -47,6 +48,7 @@ from torch import nn
 from ..io.batch import SpectrumBatch
 from ..linear import CATALOG_LINES, LinearModel, LineList, line_list, solve_linear
 from ..linear.design import LineDesign
+from ..linear.solve import WIDTH_GROUPS_KMS, LinearFit
 from ..sps import THETA
 from ..timing import stage
 
@@ -241,6 +243,52 @@ class PosteriorPredictive(nn.Module):
         tie = self.linear.tie.to(design.dtype)
         return (tie @ design.gram(w) @ tie.T).repeat_interleave(k, 0)
 
+    def _solve_draws(self, cont, flux, ivar, bad, w, z, v, sig, res, k):
+        """Lines and calibration of the K draws (rows b K + j) of b galaxies: scale, solve,
+        re-scale against the data minus the solved lines, solve again. Returns the
+        ``LinearFit`` and the scales (b K,). Galaxies are solved in groups of similar line
+        width (:data:`sedvae.linear.solve.WIDTH_GROUPS_KMS`): a design's windows are as wide
+        as its widest line, so a few broad ones would otherwise widen every galaxy's."""
+        lm = self.linear
+        group = torch.bucketize(sig.detach().double().contiguous(),
+                                torch.tensor(WIDTH_GROUPS_KMS, dtype=torch.float64))  # fmt: skip
+        parts = []
+        for gi in group.unique():
+            gal = (group == gi).nonzero().squeeze(1)
+            rows = (gal[:, None] * k + torch.arange(k)).flatten()
+            res_g = None if res is None else res[gal]
+            base = lm.design(z[gal].float(), v[gal], sig[gal], resolution=res_g,
+                             dtype=cont.dtype)  # fmt: skip
+            design = _repeat_design(base, k)
+            fk = flux[gal].repeat_interleave(k, 0)
+            ik = ivar[gal].repeat_interleave(k, 0)
+            bk = bad[gal].repeat_interleave(k, 0)
+            wk = w[gal].repeat_interleave(k, 0)
+            ck = cont[rows]
+            args = (design, lm.tie, lm.calib_basis, lm.calib_sigma)
+            kwargs = dict(mask=bk, pixel_width=lm.pixel_width,
+                          z=z[gal].float().repeat_interleave(k),
+                          line_gram=self._line_gram(base, ivar[gal], bad[gal], k))  # fmt: skip
+            scale = self._scale(ck, fk, wk)
+            fit = solve_linear(ck * scale[:, None], fk, ik, *args, **kwargs)
+            scale = scale * self._scale(ck * scale[:, None], fk, wk, fit.lines_model)
+            fit = solve_linear(ck * scale[:, None], fk, ik, *args, **kwargs)
+            parts.append((rows, fit, scale))
+        if len(parts) == 1:
+            return parts[0][1], parts[0][2]
+        n = cont.shape[0]
+        merged = {}
+        for f in dataclasses.fields(LinearFit):
+            first = getattr(parts[0][1], f.name)
+            out = first.new_empty((n,) + tuple(first.shape[1:]))
+            for rows, fit, _ in parts:
+                out[rows] = getattr(fit, f.name)
+            merged[f.name] = out
+        scale = cont.new_empty(n)
+        for rows, _, sc in parts:
+            scale[rows] = sc
+        return LinearFit(**merged), scale
+
     def _stellar_sigma(self, lum, z_c, z, flux, ivar, bad, w, res, v, sig) -> torch.Tensor:
         """(b,) stellar velocity dispersion, km/s: the median draw broadened on the grid
         :data:`SIGMA_STAR_GRID`, lines and calibration solved at each, the parabola in
@@ -348,20 +396,7 @@ class PosteriorPredictive(nn.Module):
             cont = self.continuum(theta.reshape(b * k, -1), zk, sig_star.repeat_interleave(k),
                                   resk).float()  # fmt: skip
         with stage("line_calibration_solve"):
-            base = lm.design(z.float(), v, sig, resolution=res, dtype=cont.dtype)
-            design = _repeat_design(base, k)
-            fk = flux.repeat_interleave(k, 0)
-            ik = ivar.repeat_interleave(k, 0)
-            bk = bad.repeat_interleave(k, 0)
-            wk = w.repeat_interleave(k, 0)
-            args = (design, lm.tie, lm.calib_basis, lm.calib_sigma)
-            kwargs = dict(mask=bk, pixel_width=lm.pixel_width, z=zk.float(),
-                          line_gram=self._line_gram(base, ivar, bad, k))  # fmt: skip
-            # scale, solve, re-scale against the data minus the solved lines, solve again
-            scale = self._scale(cont, fk, wk)
-            fit = solve_linear(cont * scale[:, None], fk, ik, *args, **kwargs)
-            scale = scale * self._scale(cont * scale[:, None], fk, wk, fit.lines_model)
-            fit = solve_linear(cont * scale[:, None], fk, ik, *args, **kwargs)
+            fit, scale = self._solve_draws(cont, flux, ivar, bad, w, z, v, sig, res, k)
 
         with stage("posterior_predictive"):
             dof = (fit.n_pix - fit.n_free - 1).clamp_min(1).reshape(b, k)

@@ -604,7 +604,7 @@ class LinearModel(nn.Module):
             # A design's profile windows are as wide as its widest line: galaxies are solved
             # in groups of similar width, so that a few broad ones do not widen everyone's.
             sig = sig.expand(bsz)
-            group = torch.bucketize(sig.detach().contiguous(), sig.new_tensor(_WIDTH_GROUPS))
+            group = torch.bucketize(sig.detach().contiguous(), sig.new_tensor(WIDTH_GROUPS_KMS))
             if bool((group == group[0]).all()):
                 return chi2_rows(None, vel.expand(bsz), sig)
             out = continuum.new_empty(bsz)
@@ -633,8 +633,9 @@ class LinearModel(nn.Module):
         return v, s, self(continuum, flux, ivar, z, v, s, **kw) if return_fit else None
 
 
-# km/s: fit_kinematics solves galaxies with narrow-line widths in these bins apart
-_WIDTH_GROUPS = (60.0, 150.0, 300.0)
+# km/s: galaxies with narrow-line widths in these bins are solved apart (a line design's
+# windows are as wide as its widest line, and their cost grows with the width)
+WIDTH_GROUPS_KMS = (60.0, 150.0, 300.0)
 
 
 def _parabola_step(f, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
