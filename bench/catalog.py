@@ -37,6 +37,7 @@ import os
 import resource
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -104,6 +105,24 @@ def peak_rss_gb() -> float:
     return max(own, children) / 1024**2
 
 
+def rss_gb() -> float:
+    """Current resident memory of this process (Linux /proc), GB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024**2
+    return float("nan")
+
+
+def log_rss(out: Path, every: float, shard_size: int, stop: threading.Event) -> None:
+    """Print (seconds, galaxies in written shards, RSS GB) every ``every`` seconds."""
+    t0 = time.perf_counter()
+    while not stop.wait(every):
+        n = len(list((out / "shards").glob("*.fits"))) * shard_size
+        print(f"rss: {time.perf_counter() - t0:.0f} s, ~{n} galaxies written, "
+              f"{rss_gb():.3f} GB", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n-files", type=int, default=10)
@@ -115,6 +134,11 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1, help="Lightning processes")
     parser.add_argument("--strategy", default="auto", help="Lightning strategy (ddp for >1)")
     parser.add_argument("--large", action="store_true", help=f"{N_LARGE:,} galaxies")
+    parser.add_argument("--large-n", type=int, default=N_LARGE,
+                        help="galaxies of --large (a shorter memory test)")  # fmt: skip
+    parser.add_argument("--rss-log", type=float, default=0.0,
+                        help="print the resident memory and galaxies written every this many "
+                             "seconds (0: never): shows whether memory grows with the run")
     parser.add_argument("--compile", action="store_true", help="torch.compile the flow sampler")
     parser.add_argument("--no-prefetch", action="store_true", help="read files in the loop")
     parser.add_argument("--no-ppc", action="store_true", help="no line fluxes and PPC")
@@ -126,7 +150,7 @@ def main() -> None:
     folder = args.cache / f"desi_n{args.targets_per_file}_seed{MOCK_SEED}"
     files = mock_files(folder, args.n_files, args.targets_per_file)
     if args.large:  # the same files again and again: a long run without 45 GB of inputs
-        files = files * -(-N_LARGE // (len(files) * args.targets_per_file))
+        files = files * -(-args.large_n // (len(files) * args.targets_per_file))
     fitter = PosteriorFitter(
         n_samples=args.n_samples,
         autoencoder=data_dir() / "autoencoder" / "autoencoder_laptop.pt",
@@ -143,7 +167,12 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
     TIMER.enable()
     TIMER.reset()
+    stop = threading.Event()
+    if args.rss_log > 0 and rank0:
+        threading.Thread(target=log_rss, args=(out, args.rss_log, args.shard_size, stop),
+                         daemon=True).start()  # fmt: skip
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
     source = SpectraSource(
         "desi", [str(p) for p in files], redrock="auto", prefetch=not args.no_prefetch
     )
@@ -152,6 +181,8 @@ def main() -> None:
         devices=args.devices, strategy=args.strategy,
     )  # fmt: skip
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0  # this process (rank 0), every thread
+    stop.set()
     if not metrics:  # a DDP rank other than 0
         sys.exit(0)
     shutil.rmtree(out, ignore_errors=True)
@@ -187,6 +218,9 @@ def main() -> None:
         "median_rchi2_ppc": metrics.get("median_rchi2_ppc"),
         "ppc_draws": None if args.no_ppc else args.ppc_draws,
         "wall_s": round(wall, 2),
+        # CPU seconds of this process per galaxy: on a host shared with other jobs, wall time
+        # counts their share too; this does not (rank 0 only under DDP)
+        "cpu_s_per_galaxy": round(cpu / n, 4),
     }
     print(f"{n} galaxies in {wall:.1f} s: {per_s:.2f} galaxies/s on {cores} threads")
     print(f"stage seconds (rank 0): {stage_seconds}")
