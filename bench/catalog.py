@@ -22,9 +22,12 @@ Per-stage seconds come from ``sedvae.timing`` (process rank 0; stages overlap wh
 reading runs ahead of inference); ``line_calibration_solve`` (kinematics, lines and
 calibration of every draw) and ``posterior_predictive`` (the draws' continua through SPS and
 instrument, and the statistics) are null with ``--no-ppc``. Measured with ``--n-files 1``
-(500 galaxies, one thread, a CPU shared with other jobs): flow_sampling 5.5 s,
-line_calibration_solve 327 s, posterior_predictive 180 s, 0.94 galaxies/s in all; on CPU the
-check costs ~90x the sampling (median rchi2_ppc 1.002, MISFIT on 9 of 500). Compared
+(500 galaxies, one thread, load 3-4 on 2 cores): flow_sampling 6.4 s, line_calibration_solve
+111 s, posterior_predictive 103 s, 2.11 galaxies/s in all (0.94 before the line solve and the
+continua were made faster, docs/results.md); the check costs ~34x the sampling on CPU.
+``cpu_s_per_galaxy`` is the process's CPU time per galaxy, steadier than the wall time on a
+shared host. ``--large --large-n N --rss-log S`` prints the resident memory every S seconds
+against the galaxies written. Compared
 with PROVABGS' reported MCMC cost of 5-10 CPU minutes per galaxy, projected to the 238,516 BGS
 galaxies of the DESI One-Percent Survey. Last line: JSON.
 """
