@@ -22,9 +22,12 @@ Per-stage seconds come from ``sedvae.timing`` (process rank 0; stages overlap wh
 reading runs ahead of inference); ``line_calibration_solve`` (kinematics, lines and
 calibration of every draw) and ``posterior_predictive`` (the draws' continua through SPS and
 instrument, and the statistics) are null with ``--no-ppc``. Measured with ``--n-files 1``
-(500 galaxies, one thread, a CPU shared with other jobs): flow_sampling 5.5 s,
-line_calibration_solve 327 s, posterior_predictive 180 s, 0.94 galaxies/s in all; on CPU the
-check costs ~90x the sampling (median rchi2_ppc 1.002, MISFIT on 9 of 500). Compared
+(500 galaxies, one thread, load 3-4 on 2 cores): flow_sampling 6.4 s, line_calibration_solve
+111 s, posterior_predictive 103 s, 2.11 galaxies/s in all (0.94 before the line solve and the
+continua were made faster, docs/results.md); the check costs ~34x the sampling on CPU.
+``cpu_s_per_galaxy`` is the process's CPU time per galaxy, steadier than the wall time on a
+shared host. ``--large --large-n N --rss-log S`` prints the resident memory every S seconds
+against the galaxies written. Compared
 with PROVABGS' reported MCMC cost of 5-10 CPU minutes per galaxy, projected to the 238,516 BGS
 galaxies of the DESI One-Percent Survey. Last line: JSON.
 """
@@ -37,6 +40,7 @@ import os
 import resource
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -104,6 +108,24 @@ def peak_rss_gb() -> float:
     return max(own, children) / 1024**2
 
 
+def rss_gb() -> float:
+    """Current resident memory of this process (Linux /proc), GB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024**2
+    return float("nan")
+
+
+def log_rss(out: Path, every: float, shard_size: int, stop: threading.Event) -> None:
+    """Print (seconds, galaxies in written shards, RSS GB) every ``every`` seconds."""
+    t0 = time.perf_counter()
+    while not stop.wait(every):
+        n = len(list((out / "shards").glob("*.fits"))) * shard_size
+        print(f"rss: {time.perf_counter() - t0:.0f} s, ~{n} galaxies written, "
+              f"{rss_gb():.3f} GB", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n-files", type=int, default=10)
@@ -115,6 +137,11 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1, help="Lightning processes")
     parser.add_argument("--strategy", default="auto", help="Lightning strategy (ddp for >1)")
     parser.add_argument("--large", action="store_true", help=f"{N_LARGE:,} galaxies")
+    parser.add_argument("--large-n", type=int, default=N_LARGE,
+                        help="galaxies of --large (a shorter memory test)")  # fmt: skip
+    parser.add_argument("--rss-log", type=float, default=0.0,
+                        help="print the resident memory and galaxies written every this many "
+                             "seconds (0: never): shows whether memory grows with the run")
     parser.add_argument("--compile", action="store_true", help="torch.compile the flow sampler")
     parser.add_argument("--no-prefetch", action="store_true", help="read files in the loop")
     parser.add_argument("--no-ppc", action="store_true", help="no line fluxes and PPC")
@@ -126,7 +153,7 @@ def main() -> None:
     folder = args.cache / f"desi_n{args.targets_per_file}_seed{MOCK_SEED}"
     files = mock_files(folder, args.n_files, args.targets_per_file)
     if args.large:  # the same files again and again: a long run without 45 GB of inputs
-        files = files * -(-N_LARGE // (len(files) * args.targets_per_file))
+        files = files * -(-args.large_n // (len(files) * args.targets_per_file))
     fitter = PosteriorFitter(
         n_samples=args.n_samples,
         autoencoder=data_dir() / "autoencoder" / "autoencoder_laptop.pt",
@@ -143,7 +170,12 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
     TIMER.enable()
     TIMER.reset()
+    stop = threading.Event()
+    if args.rss_log > 0 and rank0:
+        threading.Thread(target=log_rss, args=(out, args.rss_log, args.shard_size, stop),
+                         daemon=True).start()  # fmt: skip
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
     source = SpectraSource(
         "desi", [str(p) for p in files], redrock="auto", prefetch=not args.no_prefetch
     )
@@ -152,6 +184,8 @@ def main() -> None:
         devices=args.devices, strategy=args.strategy,
     )  # fmt: skip
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0  # this process (rank 0), every thread
+    stop.set()
     if not metrics:  # a DDP rank other than 0
         sys.exit(0)
     shutil.rmtree(out, ignore_errors=True)
@@ -187,6 +221,9 @@ def main() -> None:
         "median_rchi2_ppc": metrics.get("median_rchi2_ppc"),
         "ppc_draws": None if args.no_ppc else args.ppc_draws,
         "wall_s": round(wall, 2),
+        # CPU seconds of this process per galaxy: on a host shared with other jobs, wall time
+        # counts their share too; this does not (rank 0 only under DDP)
+        "cpu_s_per_galaxy": round(cpu / n, 4),
     }
     print(f"{n} galaxies in {wall:.1f} s: {per_s:.2f} galaxies/s on {cores} threads")
     print(f"stage seconds (rank 0): {stage_seconds}")

@@ -483,3 +483,40 @@ def test_fit_kinematics_recovers_injected_velocity_and_width():
     assert float(((s - t["sig"]) / t["sig"]).abs().max()) < 0.03
     truth = lm(t["cont"], data, sigma**-2, t["z"], t["vel"], t["sig"])
     assert float((fit.chi2 - truth.chi2).max()) < 1.0  # as good as the true kinematics
+
+
+def test_shared_line_gram_and_scan_chi2_reproduce_the_solve_exactly():
+    """The PPC's shortcuts change no number: a line gram summed once for rows that share
+    design and weights, and the kinematics scan's chi^2-only path, equal the full solve."""
+    from sedvae.catalog.ppc import _repeat_design
+    from sedvae.linear.solve import _data_terms, _solve, solve_linear
+
+    desi = DESIInstrument()
+    lm = LinearModel(desi)
+    t = _mock(lm, 3, dtype=torch.float32, seed=5)
+    g = torch.Generator().manual_seed(6)
+    sigma = 0.03 * t["cont"]
+    data = t["model"] + sigma * torch.randn(sigma.shape, generator=g)
+    ivar = sigma**-2
+    k = 4  # four continua per galaxy (posterior draws)
+    cont = t["cont"].repeat_interleave(k, 0) * (1 + 0.05 * torch.rand(3 * k, 1, generator=g))
+    base = lm.design(t["z"], t["vel"], t["sig"], dtype=torch.float32)
+    design = _repeat_design(base, k)
+    tie = lm.tie.float()
+    gram = (tie @ base.gram(ivar) @ tie.T).repeat_interleave(k, 0)
+    rep = (data.repeat_interleave(k, 0), ivar.repeat_interleave(k, 0), design, lm.tie,
+           lm.calib_basis, lm.calib_sigma)  # fmt: skip
+    full = solve_linear(cont, *rep, pixel_width=lm.pixel_width)
+    shared = solve_linear(cont, *rep, pixel_width=lm.pixel_width, line_gram=gram)
+    for name in ("line_flux", "line_flux_err", "calib", "model", "chi2"):
+        a, b = getattr(full, name), getattr(shared, name)  # NaN: unmeasured lines
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
+    # the scan's path at other kinematics
+    terms = _data_terms(t["cont"], data, ivar, lm.calib_basis.float(), None)
+    for dv, s in ((-30.0, 20.0), (0.0, 90.0), (50.0, 400.0)):
+        vel, sig = t["vel"] + dv, torch.full_like(t["sig"], s)
+        want = lm(t["cont"], data, ivar, t["z"], vel, sig).chi2
+        d = lm.design(t["z"], vel, sig, dtype=torch.float32)
+        got = _solve(t["cont"], data, d, tie, lm.calib_basis.float(), lm.calib_sigma, terms,
+                     pixel_width=lm.pixel_width, full=False)  # fmt: skip
+        assert torch.equal(got, want)

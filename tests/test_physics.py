@@ -133,6 +133,27 @@ def test_resample_gradcheck():
     assert torch.autograd.gradcheck(lambda f: resample(wave, f, centres), (flux,))
 
 
+@pytest.mark.parametrize("n_out", [37, 400])  # coarser and finer than the input
+def test_resample_operator_equals_resample(n_out):
+    """The sparse operator (SEDModel.broaden's two resamplings) is resample's integrals."""
+    from sedvae.physics.resample import ResampleOperator
+
+    rng = np.random.default_rng(3)
+    wave = torch.tensor(np.sort(rng.uniform(4000.0, 5000.0, 120)), dtype=torch.float64)
+    # the output runs past both ends: uncovered pixels are zero in both
+    centres = torch.linspace(3990.0, 5010.0, n_out, dtype=torch.float64)
+    flux = torch.tensor(rng.lognormal(0.0, 1.0, (3, 120)), dtype=torch.float64)
+    op = ResampleOperator(wave, centres)
+    want = resample(wave, flux, centres)
+    torch.testing.assert_close(op(flux), want, rtol=1e-12, atol=1e-12)
+    assert bool((op(flux)[:, 0] == 0).all()) and bool((op(flux)[:, -1] == 0).all())
+    # the torch sparse path (gradients, GPUs): same values, gradients of the same linear map
+    f = flux.clone().requires_grad_(True)
+    torch.testing.assert_close(op(f), want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(op, (flux[:1].clone().requires_grad_(True),))
+    torch.testing.assert_close(op(flux.float()), want.float())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [

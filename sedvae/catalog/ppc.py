@@ -68,6 +68,7 @@ Columns (B,) returned by :class:`PosteriorPredictive`:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from typing import NamedTuple
@@ -79,6 +80,7 @@ from torch import nn
 from ..io.batch import SpectrumBatch
 from ..linear import CATALOG_LINES, LinearModel, LineList, line_list, solve_linear
 from ..linear.design import LineDesign, arm_index
+from ..linear.solve import WIDTH_GROUPS_KMS, LinearFit
 from ..physics.instruments import DEFAULT_GRID_R, instrument_for_grid
 from ..physics.restframe import GridCache, grid_key, same_grid
 from ..sps import THETA
@@ -373,12 +375,19 @@ class PosteriorPredictive(nn.Module):
         stars + nebular continuum, broadened by ``sigma_v`` (N,) km/s when given; observed
         through ``obs`` (:meth:`observation`; default the mocks' DESI instrument) with the
         galaxies' LSFs ``resolution`` (N, ...)."""
+        lum, z_c = self.luminosity(theta, z)
+        return self.observe(lum, z_c, sigma_v, resolution, obs)
+
+    @torch.no_grad()
+    def luminosity(self, theta, z) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rest-frame stars + nebular continuum (N, L_sps), L_sun/A x 10^logM*, and the
+        redshifts as the SPS checked them: the part of :meth:`continuum` that depends on
+        theta (computed once where one draw is observed at several widths)."""
         sps = self.mocks.sps
-        out = []
+        lums, zs = [], []
         for i in range(0, theta.shape[0], self.chunk):
             th = theta[i : i + self.chunk].to(sps.dtype)
             zz = z[i : i + self.chunk].to(sps.dtype)
-            zz_c, th_c = zz, th
             th_c, zz_c = sps.check_inputs(th, zz)
             h = sps.history(th_c, zz_c)
             mass = 10 ** th_c[:, THETA.LOGMSTAR]
@@ -387,14 +396,27 @@ class PosteriorPredictive(nn.Module):
             logu = torch.full_like(zz_c, self.logu)
             coef = sps._nebular_coefficients(h, logu)
             t_bc, t_ism = sps.dust.transmission(dust[:, 0], dust[:, 1], dust[:, 2])
-            lum = lum + (coef @ sps.neb_cont) * t_bc * t_ism * mass[:, None]
+            lums.append(lum + (coef @ sps.neb_cont) * t_bc * t_ism * mass[:, None])
+            zs.append(zz_c)
+        return torch.cat(lums), torch.cat(zs)
+
+    @torch.no_grad()
+    def observe(self, lum, z, sigma_v=None, resolution=None, obs=None) -> torch.Tensor:
+        """:meth:`luminosity` output broadened by ``sigma_v`` (N,) km/s when given, redshifted
+        and observed through the instrument (per-galaxy ``resolution`` when given)."""
+        sps = self.mocks.sps
+        out = []
+        for i in range(0, lum.shape[0], self.chunk):
+            part = lum[i : i + self.chunk]
             if sigma_v is not None:
-                lum = sps.broaden(lum, sigma_v[i : i + self.chunk].to(sps.dtype).clamp(0, 1000))
+                sv = sigma_v[i : i + self.chunk].to(sps.dtype).clamp(0, 1000)
+                part = sps.broaden(part, sv)
             res = None if resolution is None else resolution[i : i + self.chunk]
+            zz = z[i : i + self.chunk]
             if obs is None:
-                out.append(self.mocks.spectrum(lum, zz_c, resolution=res))
+                out.append(self.mocks.spectrum(part, zz, resolution=res))
             else:
-                out.append(obs.observe(sps.wave, lum, zz_c, res))
+                out.append(obs.observe(sps.wave, part, zz, res))
         return torch.cat(out)
 
     def _bad(self, z: torch.Tensor, mask: torch.Tensor, obs=None) -> torch.Tensor:
@@ -411,27 +433,82 @@ class PosteriorPredictive(nn.Module):
         den = (w * cont * cont).sum(-1).clamp_min(torch.finfo(cont.dtype).tiny)
         return (num / den).clamp_min(1e-6)
 
-    def _stellar_sigma(self, theta, z, flux, ivar, bad, w, res, v, sig, obs) -> torch.Tensor:
+    def _line_gram(self, design: LineDesign, ivar, bad, k: int, lm=None) -> torch.Tensor:
+        """``tie @ gram @ tie.T`` of the b galaxies' design and weights (as ``solve_linear``
+        forms them), repeated for their k rows: the K draws, or the widths of the stellar
+        scan, share both, so it is summed once per galaxy instead of k times."""
+        w = torch.where((ivar > 0) & ~bad, ivar, torch.zeros_like(ivar)).to(design.dtype)
+        tie = (self.linear if lm is None else lm).tie.to(design.dtype)
+        return (tie @ design.gram(w) @ tie.T).repeat_interleave(k, 0)
+
+    def _solve_draws(self, cont, flux, ivar, bad, w, z, v, sig, res, k, obs):
+        """Lines and calibration of the K draws (rows b K + j) of b galaxies: scale, solve,
+        re-scale against the data minus the solved lines, solve again. Returns the
+        ``LinearFit`` and the scales (b K,). Galaxies are solved in groups of similar line
+        width (:data:`sedvae.linear.solve.WIDTH_GROUPS_KMS`): a design's windows are as wide
+        as its widest line, so a few broad ones would otherwise widen every galaxy's."""
+        lm = obs.linear
+        group = torch.bucketize(sig.detach().double().contiguous(),
+                                torch.tensor(WIDTH_GROUPS_KMS, dtype=torch.float64))  # fmt: skip
+        parts = []
+        for gi in group.unique():
+            gal = (group == gi).nonzero().squeeze(1)
+            rows = (gal[:, None] * k + torch.arange(k)).flatten()
+            res_g = None if res is None else res[gal]
+            base = lm.design(z[gal].float(), v[gal], sig[gal], **{obs.lsf_key: res_g},
+                             dtype=cont.dtype)  # fmt: skip
+            design = _repeat_design(base, k)
+            fk = flux[gal].repeat_interleave(k, 0)
+            ik = ivar[gal].repeat_interleave(k, 0)
+            bk = bad[gal].repeat_interleave(k, 0)
+            wk = w[gal].repeat_interleave(k, 0)
+            ck = cont[rows]
+            args = (design, lm.tie, lm.calib_basis, lm.calib_sigma)
+            kwargs = dict(mask=bk, pixel_width=lm.pixel_width,
+                          z=z[gal].float().repeat_interleave(k),
+                          line_gram=self._line_gram(base, ivar[gal], bad[gal], k, lm))  # fmt: skip
+            scale = self._scale(ck, fk, wk)
+            fit = solve_linear(ck * scale[:, None], fk, ik, *args, **kwargs)
+            scale = scale * self._scale(ck * scale[:, None], fk, wk, fit.lines_model)
+            fit = solve_linear(ck * scale[:, None], fk, ik, *args, **kwargs)
+            parts.append((rows, fit, scale))
+        if len(parts) == 1:
+            return parts[0][1], parts[0][2]
+        n = cont.shape[0]
+        merged = {}
+        for f in dataclasses.fields(LinearFit):
+            first = getattr(parts[0][1], f.name)
+            out = first.new_empty((n,) + tuple(first.shape[1:]))
+            for rows, fit, _ in parts:
+                out[rows] = getattr(fit, f.name)
+            merged[f.name] = out
+        scale = cont.new_empty(n)
+        for rows, _, sc in parts:
+            scale[rows] = sc
+        return LinearFit(**merged), scale
+
+    def _stellar_sigma(self, lum, z_c, z, flux, ivar, bad, w, res, v, sig, obs) -> torch.Tensor:
         """(b,) stellar velocity dispersion, km/s: the median draw broadened on the grid
         :data:`SIGMA_STAR_GRID`, lines and calibration solved at each, the parabola in
         ln sigma through the best grid point and its neighbours (pPXF fits it non-linearly;
         a scan of the same chi^2 is enough for a check)."""
         lm = obs.linear
         grid = torch.tensor(SIGMA_STAR_GRID, dtype=torch.float64)
-        b, g = theta.shape[0], len(grid)
+        b, g = lum.shape[0], len(grid)
         with stage("posterior_predictive"):
             resg = None if res is None else res.repeat_interleave(g, 0)
-            cg = self.continuum(theta.repeat_interleave(g, 0), z.repeat_interleave(g),
-                                grid.repeat(b), resg, obs).float()  # fmt: skip
+            cg = self.observe(lum.repeat_interleave(g, 0), z_c.repeat_interleave(g),
+                              grid.repeat(b), resg, obs).float()  # fmt: skip
         with stage("line_calibration_solve"):
-            design = _repeat_design(lm.design(z.float(), v, sig, **{obs.lsf_key: res},
-                                              dtype=cg.dtype), g)  # fmt: skip
+            base = lm.design(z.float(), v, sig, **{obs.lsf_key: res}, dtype=cg.dtype)
+            design = _repeat_design(base, g)
             fg, ig = flux.repeat_interleave(g, 0), ivar.repeat_interleave(g, 0)
             bg, wg = bad.repeat_interleave(g, 0), w.repeat_interleave(g, 0)
             cg = cg * self._scale(cg, fg, wg)[:, None]
             fit = solve_linear(cg, fg, ig, design, lm.tie, lm.calib_basis, lm.calib_sigma,
                                mask=bg, pixel_width=lm.pixel_width,
-                               z=z.float().repeat_interleave(g))  # fmt: skip
+                               z=z.float().repeat_interleave(g),
+                               line_gram=self._line_gram(base, ivar, bad, g, lm))  # fmt: skip
         chi = fit.chi2.double().reshape(b, g)
         j = chi.argmin(1).clamp(1, g - 2)
         rows = torch.arange(b)
@@ -488,15 +565,16 @@ class PosteriorPredictive(nn.Module):
             scl = theta.std(1, keepdim=True).clamp_min(1e-6)
             pick = ((theta - med) / scl).pow(2).sum(-1).argmin(1)  # (b,)
             theta_med = theta[torch.arange(b), pick]  # (b, 12)
-            c0 = self.continuum(theta_med, z, None, res, obs).float()
+            lum_med, z_c = self.luminosity(theta_med, z)
+            c0 = self.observe(lum_med, z_c, None, res, obs).float()
         with stage("line_calibration_solve"):
             kw = {"mask": bad, obs.lsf_key: res}
             c0 = c0 * self._scale(c0, flux, w)[:, None]
-            v, sig, _ = lm.fit_kinematics(c0, flux, ivar, z.float(), **kw)
-        sig_star = self._stellar_sigma(theta_med, z, flux, ivar, bad, w, res, v, sig, obs)
+            v, sig, _ = lm.fit_kinematics(c0, flux, ivar, z.float(), return_fit=False, **kw)
+        sig_star = self._stellar_sigma(lum_med, z_c, z, flux, ivar, bad, w, res, v, sig, obs)
         # the gas once more, on that draw broadened by the stellar width
         with stage("posterior_predictive"):
-            c0 = self.continuum(theta_med, z, sig_star, res, obs).float()
+            c0 = self.observe(lum_med, z_c, sig_star, res, obs).float()
         with stage("line_calibration_solve"):
             c0 = c0 * self._scale(c0, flux, w)[:, None]
             v, sig, _ = lm.fit_kinematics(
@@ -509,6 +587,7 @@ class PosteriorPredictive(nn.Module):
                 velocity_range=100.0,
                 n_grid=5,
                 n_refine=3,
+                return_fit=False,
                 **kw,
             )
         with stage("posterior_predictive"):
@@ -517,19 +596,8 @@ class PosteriorPredictive(nn.Module):
             cont = self.continuum(theta.reshape(b * k, -1), zk, sig_star.repeat_interleave(k),
                                   resk, obs).float()  # fmt: skip
         with stage("line_calibration_solve"):
-            design = lm.design(z.float(), v, sig, **{obs.lsf_key: res}, dtype=cont.dtype)
-            design = _repeat_design(design, k)
-            fk = flux.repeat_interleave(k, 0)
-            ik = ivar.repeat_interleave(k, 0)
-            bk = bad.repeat_interleave(k, 0)
-            wk = w.repeat_interleave(k, 0)
-            args = (design, lm.tie, lm.calib_basis, lm.calib_sigma)
-            kwargs = dict(mask=bk, pixel_width=lm.pixel_width, z=zk.float())
-            # scale, solve, re-scale against the data minus the solved lines, solve again
-            scale = self._scale(cont, fk, wk)
-            fit = solve_linear(cont * scale[:, None], fk, ik, *args, **kwargs)
-            scale = scale * self._scale(cont * scale[:, None], fk, wk, fit.lines_model)
-            fit = solve_linear(cont * scale[:, None], fk, ik, *args, **kwargs)
+            fit, scale = self._solve_draws(cont, flux, ivar, bad, w, z, v, sig, res, k, obs)
+            fk, wk = flux.repeat_interleave(k, 0), w.repeat_interleave(k, 0)
 
         with stage("posterior_predictive"):
             dof = (fit.n_pix - fit.n_free - 1).clamp_min(1).reshape(b, k)

@@ -157,18 +157,27 @@ class LineDesign:
         self.blocks = blocks
         self.n_lines, self.npix, self.batch = n_lines, npix, batch
         self.dtype, self.device = dtype, device
+        self._pos_cache: dict[int, torch.Tensor] = {}
 
     def _pos(self, start: torch.Tensor, w: int) -> torch.Tensor:
         """(B, G, W) output pixels of the windows (clamped: values there are zero)."""
         return (start.unsqueeze(-1) + torch.arange(w, device=start.device)).clamp(0, self.npix - 1)
 
+    def _block_pos(self, i: int) -> torch.Tensor:
+        """:meth:`_pos` of block i, computed once (every product of a solve needs it)."""
+        pos = self._pos_cache.get(i)
+        if pos is None:
+            _, _, start, val, _ = self.blocks[i]
+            pos = self._pos_cache[i] = self._pos(start, val.shape[-1])
+        return pos
+
     def dense(self) -> torch.Tensor:
         """The full design (B, L, M)."""
         out = torch.zeros(self.batch, self.n_lines, self.npix, dtype=self.dtype, device=self.device)
-        for _, ids, start, val, _ in self.blocks:
+        for i, (_, ids, _, val, _) in enumerate(self.blocks):
             tmp = torch.zeros(
                 val.shape[:2] + (self.npix,), dtype=val.dtype, device=val.device
-            ).scatter_add(2, self._pos(start, val.shape[-1]), val)
+            ).scatter_add(2, self._block_pos(i), val)
             out = out.index_add(1, ids, tmp)
         return out
 
@@ -177,9 +186,9 @@ class LineDesign:
         x3 = x.unsqueeze(1) if x.ndim == 2 else x
         b, j, _ = x3.shape
         out = x3.new_zeros(b, j, self.n_lines)
-        for _, ids, start, val, _ in self.blocks:
+        for i, (_, ids, _, val, _) in enumerate(self.blocks):
             g, w = val.shape[1:]
-            pos = self._pos(start, w).reshape(b, 1, g * w).expand(b, j, g * w)
+            pos = self._block_pos(i).reshape(b, 1, g * w).expand(b, j, g * w)
             xg = x3.gather(2, pos).reshape(b, j, g, w)
             out = out.index_add(2, ids, (xg * val.unsqueeze(1).to(x3.dtype)).sum(-1))
         return out[:, 0] if x.ndim == 2 else out
@@ -190,8 +199,8 @@ class LineDesign:
         b, j = y.shape[0], basis.shape[0]
         out = y.new_zeros(b, j, self.n_lines)
         basis_t = basis.T.contiguous()  # (M, J): one pixel's J values contiguous
-        for _, ids, start, val, _ in self.blocks:
-            pos = self._pos(start, val.shape[-1])  # (B, G, W)
+        for i, (_, ids, _, val, _) in enumerate(self.blocks):
+            pos = self._block_pos(i)  # (B, G, W)
             vy = val.to(y.dtype) * y.gather(1, pos.flatten(1)).reshape(pos.shape)
             bp = basis_t.index_select(0, pos.flatten()).reshape(tuple(pos.shape) + (j,))
             out = out.index_add(2, ids, torch.einsum("bgw,bgwj->bjg", vy, bp))
@@ -200,15 +209,19 @@ class LineDesign:
     def combine(self, flux: torch.Tensor) -> torch.Tensor:
         """sum_l flux_l D_l: line fluxes (B, L) -> spectrum (B, M)."""
         out = flux.new_zeros(flux.shape[0], self.npix)
-        for _, ids, start, val, _ in self.blocks:
+        for i, (_, ids, _, val, _) in enumerate(self.blocks):
             contrib = val.to(flux.dtype) * flux[:, ids].unsqueeze(-1)
-            out = out.scatter_add(1, self._pos(start, val.shape[-1]).flatten(1), contrib.flatten(1))
+            out = out.scatter_add(1, self._block_pos(i).flatten(1), contrib.flatten(1))
         return out
 
     def gram(self, weight: torch.Tensor) -> torch.Tensor:
-        """sum_m D_lm w_m D_l'm: (B, M) weights -> (B, L, L), only windows that overlap."""
+        """sum_m D_lm w_m D_l'm: (B, M) weights -> (B, L, L), only windows that overlap.
+
+        Only the (galaxy, line, line) triples whose windows meet in that galaxy are summed
+        (not every pair that meets in some galaxy of the batch): the same sums, fewer zeros."""
         b, n_l = weight.shape[0], self.n_lines
-        out = weight.new_zeros(b, n_l * n_l)
+        out = weight.new_zeros(b * n_l * n_l)
+        w_flat = weight.reshape(-1)
         for seg in {blk[0] for blk in self.blocks}:
             here = [blk for blk in self.blocks if blk[0] == seg]
             for _, ids1, s1, v1, on1 in here:
@@ -216,17 +229,17 @@ class LineDesign:
                     w1, w2 = v1.shape[-1], v2.shape[-1]
                     d = s2.unsqueeze(1) - s1.unsqueeze(2)  # (B, G1, G2)
                     meet = (d < w1) & (d > -w2) & on1.unsqueeze(2) & on2.unsqueeze(1)
-                    pairs = meet.any(0).nonzero()  # windows that meet in some galaxy
-                    if pairs.numel() == 0:
+                    gal, p, q = meet.nonzero(as_tuple=True)  # (T,) triples that overlap
+                    if gal.numel() == 0:
                         continue
-                    p, q = pairs[:, 0], pairs[:, 1]
-                    pos = s1[:, p].unsqueeze(-1) + torch.arange(w1, device=s1.device)
-                    idx = pos - s2[:, q].unsqueeze(-1)  # (B, P, W1) into window q
+                    pos = s1[gal, p].unsqueeze(-1) + torch.arange(w1, device=s1.device)
+                    idx = pos - s2[gal, q].unsqueeze(-1)  # (T, W1) into window q
                     inside = (idx >= 0) & (idx < w2)
-                    vq = v2[:, q].gather(2, idx.clamp(0, w2 - 1)) * inside
-                    wv = weight.gather(1, pos.clamp(0, self.npix - 1).flatten(1))
-                    prod = v1[:, p].to(weight.dtype) * wv.reshape(pos.shape) * vq.to(weight.dtype)
-                    out = out.index_add(1, ids1[p] * n_l + ids2[q], prod.sum(-1))
+                    vq = v2[gal, q].gather(1, idx.clamp(0, w2 - 1)) * inside
+                    flat = pos.clamp(0, self.npix - 1) + (gal * self.npix).unsqueeze(-1)
+                    wv = w_flat.index_select(0, flat.flatten()).reshape(pos.shape)
+                    prod = v1[gal, p].to(weight.dtype) * wv * vq.to(weight.dtype)
+                    out = out.index_add(0, (gal * n_l + ids1[p]) * n_l + ids2[q], prod.sum(-1))
         return out.reshape(b, n_l, n_l)
 
 
@@ -242,6 +255,7 @@ def line_design(
     resolution=None,
     lsf_sigma=None,
     dtype: torch.dtype | None = None,
+    diagonals: torch.Tensor | None = None,
 ) -> LineDesign:
     """Every line of ``lines`` for unit flux, observed through ``instrument``.
 
@@ -261,6 +275,10 @@ def line_design(
         Per-galaxy LSF, as :func:`model_diagonals`.
     dtype : torch.dtype, optional
         Values' dtype (default: torch's default dtype). Positions are computed in float64.
+    diagonals : tensor, optional
+        :func:`model_diagonals` of ``resolution``/``lsf_sigma`` computed (and checked) once by
+        the caller, for many designs of the same galaxies (a kinematics scan); then
+        ``resolution`` and ``lsf_sigma`` are not read.
 
     Returns
     -------
@@ -298,7 +316,10 @@ def line_design(
     mu = wave0 * (1.0 + z_t).unsqueeze(1) * torch.exp(vel / C_KMS)  # (B, L) Angstrom
     sig = (mu * sig_v / C_KMS).clamp(min=MIN_SIGMA_A)  # (B, L) Angstrom
 
-    diag = model_diagonals(instrument, resolution=resolution, lsf_sigma=lsf_sigma)
+    if diagonals is None:
+        diag = model_diagonals(instrument, resolution=resolution, lsf_sigma=lsf_sigma)
+    else:
+        diag = diagonals
     # The LSF runs in the output dtype (the instruments store their diagonals in float32).
     diag = (diag if diag.ndim == 3 else diag.unsqueeze(0)).to(dtype=dtype, device=dev)
     if diag.shape[0] not in (1, b):

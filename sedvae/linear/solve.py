@@ -40,6 +40,7 @@ from sedvae.linear.design import (
     calibration_basis,
     default_calibration_degree,
     line_design,
+    model_diagonals,
 )
 from sedvae.linear.lines import CATALOG_LINES, LineList, line_list
 from sedvae.physics.checks import as_tensor, check_ndim
@@ -208,6 +209,7 @@ def solve_linear(
     pixel_width: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
     max_iter: int | None = None,
+    line_gram: torch.Tensor | None = None,
 ) -> LinearFit:
     """Solve line amplitudes (>= 0) and calibration (Gaussian prior) given the continuum.
 
@@ -233,6 +235,10 @@ def solve_linear(
         Redshifts, for rest-frame equivalent widths (default: observed-frame, z = 0).
     max_iter : int, optional
         Passed to :func:`nnls_normal`.
+    line_gram : (B, K, K) tensor, optional
+        ``tie @ design.gram(w) @ tie.T`` with w = ivar on good pixels, when the caller has it:
+        rows that share their design and weights (K posterior draws of one galaxy) need it
+        once, not K times.
 
     Returns
     -------
@@ -261,20 +267,45 @@ def solve_linear(
     calib_sigma = as_tensor("calib_sigma", calib_sigma, dtype=torch.float64).to(continuum.device)
     if calib_sigma.shape != (n_j,) or not bool((calib_sigma > 0).all()):
         raise ValueError(f"calib_sigma must be ({n_j},) and > 0; got {tuple(calib_sigma.shape)}")
+    if line_gram is not None and line_gram.shape != (bsz, n_k, n_k):
+        raise ValueError(f"line_gram must have shape ({bsz}, {n_k}, {n_k})")
+    terms = _data_terms(continuum, flux, ivar, calib_basis, mask)
+    return _solve(continuum, flux, design, tie, calib_basis, calib_sigma, terms,
+                  line_gram=line_gram, pixel_width=pixel_width, z=z, max_iter=max_iter)  # fmt: skip
+
+
+def _data_terms(continuum, flux, ivar, calib_basis, mask) -> dict[str, torch.Tensor]:
+    """The parts of the normal equations that do not depend on the lines (nor on their
+    kinematics): weights, residual, and the calibration block. ``calib_basis`` in the
+    continuum's dtype and device."""
+    bsz, m = continuum.shape
+    n_j = calib_basis.shape[0]
+    dt = continuum.dtype
     good = ivar > 0
     if mask is not None:
         good = good & ~mask.to(torch.bool)
     w = torch.where(good, ivar, torch.zeros_like(ivar)).to(dt)  # (B, M)
     resid = torch.where(good, flux - continuum, torch.zeros_like(flux)).to(dt)
-
     # Normal equations: lines through their windows (O(B L W)), calibration by products with
     # the (J, M) basis (no (B, J, M) array: memory traffic, not arithmetic, bounds this).
     cw = continuum * w  # (B, M)
     pp = (calib_basis.unsqueeze(0) * calib_basis.unsqueeze(1)).reshape(n_j * n_j, m)
     a_cc = ((cw * continuum) @ pp.T).reshape(bsz, n_j, n_j)  # sum_m C^2 w P_i P_j
-    a_kc = tie @ design.project_basis(cw, calib_basis).transpose(1, 2)  # (B, K, J)
-    a_kk = tie @ design.gram(w) @ tie.T  # (B, K, K)
     b_c = (cw * resid) @ calib_basis.T  # (B, J)
+    return {"good": good, "w": w, "resid": resid, "cw": cw, "a_cc": a_cc, "b_c": b_c}
+
+
+def _solve(continuum, flux, design, tie, calib_basis, calib_sigma, terms, *, line_gram=None,
+           pixel_width=None, z=None, max_iter=None, full=True):  # fmt: skip
+    """:func:`solve_linear` after its checks, from :func:`_data_terms`; ``full=False``
+    returns only the chi^2 (B,), the same numbers, without errors and equivalent widths."""
+    bsz, m = continuum.shape
+    n_j, n_k = calib_basis.shape[0], tie.shape[0]
+    dt = continuum.dtype
+    good, w, resid, cw = terms["good"], terms["w"], terms["resid"], terms["cw"]
+    a_cc, b_c = terms["a_cc"], terms["b_c"]
+    a_kc = tie @ design.project_basis(cw, calib_basis).transpose(1, 2)  # (B, K, J)
+    a_kk = tie @ design.gram(w) @ tie.T if line_gram is None else line_gram.to(dt)  # (B, K, K)
     b_k = design.project(w * resid) @ tie.T  # (B, K)
     a = torch.cat([torch.cat([a_cc, a_kc.transpose(1, 2)], 2), torch.cat([a_kc, a_kk], 2)], 1)
     a = a.to(torch.float64)
@@ -305,6 +336,16 @@ def solve_linear(
     u = _solve_spd(a_f, b_f)
     u = torch.where(free, u, torch.zeros_like(u))
     u = torch.where(nonneg, u.clamp(min=0.0), u)
+    calib = u[:, :n_j].to(dt)
+    amp = u[:, n_j:].to(dt)
+    calibration = 1.0 + calib @ calib_basis  # (B, M)
+    line_flux = amp @ tie  # (B, L)
+    lines_model = design.combine(line_flux)  # (B, M)
+    model = continuum * calibration + lines_model
+    chi2 = (w * (flux - model) ** 2).sum(-1)
+    if not full:
+        return chi2
+
     cov = torch.cholesky_inverse(torch.linalg.cholesky_ex(a_f)[0])  # (B, n, n)
     var = torch.where(free, cov.diagonal(dim1=1, dim2=2), torch.zeros_like(u))
     # Held at 0: variance if freed alone, 1 / (A_kk - A_kF A_FF^-1 A_Fk).
@@ -313,14 +354,6 @@ def solve_linear(
     var = torch.where(free, var, 1.0 / schur.clamp(min=torch.finfo(a.dtype).tiny))
     err = var.sqrt()
     err = torch.where(keep, err, torch.full_like(err, float("nan")))
-
-    calib = u[:, :n_j].to(dt)
-    amp = u[:, n_j:].to(dt)
-    calibration = 1.0 + calib @ calib_basis  # (B, M)
-    line_flux = amp @ tie  # (B, L)
-    lines_model = design.combine(line_flux)  # (B, M)
-    model = continuum * calibration + lines_model
-    chi2 = (w * (flux - model) ** 2).sum(-1)
 
     amp_err = err[:, n_j:].to(dt)
     # Each line belongs to one component, so its error is that component's times its ratio
@@ -507,8 +540,9 @@ class LinearModel(nn.Module):
         sigma_range: tuple[float, float] = (10.0, 500.0),  # km/s: narrow (nebular) lines
         n_grid: int = 13,
         n_refine: int = 4,
+        return_fit: bool = True,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor, LinearFit]:
+    ) -> tuple[torch.Tensor, torch.Tensor, LinearFit | None]:
         """Narrow-line velocity and width minimising the solved chi^2, by batched scans.
 
         A grid in width (log-spaced over ``sigma_range``) at the starting velocity, then a grid
@@ -522,20 +556,62 @@ class LinearModel(nn.Module):
         continuum, flux, ivar, z, mask : as :meth:`forward`
         velocity, sigma : (B,) tensors, km/s, optional
             Starting values (default 0 and the scan's best width).
+        return_fit : bool
+            Solve once more at the result for ``fit`` (else ``fit`` is None).
         kwargs : passed to :meth:`forward` (sigma_broad, resolution, lsf_sigma, ...)
 
         Returns
         -------
         velocity, sigma : (B,) tensors, km/s
-        fit : LinearFit at them
+        fit : LinearFit at them, or None
         """
         bsz = continuum.shape[0]
         kw = dict(mask=mask, **kwargs)
         dt, dev = continuum.dtype, continuum.device
         v = torch.zeros(bsz, dtype=dt, device=dev) if velocity is None else velocity.to(dt)
+        # What every point of the scan shares, computed once: the resolution diagonals (checked
+        # once), the calibration block of the normal equations; each point then builds its line
+        # design and solves, returning the chi^2 that forward() returns.
+        skip = ("resolution", "lsf_sigma", "max_iter")
+        design_kw = {k: x for k, x in kwargs.items() if k not in skip}
+        diag = model_diagonals(self.instrument, resolution=kwargs.get("resolution"),
+                               lsf_sigma=kwargs.get("lsf_sigma"))  # fmt: skip
+        tie = self.tie.to(dev, dt)
+        basis = self.calib_basis.to(dev, dt)
+        sigma_c = self.calib_sigma.to(dev, torch.float64)
+        terms = _data_terms(continuum, flux, ivar, basis, mask)
+
+        z_t = torch.as_tensor(z, device=dev) if torch.is_tensor(z) else torch.tensor(
+            z, dtype=torch.float64, device=dev
+        )
+        z_t = z_t.reshape(-1).expand(bsz)
+
+        def chi2_rows(rows, vel, sig):
+            if rows is None:
+                c, f, t, d, zz, kw_r = continuum, flux, terms, diag, z_t, design_kw
+            else:
+                c, f, zz = continuum[rows], flux[rows], z_t[rows]
+                t = {k: x[rows] for k, x in terms.items()}
+                d = diag[rows] if diag.ndim == 3 and diag.shape[0] == bsz else diag
+                kw_r = {k: (x[rows] if torch.is_tensor(x) and x.ndim >= 1 and x.shape[0] == bsz
+                            else x) for k, x in design_kw.items()}  # fmt: skip
+                vel, sig = vel[rows], sig[rows]
+            design = self.design(zz, vel, sig, diagonals=d, dtype=dt, **kw_r)
+            return _solve(c, f, design, tie, basis, sigma_c, t, pixel_width=self.pixel_width,
+                          max_iter=kwargs.get("max_iter"), full=False)  # fmt: skip
 
         def chi2(vel, sig):
-            return self(continuum, flux, ivar, z, vel, sig, **kw).chi2
+            # A design's profile windows are as wide as its widest line: galaxies are solved
+            # in groups of similar width, so that a few broad ones do not widen everyone's.
+            sig = sig.expand(bsz)
+            group = torch.bucketize(sig.detach().contiguous(), sig.new_tensor(WIDTH_GROUPS_KMS))
+            if bool((group == group[0]).all()):
+                return chi2_rows(None, vel.expand(bsz), sig)
+            out = continuum.new_empty(bsz)
+            for gi in group.unique():
+                rows = (group == gi).nonzero().squeeze(1)
+                out[rows] = chi2_rows(rows, vel.expand(bsz), sig)
+            return out
 
         def scan(values, make):  # values (G,) or (B, G) -> best value (B,)
             vals = values.expand(bsz, -1) if values.ndim == 1 else values
@@ -554,7 +630,12 @@ class LinearModel(nn.Module):
             ls = _parabola_step(lambda x, v=v: chi2(v, x.exp()), s.log(), step_ls)
             s = ls.exp().clamp(lo, hi)
             step_v, step_ls = step_v / 2, step_ls / 2
-        return v, s, self(continuum, flux, ivar, z, v, s, **kw)
+        return v, s, self(continuum, flux, ivar, z, v, s, **kw) if return_fit else None
+
+
+# km/s: galaxies with narrow-line widths in these bins are solved apart (a line design's
+# windows are as wide as its widest line, and their cost grows with the width)
+WIDTH_GROUPS_KMS = (60.0, 150.0, 300.0)
 
 
 def _parabola_step(f, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
