@@ -21,7 +21,8 @@ stopping):
 - the estimator: a zuko neural spline flow (3 transforms, 2 x 128 hidden) over the three
   targets, conditioned on the standardised features; Adam 1e-3, batch 256, at most
   ``--epochs`` epochs, stopped after 8 without a better validation NLL (15 % of the training
-  set), the best epoch kept.
+  set), the best epoch kept; ``--seeds`` estimator seeds per feature set (the metrics are their
+  mean, ``_sd`` their standard deviation: the estimator's training noise).
 
 Feature sets (``--features``):
 
@@ -302,6 +303,25 @@ def stats(q: np.ndarray, truth: np.ndarray) -> dict:
     }
 
 
+def mean_rows(rows: list[dict]) -> dict:
+    """Mean over the estimator seeds of every metric, with the seeds' standard deviation
+    (``<stat>_sd``) when there are several."""
+    out = {"dim": rows[0]["dim"], "epochs": rows[0]["epochs"],
+           "val_nll": float(np.mean([r["val_nll"] for r in rows]))}  # fmt: skip
+    for key in ("in", "off"):
+        out[key] = {}
+        for q in rows[0][key]:
+            stat = {"n": rows[0][key][q]["n"]}
+            for s in ("bias", "nmad", "cov68"):
+                v = [r[key][q][s] for r in rows if s in r[key][q]]
+                if v:
+                    stat[s] = round(float(np.mean(v)), 4)
+                    if len(v) > 1:
+                        stat[f"{s}_sd"] = round(float(np.std(v, ddof=1)), 4)
+            out[key][q] = stat
+    return out
+
+
 def evaluate(q: dict, truth: dict, keep: np.ndarray) -> dict:
     sf = truth["sfr_100myr"] / 10 ** truth["logmsurv"] > SSFR_SF
     logsfr = np.log10(np.maximum(truth["sfr_100myr"], 1e-30))
@@ -312,7 +332,7 @@ def evaluate(q: dict, truth: dict, keep: np.ndarray) -> dict:
 # ---- the study ---------------------------------------------------------------------------------
 def run(n_train: int, n_in: int, n_off: int, off_seed: int, cache: Path, names: list[str],
         checkpoint: str | None = None, epochs: int = 150, n_samples: int = 500,
-        train_seed: int = 201, test_seed: int = 202) -> dict:  # fmt: skip
+        train_seed: int = 201, test_seed: int = 202, n_seeds: int = 1) -> dict:  # fmt: skip
     """The whole study; returns the summary dict (the JSON line)."""
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -336,20 +356,23 @@ def run(n_train: int, n_in: int, n_off: int, off_seed: int, cache: Path, names: 
     y_tr = targets(truth_tr, a_tr)
     use = ~fatal_tr & np.isfinite(y_tr).all(1)
 
-    result: dict = {"n_train": int(use.sum()), "n_in": n_in, "n_off": n_off,
+    result: dict = {"n_train": int(use.sum()), "n_in": n_in, "n_off": n_off, "seeds": n_seeds,
                     "simulate_s": round(t_sim, 1), "features_s": round(t_feat, 1)}  # fmt: skip
     rows = {}
     for name in names:
         x = f_tr[name]
         ok = use & np.isfinite(x).all(1)
-        flow, std, rec = fit_estimator(x[ok], y_tr[ok], epochs=epochs)
-        row = {"dim": int(x.shape[1]), **rec}
-        for key, (f, anchor, fatal, truth) in sets.items():
-            xs = np.nan_to_num(f[name])
-            q = quantiles_from_targets(predict(flow, std, xs, n_samples), anchor)
-            row[key] = evaluate(q, truth, ~fatal)
-        rows[name] = row
-        print(name, json.dumps(row), flush=True)
+        per_seed = []
+        for seed in range(n_seeds):  # the estimator's own seed: its training noise
+            flow, std, rec = fit_estimator(x[ok], y_tr[ok], seed=seed, epochs=epochs)
+            row = {"dim": int(x.shape[1]), **rec}
+            for key, (f, anchor, fatal, truth) in sets.items():
+                xs = np.nan_to_num(f[name])
+                q = quantiles_from_targets(predict(flow, std, xs, n_samples, seed), anchor)
+                row[key] = evaluate(q, truth, ~fatal)
+            per_seed.append(row)
+            print(name, seed, json.dumps(row), flush=True)
+        rows[name] = mean_rows(per_seed)
     ref = {"dim": 64}
     for key, batch in (("in", {k: v for k, v in test_in.items() if k != "theta"}),
                        ("off", off_batch)):  # fmt: skip
@@ -361,7 +384,7 @@ def run(n_train: int, n_in: int, n_off: int, off_seed: int, cache: Path, names: 
         for key in ("in", "off"):
             pre = f"{name}_{key}model"
             for q in ("logmsurv", "logsfr"):
-                for s in ("bias", "nmad", "cov68"):
+                for s in ("bias", "nmad", "cov68", "bias_sd", "nmad_sd", "cov68_sd"):
                     if s in row[key][q]:
                         result[f"{pre}_{q}_{s}"] = row[key][q][s]
         if "val_nll" in row:
@@ -380,12 +403,13 @@ def main() -> None:
     parser.add_argument("--features", default="a,b", help="comma-separated: a, b, c")
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--n-samples", type=int, default=500)
+    parser.add_argument("--seeds", type=int, default=3, help="estimator seeds per feature set")
     parser.add_argument("--checkpoint", default=None, help="default: the shipped head")
     parser.add_argument("--cache", default=str(REPO / "cache"))
     args = parser.parse_args()
     result = run(args.n_train, args.n_in, args.n_off, args.off_seed, Path(args.cache),
                  args.features.split(","), args.checkpoint, args.epochs,
-                 args.n_samples)  # fmt: skip
+                 args.n_samples, n_seeds=args.seeds)  # fmt: skip
     print(json.dumps(result))
 
 
