@@ -71,7 +71,6 @@ def test_strip_lines_recovers_a_line_and_keeps_the_continuum():
     assert float(flux[0, win].mean()) > 10.0
 
 
-@pytest.mark.slow
 def test_study_runs_end_to_end_at_a_toy_size(tmp_path, capsys):
     from studies.posterior_conditioning import run
 
