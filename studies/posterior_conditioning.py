@@ -1,7 +1,8 @@
 """What the posterior head should condition on (issue 26, item 2): a controlled proxy study.
 
-    python -m studies.posterior_conditioning [--n-train 4000] [--n-in 500] [--n-off 400]
-                                             [--off-seed 3] [--cache cache] [--features a,b]
+    python -m studies.posterior_conditioning [--n-train 10000] [--n-in 500] [--n-off 400]
+                                             [--off-seed 3] [--cache cache] [--features a,b,c]
+                                             [--seeds 3]
 
 The shipped head's full training takes hours here, so the choice of inputs is measured with
 one small conditional density estimator fed each candidate feature set in turn, everything
@@ -396,11 +397,11 @@ def run(n_train: int, n_in: int, n_off: int, off_seed: int, cache: Path, names: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n-train", type=int, default=4000)
+    parser.add_argument("--n-train", type=int, default=10000)
     parser.add_argument("--n-in", type=int, default=500)
     parser.add_argument("--n-off", type=int, default=400)
     parser.add_argument("--off-seed", type=int, default=3)
-    parser.add_argument("--features", default="a,b", help="comma-separated: a, b, c")
+    parser.add_argument("--features", default="a,b,c", help="comma-separated: a, b, c")
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--n-samples", type=int, default=500)
     parser.add_argument("--seeds", type=int, default=3, help="estimator seeds per feature set")
