@@ -1,4 +1,4 @@
-"""Shared fixtures: every test is seeded; the SPS model is built once per session."""
+"""Shared fixtures: every test is seeded; the SPS model is built once per test run."""
 
 from __future__ import annotations
 
