@@ -18,13 +18,7 @@ from studies.posterior_conditioning import (
     strip_lines,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_estimator_recovers_a_known_conditional_density():

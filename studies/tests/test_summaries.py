@@ -12,14 +12,7 @@ import torch
 from sedvae.posterior import PosteriorFlow
 from studies.summaries import SummaryRegressor, deepen_flow, fit_flow, fit_regressor
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: the test machine's cores are shared (and tiny ops gain nothing)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_deepened_flow_starts_at_the_trained_density_and_samples():
