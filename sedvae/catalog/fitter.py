@@ -186,18 +186,21 @@ class PosteriorFitter(torch.nn.Module):
             self._quantiles(out, quantities, true_values)
         out["coverage_deficit"] = self._coverage_deficit(batch)
         with stage("reconstruction"):
-            out["rchi2"] = self._reduced_chi2(batch, flags)
+            # the posterior's cleaned batch, made once for the reconstruction and the check
+            clean = None
+            if self.autoencoder is not None or self.predictive is not None:
+                clean, _ = self.posterior.check(batch)
+            out["rchi2"] = self._reduced_chi2(batch, clean, flags)
         if self.predictive is not None:
-            out.update(self._predictive(batch, samples, flags))
+            out.update(self._predictive(clean, samples, flags))
             out["flags"] = out["flags"] | out.pop("misfit").long() * int(Flag.MISFIT)
         if self.keep_samples:
             out["samples"] = samples.permute(1, 0, 2).contiguous()  # (B, n, 12)
         return out
 
-    def _predictive(self, batch, samples: torch.Tensor, flags: torch.Tensor) -> dict[str, Any]:
+    def _predictive(self, clean, samples: torch.Tensor, flags: torch.Tensor) -> dict[str, Any]:
         """Line and PPC columns of the unflagged galaxies (:mod:`sedvae.catalog.ppc`); the
         columns of the options that are off are left out."""
-        clean, _ = self.posterior.check(batch)
         ok = (flags & int(FATAL)) == 0
         cols = self.predictive(samples, clean, ok)
         cols.pop("fit", None)
@@ -243,7 +246,7 @@ class PosteriorFitter(torch.nn.Module):
             out[ok] = emb.coverage_deficit(wave, batch.get("arm"), z[ok]).float()
         return out
 
-    def _reduced_chi2(self, batch: dict[str, Any], flags: torch.Tensor) -> torch.Tensor:
+    def _reduced_chi2(self, batch: dict[str, Any], clean, flags: torch.Tensor) -> torch.Tensor:
         """chi^2 / N_pix of the autoencoder's reconstruction of the posterior's cleaned batch
         (bad and outlier pixels masked, broken resolution matrices replaced); NaN for fatal
         flags, outside the autoencoder's redshift range, and for galaxies the autoencoder
@@ -262,7 +265,6 @@ class PosteriorFitter(torch.nn.Module):
             ok = ok & ~outside
             if not bool(ok.any()):
                 return out
-        clean, _ = self.posterior.check(batch)
         sub = clean.select(ok)
         try:
             if self.refine_steps:
