@@ -9,6 +9,7 @@ support, dispersions, nuisances, free s) -> ``PhysicsDecoder`` (SPS + ``Residual
 
 from .decoder import PhysicsDecoder
 from .encoder import LatentMap, SpectrumEncoder
+from .exact import ExactFit, fit_exact
 from .grid import LogGrid
 from .lightning import AutoencoderModule
 from .model import SpectrumAutoencoder
@@ -16,10 +17,12 @@ from .residual import ResidualNet
 
 __all__ = [
     "AutoencoderModule",
+    "ExactFit",
     "LatentMap",
     "LogGrid",
     "PhysicsDecoder",
     "ResidualNet",
     "SpectrumAutoencoder",
     "SpectrumEncoder",
+    "fit_exact",
 ]

@@ -386,6 +386,15 @@ class SpectrumAutoencoder(nn.Module):
             latents, model = self.decode(batch, latents, components)
         return {"batch": batch, "latents": latents, "model": model, "nll_encoder": nll0}
 
+    def fit_exact(self, batch: dict, steps: int = 200, lr: float = 0.1, **kwargs):
+        """The exact fit: the continuum's latents refined with the emission lines and the
+        calibration solved exactly at every step (:func:`sedvae.autoencoder.exact.fit_exact`,
+        which documents the arguments); returns an :class:`~sedvae.autoencoder.exact.ExactFit`.
+        ``steps=0`` is the encoder's continuum with lines and calibration solved."""
+        from .exact import fit_exact
+
+        return fit_exact(self, batch, steps=steps, lr=lr, **kwargs)
+
     def supervised(self, batch: dict, latents: dict) -> torch.Tensor:
         """Huber distance (B,) between encoder outputs and mock truth, in unconstrained
         coordinates (u of theta, ln sigma_v, ln aperture), averaged over what is known."""
