@@ -1,6 +1,7 @@
 """sedvae side by side with pPXF on the same spectra, the same SSPs and the same lines.
 
-    python bench/vs_ppxf.py [--n-mocks 60] [--age-step 3] [--mdegree 8] [--threads 1]
+    python bench/vs_ppxf.py [--n-mocks 60] [--refine-steps 200] [--age-step 3] [--mdegree 8]
+                            [--threads 1]
 
 Cost on the 2-core development machine (shared with other jobs): pPXF 5.4 s of CPU per DESI
 mock, sedvae's exact fit 0.17 s; the whole run ~7 s of wall time per mock, so the default 60
@@ -38,12 +39,20 @@ pPXF (Cappellari 2017, 2023) is run as its authors recommend for population + ga
   one kinematic component for the stars and one for the gas (V, sigma each);
 - ``degree=-1``, ``mdegree`` multiplicative Legendre polynomial (calibration and dust shape).
 
-sedvae: the shipped autoencoder's encoder (one forward pass) gives the continuum, its
-decoder's SPS continuum through the instrument *without* the residual network (lines, smooth
-and free parts); ``sedvae.linear`` then solves line fluxes (non-negative) and the per-arm
-Legendre calibration exactly against the data, with the narrow-line velocity and width that
-minimise the solved chi^2 (``LinearModel.fit_kinematics``: batched scans and parabola steps,
-lines and calibration solved exactly at every point). Its
+sedvae: the shipped autoencoder's exact fit (``SpectrumAutoencoder.fit_exact``), twice:
+
+- amortised (``*_amortised``; ``s_per_galaxy_sedvae``): the encoder (one forward pass) gives
+  the continuum, its decoder's SPS continuum through the instrument *without* the residual
+  network (lines, smooth and free parts); ``sedvae.linear`` then solves line fluxes
+  (non-negative) and the per-arm Legendre calibration exactly against the data, with the
+  narrow-line velocity and width that minimise the solved chi^2 (``LinearModel.fit_kinematics``:
+  batched scans and parabola steps, lines and calibration solved exactly at every point);
+- refined (the headline ``rchi2_*_sedvae`` and line fluxes; ``s_per_galaxy_sedvae_refined``):
+  from there, ``--refine-steps`` Adam steps on the continuum's latents with lines and
+  calibration solved exactly at every step (variable projection, the analogue of pPXF's
+  template weights: :mod:`sedvae.autoencoder.exact`), mocks in batches of ``--batch-size``.
+
+Its
 stellar mass and age come from the shipped posterior head (median of 256 samples; both the
 formed mass, theta[0], and the surviving mass are reported).
 
@@ -65,14 +74,14 @@ What is compared (per set):
   ``SEDModel.derived``'s ``t_mw_gyr``);
 - seconds per galaxy, one thread, as CPU time of the process (``time.process_time``, so that
   other jobs on a shared machine do not inflate it): sedvae = encoder + kinematic grid of
-  linear solves (its exact fit; the posterior is timed separately), pPXF = template
-  convolution + fit.
+  linear solves (its amortised exact fit; the refined fit and the posterior are timed
+  separately), pPXF = template convolution + fit.
 
-The SDSS spectrum is fitted on its own 3848 pixels with its own LSF (``wdisp``): the encoder's
-continuum observed there, then lines and calibration solved exactly, as for DESI; in addition
-``sedvae.linear`` is run on pPXF's stellar continuum (``sdss_linear_on_ppxf_continuum_*``) to
-compare the two line solvers on real data with the same continuum. ``rchi2_median_*`` are
-medians over the two real spectra (the DESI galaxy and NGC 3073).
+The SDSS spectrum is fitted on its own 3848 pixels with its own LSF (``wdisp``), as DESI; in
+addition ``sedvae.linear`` is run on pPXF's stellar continuum
+(``sdss_linear_on_ppxf_continuum_*``) to compare the two line solvers on real data with the
+same continuum. ``rchi2_median_*`` are medians over the two real spectra (the DESI galaxy and
+NGC 3073).
 
 The last line of the output is JSON.
 """
@@ -266,19 +275,28 @@ class PPXFRunner:
 
 
 # ---- sedvae's exact linear fit ----------------------------------------------------------------
-def sedvae_fit(net, lm, batch: dict) -> dict:
-    """Encoder continuum (SPS only) + sedvae.linear lines and calibration for a DESI batch."""
+def sedvae_fit(net, batch: dict, steps: int, lr: float) -> dict:
+    """sedvae's exact fit of a batch, twice: amortised (the encoder's continuum, lines and
+    calibration solved: ``fit``) and refined (the continuum's latents refined with lines and
+    calibration solved at every step, ``net.fit_exact``: ``refined``), each timed."""
     t0 = time.process_time()
-    with torch.no_grad():
-        out = net(batch, components=True)
-        b, model = out["batch"], out["model"]
-        w = b["ivar"] * model["coverage"]
-        kw = {} if batch.get("resolution") is None else {"resolution": batch["resolution"]}
-        v, s, fit = lm.fit_kinematics(model["flux_continuum"], b["flux"], w, b["z"], **kw)
+    amortised = net.fit_exact(batch, steps=0)
     seconds = time.process_time() - t0
-    ae = (w * (b["flux"] - model["flux"]) ** 2).sum(-1) / (w > 0).sum(-1).clamp_min(1)
-    return {"fit": fit, "v": v, "sigma": s, "seconds": seconds, "rchi2_autoencoder": ae,
-            "weight": w}  # fmt: skip
+    out = {"fit": amortised.fit, "v": amortised.velocity, "sigma": amortised.sigma,
+           "seconds": seconds, "weight": amortised.weight}  # fmt: skip
+    with torch.no_grad():
+        m = net(amortised.batch)["model"]
+    w = amortised.weight
+    out["rchi2_autoencoder"] = (w * (amortised.batch["flux"] - m["flux"]) ** 2).sum(-1) / (
+        w > 0
+    ).sum(-1).clamp_min(1)
+    out["refined"], out["seconds_refined"] = out["fit"], seconds
+    if steps > 0:
+        t0 = time.process_time()
+        ref = net.fit_exact(batch, steps=steps, lr=lr)
+        out["seconds_refined"] = time.process_time() - t0
+        out["refined"], out["sigma_refined"] = ref.fit, ref.sigma
+    return out
 
 
 def posterior_summary(post, batch: dict, n: int = 256, seed: int = 0) -> dict:
@@ -346,6 +364,9 @@ def main() -> None:
     p.add_argument("--velscale", type=float, default=None,
                    help="pPXF km/s per log pixel for DESI (default: 0.8 A at the median rest "
                         "wavelength)")  # fmt: skip
+    p.add_argument("--refine-steps", type=int, default=200,
+                   help="steps of sedvae's refined exact fit (0: the amortised fit only)")
+    p.add_argument("--refine-lr", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
@@ -370,7 +391,7 @@ def main() -> None:
     inst_wave = net.decoder.instrument.wave.double().numpy()
     res = {"n_templates_stars": (len(ppx.edges) - 1) * len(ppx.grid.zmet),
            "n_gas_components": len(ppx.tie), "mdegree": args.mdegree}  # fmt: skip
-    t_sed, t_ppxf, t_post = [], [], []
+    t_sed, t_ref, t_ppxf, t_post = [], [], [], []
 
     def lines_vs(prefix: str, lin, pf: dict) -> None:
         amp, err = lin.amplitude[0].double().numpy(), lin.amplitude_err[0].double().numpy()
@@ -380,8 +401,9 @@ def main() -> None:
     # (a) the bundled DESI galaxy ------------------------------------------------------------
     batch = desi_example_batch()
     batch["resolution"] = torch.cat(batch["resolution"], -1)
-    sv = sedvae_fit(net, lm, batch)
+    sv = sedvae_fit(net, batch, args.refine_steps, args.refine_lr)
     t_sed.append(sv["seconds"])
+    t_ref.append(sv["seconds_refined"])
     res["desi_s_sedvae"] = sv["seconds"]
     w = sv["weight"][0].double().numpy()
     pf = desi_ppxf(ppx, inst_wave, batch["flux"][0].double().numpy(), w,
@@ -390,7 +412,9 @@ def main() -> None:
     res["desi_s_ppxf"] = pf["seconds"]
     ps = posterior_summary(post, batch)
     res.update({
-        "desi_rchi2_sedvae": float(sv["fit"].rchi2[0]),
+        "desi_rchi2_sedvae": float(sv["refined"].rchi2[0]),
+        "desi_rchi2_sedvae_amortised": float(sv["fit"].rchi2[0]),
+        "desi_s_sedvae_refined": sv["seconds_refined"],
         "desi_rchi2_autoencoder_alone": float(sv["rchi2_autoencoder"][0]),
         "desi_rchi2_ppxf": pf["rchi2"], "desi_rchi2_ppxf_own_pixels": pf["rchi2_own"],
         "desi_sigma_gas_sedvae": float(sv["sigma"][0]), "desi_sigma_gas_ppxf": pf["sigma_gas"],
@@ -416,9 +440,12 @@ def main() -> None:
     sb = s.to_batch(dtype=torch.float32)
     sdss_batch = {"flux": sb.flux, "ivar": sb.ivar, "mask": sb.mask, "z": sb.z,
                   "wave": sb.wave, "lsf_sigma": sb.lsf_sigma}  # fmt: skip
-    sv_s = sedvae_fit(net, lm_s, sdss_batch)
+    sv_s = sedvae_fit(net, sdss_batch, args.refine_steps, args.refine_lr)
     t_sed.append(sv_s["seconds"])
-    res.update({"sdss_s_sedvae": sv_s["seconds"], "sdss_rchi2_sedvae": float(sv_s["fit"].rchi2[0]),
+    t_ref.append(sv_s["seconds_refined"])
+    res.update({"sdss_s_sedvae": sv_s["seconds"], "sdss_s_sedvae_refined": sv_s["seconds_refined"],
+                "sdss_rchi2_sedvae": float(sv_s["refined"].rchi2[0]),
+                "sdss_rchi2_sedvae_amortised": float(sv_s["fit"].rchi2[0]),
                 "sdss_rchi2_autoencoder_alone": float(sv_s["rchi2_autoencoder"][0]),
                 "sdss_sigma_gas_sedvae": float(sv_s["sigma"][0])})  # fmt: skip
     t64 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64))[None]  # noqa: E731
@@ -459,13 +486,15 @@ def main() -> None:
         # sedvae.linear's lines in the simulator's Cloudy list (vacuum, within 0.5 A)
         idx = np.array([int(np.argmin(np.abs(cloudy - wl))) for wl in lm.lines.wave])
         matched = np.abs(cloudy[idx] - np.asarray(lm.lines.wave)) < 0.5
-        per = {k: [] for k in ("rs", "rp", "rt", "fs", "es", "fp", "ft", "ms", "mp", "mt",
-                               "ss", "sp", "st", "as", "ap", "at", "cs", "cp", "ce")}  # fmt: skip
+        per = {k: [] for k in ("rs", "ra", "fa", "rp", "rt", "fs", "es", "fp", "ft", "ms",
+                               "mp", "mt", "ss", "sp", "st", "as", "ap", "at", "cs", "cp",
+                               "ce")}  # fmt: skip
         row = 0
         for b in dm.test_dataloader():
             n = b["flux"].shape[0]
-            sv = sedvae_fit(net, lm, b)
+            sv = sedvae_fit(net, b, args.refine_steps, args.refine_lr)
             t_sed.extend([sv["seconds"] / n] * n)
+            t_ref.extend([sv["seconds_refined"] / n] * n)
             ps = posterior_summary(post, b)
             t_post.extend([ps["seconds"] / n] * n)
             theta, z, ap = b["theta"].double(), b["z"].double(), b["aperture"].double()
@@ -490,12 +519,15 @@ def main() -> None:
                 per["mp"].append(pf["logm_formed"])
                 per["sp"].append(pf["logm_surv"])
                 per["ap"].append(pf["t_mw_gyr"])
-            per["rs"].append(sv["fit"].rchi2.numpy())
+            per["rs"].append(sv["refined"].rchi2.numpy())
+            per["ra"].append(sv["fit"].rchi2.numpy())
             per["rt"].append(chi2_t.numpy())
-            per["fs"].append(sv["fit"].line_flux.double().numpy())
-            per["es"].append(sv["fit"].line_flux_err.double().numpy())
-            per["cs"].append(np.stack([sv["fit"].amplitude.double().numpy(),
-                                       sv["fit"].amplitude_err.double().numpy()]))  # fmt: skip
+            ref = sv["refined"]
+            per["fs"].append(ref.line_flux.double().numpy())
+            per["es"].append(ref.line_flux_err.double().numpy())
+            per["fa"].append(sv["fit"].line_flux.double().numpy())
+            per["cs"].append(np.stack([ref.amplitude.double().numpy(),
+                                       ref.amplitude_err.double().numpy()]))  # fmt: skip
             per["ft"].append(f_true)
             per["ms"].append(ps["logm_formed"])
             per["ss"].append(ps["logm_surv"])
@@ -514,17 +546,22 @@ def main() -> None:
         ft, fs, es, fp = (cat[k][:, cols] for k in ("ft", "fs", "es", "fp"))
         det = np.isfinite(ft) & np.isfinite(es) & (ft >= 5 * es) & np.isfinite(fp)
         rel_s, rel_p = fs[det] / ft[det] - 1, fp[det] / ft[det] - 1
+        rel_a = cat["fa"][:, cols][det] / ft[det] - 1  # the amortised fit's lines
         n_m = len(cat["rs"])
         res.update({
             "mocks_n": int(n_m),
             "mocks_s_sedvae": float(np.mean(t_sed[-n_m:])),
             "mocks_s_ppxf": float(np.mean(t_ppxf[-n_m:])),
             "mocks_rchi2_median_sedvae": float(np.median(cat["rs"])),
+            "mocks_rchi2_median_sedvae_amortised": float(np.median(cat["ra"])),
+            "mocks_s_sedvae_refined": float(np.mean(t_ref[-n_m:])),
             "mocks_rchi2_median_ppxf": float(np.median(cat["rp"])),
             "mocks_rchi2_median_truth": float(np.median(cat["rt"])),
             "mocks_line_n_detected": int(det.sum()),
             "mocks_line_flux_bias_median_sedvae": float(np.median(rel_s)),
             "mocks_line_flux_abs_err_median_sedvae": float(np.median(np.abs(rel_s))),
+            "mocks_line_flux_bias_median_sedvae_amortised": float(np.median(rel_a)),
+            "mocks_line_flux_abs_err_median_sedvae_amortised": float(np.median(np.abs(rel_a))),
             "mocks_line_flux_bias_median_ppxf": float(np.median(rel_p)),
             "mocks_line_flux_abs_err_median_ppxf": float(np.median(np.abs(rel_p))),
         })  # fmt: skip
@@ -557,6 +594,9 @@ def main() -> None:
         "line_flux_abs_err_median": res.get("mocks_line_flux_abs_err_median_sedvae"),
         "s_per_galaxy_sedvae": float(np.mean(t_sed)),
         "s_per_galaxy_ppxf": float(np.mean(t_ppxf)),
+        "s_per_galaxy_sedvae_refined": float(np.mean(t_ref)),
+        "rchi2_median_sedvae_amortised": float(np.median([res["desi_rchi2_sedvae_amortised"],
+                                                           res["sdss_rchi2_sedvae_amortised"]])),
         "s_per_galaxy_sedvae_posterior": float(np.mean(t_post)) if t_post else None,
         "wall_seconds": time.perf_counter() - t_start,
     })  # fmt: skip

@@ -158,8 +158,9 @@ def fit_exact(net, batch: dict, steps: int = 200, lr: float = 0.1, kinematics_ev
                     best_raw[better] = raw.detach()[better]
                 if it == steps:
                     break
-                opt.zero_grad()
-                nll.sum().backward()  # galaxies are independent: the sum separates
+                # galaxies are independent: the sum separates; the networks' weights get
+                # no gradient (only the latents move)
+                (raw.grad,) = torch.autograd.grad(nll.sum(), raw)
                 opt.step()
     with torch.no_grad():
         latents = net.encoder.latent_map(best_raw, log_lum)
