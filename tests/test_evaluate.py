@@ -100,11 +100,16 @@ def test_main_job_default_is_the_catalog_of_the_bundled_desi_spectrum(tmp_path):
     # its summary lies outside the shipped head's training summaries (sedvae.posterior.ood)
     assert list(table["TARGETID"]) == [39633345008634465]
     assert table["flags"][0] == int(Flag.MISFIT | Flag.OOD)
-    assert metrics["n_flagged"] == 0 and 0 < metrics["median_rchi2"] < 20
+    # rchi2: the exact fit (refine: exact), lines and calibration solved with the continuum
+    # refined; this real spectrum's best fit is near 1.5 (pPXF: 1.52), the amortised one 1.53
+    assert metrics["n_flagged"] == 0 and 1.0 < metrics["median_rchi2"] < 1.55
     assert metrics["n_warnings"] == {"MISFIT": 1, "OOD": 1}
     threshold = load_posterior(cfg.evaluation.fitter.posterior).ood.threshold
     assert float(table["ood_score"][0]) < threshold
-    assert 1.05 < float(table["rchi2_ppc"][0]) < metrics["median_rchi2"]
+    # the posterior's draws fit no better than the best fit, and well enough to show no
+    # large continuum error
+    assert 1.05 < float(table["rchi2_ppc"][0]) < 2.0
+    assert metrics["median_rchi2"] <= float(table["rchi2_ppc"][0])
     assert float(table["flux_halpha"][0]) > 10 * float(table["flux_err_halpha"][0])
     plots = {p.name.split("_")[0] for p in (tmp_path / "plots").glob("*.png")}
     assert plots == {"reconstruction", "corner", "sfh"}

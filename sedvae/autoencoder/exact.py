@@ -54,6 +54,7 @@ class ExactFit:
         calibration solved (the amortised exact fit, ``steps=0``)
     linear : the :class:`LinearModel` of the batch's grid
     linear_kwargs : its per-galaxy LSF arguments (``resolution`` or ``lsf_sigma``)
+    decoded : the decoder's output at ``latents`` (``components=True``)
     """
 
     batch: dict
@@ -66,6 +67,7 @@ class ExactFit:
     rchi2_encoder: torch.Tensor
     linear: LinearModel
     linear_kwargs: dict
+    decoded: dict
 
     @property
     def rchi2(self) -> torch.Tensor:
@@ -76,6 +78,22 @@ class ExactFit:
     def model(self) -> torch.Tensor:
         """(B, M) the full model: calibrated continuum plus the solved lines."""
         return self.fit.model
+
+    @property
+    def chi2_per_pixel(self) -> torch.Tensor:
+        """(B,) chi^2 / N_pix, as the autoencoder's :meth:`chi2` counts it (the catalog's
+        ``rchi2``; :attr:`rchi2` divides by the degrees of freedom instead)."""
+        return self.fit.chi2 / (self.weight > 0).sum(-1).clamp_min(1)
+
+    def as_output(self) -> dict:
+        """The fit as :meth:`SpectrumAutoencoder.forward` returns one (``batch``, ``latents``,
+        ``model``), for :func:`sedvae.plotting.plot_reconstruction`: ``model["flux"]`` is the
+        exact fit's model, ``model["flux_continuum"]`` its calibrated continuum (so the
+        figure's "residual component" is the solved lines)."""
+        model = dict(self.decoded)
+        model["flux"] = self.fit.model
+        model["flux_continuum"] = self.fit.model - self.fit.lines_model
+        return {"batch": self.batch, "latents": self.latents, "model": model}
 
 
 def linear_model_for(net, batch: dict) -> tuple[LinearModel, dict]:
@@ -172,7 +190,7 @@ def fit_exact(net, batch: dict, steps: int = 200, lr: float = 0.1, kinematics_ev
                                                      sigma=sigma, mask=mask, **kw)  # fmt: skip
         else:
             fit = fit0
-    return ExactFit(batch, latents, cont, weight, fit, velocity, sigma, fit0.rchi2, lm, kw)
+    return ExactFit(batch, latents, cont, weight, fit, velocity, sigma, fit0.rchi2, lm, kw, model)
 
 
 def _chi2_phot(batch: dict, model: dict) -> torch.Tensor:

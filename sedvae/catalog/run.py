@@ -266,13 +266,7 @@ def _plot_galaxy(folder: Path, source, fitter, index: int, name, row=None) -> No
         # the fitter refines it, and the catalog row's numbers in the title
         ae = fitter.autoencoder
         clean, _ = posterior.check(batch)
-        steps = int(getattr(fitter, "refine_steps", 0))
-        if steps:
-            with torch.enable_grad():
-                output = ae.refine(clean, steps=steps, components=True)
-        else:
-            with torch.no_grad():
-                output = ae(clean, components=True)
+        output = fitter.reconstruct(clean, components=True)
         catalog = None
         if row is not None and "rchi2" in row.colnames:
             catalog = {k: row[k] for k in ("rchi2", "logmstar_p50", "rchi2_ppc")
