@@ -177,7 +177,7 @@ def main() -> None:
     result["sbc_min_ks_p_bonferroni"] = float(min(1.0, len(pvals) * pvals.min()))
     # which way each parameter leans (normalised ranks: std 0.289 and mean 0.5 if calibrated;
     # a smaller std = posteriors too wide), overall and by spectral S/N tercile, where the dust
-    # posteriors' excess width grows with S/N (README, "Training the flow alone")
+    # posteriors' excess width grows with S/N (docs/results.md, "Training the flow alone")
     r_mean, r_std = sbc_rank_moments(ranks, args.n_samples)
     result["sbc_rank_mean"], result["sbc_rank_std"] = named(r_mean), named(r_std)
     snr = spectral_snr(batch)[ok].double()

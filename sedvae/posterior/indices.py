@@ -12,8 +12,8 @@ here they come exactly integrated over the index windows (not from 880 km/s bins
 than a Lick band only by a factor 3), always at the same rest-frame wavelengths whatever z, with
 their noise from ivar.
 
-Measured (README, "The SBI head"): a run from the shipped file with these inputs reached
-0.164 dex logM* scatter against 0.169 for the same run without them, but left the age
+Measured (docs/results.md, "Spectral indices"): a run from the shipped file with these inputs
+reached 0.164 dex logM* scatter against 0.169 for the same run without them, but left the age
 correlation unchanged and failed tau_ISM's SBC test, so they are off by default
 (``embedding.indices``).
 
