@@ -3,9 +3,10 @@
     python bench/vs_ppxf.py [--n-mocks 60] [--refine-steps 200] [--age-step 3] [--mdegree 8]
                             [--threads 1]
 
-Cost on the 2-core development machine (shared with other jobs): pPXF 5.4 s of CPU per DESI
-mock, sedvae's exact fit 0.17 s; the whole run ~7 s of wall time per mock, so the default 60
-mocks take under 10 minutes and ``--n-mocks 200`` (issue 25's set) took 24.
+Cost on the 2-core development machine (one thread): pPXF 4.4 s of CPU per DESI mock, sedvae's
+amortised exact fit 0.07 s and its refined fit 1.7 s; the whole run ~7 s of wall time per mock,
+so the default 60 mocks take about 10 minutes and ``--n-mocks 200`` (issue 25's set) took 50
+on the machine shared with a catalog run.
 
 Needs the ``bench`` extra (``pip install -e .[bench]``: PyPI ``ppxf``); sedvae itself never
 imports it.
@@ -72,10 +73,10 @@ What is compared (per set):
   grey dimming, so pPXF masses of dusty mocks come out low;
 - mass-weighted age: formed-mass-weighted lookback age of the bins (mid-bin ages, as
   ``SEDModel.derived``'s ``t_mw_gyr``);
-- seconds per galaxy, one thread, as CPU time of the process (``time.process_time``, so that
-  other jobs on a shared machine do not inflate it): sedvae = encoder + kinematic grid of
-  linear solves (its amortised exact fit; the refined fit and the posterior are timed
-  separately), pPXF = template convolution + fit.
+- seconds per galaxy, one thread (torch and numpy's BLAS, ``--threads``), as CPU time of the
+  process (``time.process_time``, so that other jobs on a shared machine inflate it less):
+  sedvae = encoder + kinematic grid of linear solves (its amortised exact fit; the refined fit
+  and the posterior are timed separately), pPXF = template convolution + fit.
 
 The SDSS spectrum is fitted on its own 3848 pixels with its own LSF (``wdisp``), as DESI; in
 addition ``sedvae.linear`` is run on pPXF's stellar continuum
@@ -371,6 +372,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    # numpy's BLAS too (pPXF): its idle threads spin, and process CPU time counts the spinning
+    # (pPXF measured 4.3 CPU-s per mock with one BLAS thread, 10.4 with the default two)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(args.threads)
 
     from sedvae.checkpoint import load_checkpoint
     from sedvae.evaluation.autoencoder import desi_example_batch
