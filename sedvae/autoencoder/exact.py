@@ -7,18 +7,18 @@ The model of a spectrum is
 
 with the SPS continuum C of the physical latents (theta, sigma_star, aperture), a per-arm
 Legendre calibration c (Gaussian prior) and non-negative line amplitudes a
-(:mod:`sedvae.linear`). For fixed latents the best (c, a) is one exact solve; the latents then
-follow the gradient of the profiled objective
+(:mod:`sedvae.linear`). For fixed latents the best (c, a) is one exact solve (chi^2 plus the
+calibration's Gaussian prior, a >= 0); the latents then follow the gradient of
 
-    L(theta) = min_{c, a >= 0} [chi^2 + c^T S^-1 c] / 2 + w_phot chi^2_phot / 2
+    L(theta) = chi^2(theta, c*(theta), a*(theta)) / 2 + w_phot chi^2_phot / 2
                - w_prior log p(theta, s, calib)
 
-(the autoencoder's own objective with the lines and calibration solved instead of predicted;
-the photometry, when given, ties the total mass as it does there), whose gradient is the one
-at the solved (c, a) (envelope theorem: the solve's own gradient vanishes
-at its optimum; :func:`sedvae.linear.solve_linear` is differentiable where its active set is
-locally constant). This is variable projection (Golub & Pereyra 1973), as pPXF does for its
-template weights, with the continuum a physical model rather than a free template mix.
+the data chi^2 at the solved (c*, a*), plus the photometry's chi^2 (which ties the total mass)
+and the autoencoder's prior on its latents: the autoencoder's own objective with the lines and
+the calibration solved instead of predicted. The gradient goes through the solve
+(:func:`sedvae.linear.solve_linear` is differentiable wherever its active set is locally
+constant). This is variable projection (Golub & Pereyra 1973), as pPXF does for its template
+weights, with the continuum a physical model rather than a free template mix.
 
 It starts from the encoder's output (the amortised fit) and takes ``steps`` Adam steps in the
 encoder's unconstrained output space, so every iterate stays inside the prior's support; the
