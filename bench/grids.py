@@ -65,9 +65,7 @@ def make_batches(n: int, seed: int, photometry: bool = True) -> tuple[dict, torc
     gen = torch.Generator().manual_seed(seed)
     params = mocks.draw(n, gen)
     sps = mocks.sps
-    dt = sps.dtype
-    lum = sps.simulate(params["theta"].to(dt), params["z"].to(dt), params["logU"].to(dt),
-                       params["sigma_v"].to(dt))  # fmt: skip
+    lum = mocks.rest_frame(params)  # also observed on the other grids below
     clean = mocks.noiseless(params, lum)
     obs = mocks.noisy(clean["flux_true"], clean["photometry_true"], gen)
     inst = mocks.instrument

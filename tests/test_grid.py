@@ -191,9 +191,7 @@ def mocks():
     params["z"] = torch.full((4,), 0.1, dtype=torch.float64)
     params["aperture"] = torch.full((4,), 0.8, dtype=torch.float64)
     sps = mg.sps
-    dt = sps.dtype
-    lum = sps.simulate(params["theta"].to(dt), params["z"].to(dt), params["logU"].to(dt),
-                       params["sigma_v"].to(dt))  # fmt: skip
+    lum = mg.rest_frame(params)  # also observed on the other grids below
     clean = mg.noiseless(params, lum)
     obs = mg.noisy(clean["flux_true"], clean["photometry_true"], gen)
     desi = {"flux": obs["flux"], "ivar": obs["ivar"], "mask": obs["mask"],

@@ -98,17 +98,18 @@ class ExactFit:
 
 def linear_model_for(net, batch: dict) -> tuple[LinearModel, dict]:
     """The :class:`LinearModel` that solves lines and calibration on a checked batch's own
-    pixels, with the LSF arguments its ``forward`` needs: the decoder's instrument and the
-    batch's resolution matrices on the decoder's grid, else the instrument the decoder observes
-    that grid with (:meth:`SpectrumAutoencoder.pixels`) and its Gaussian LSF."""
+    pixels, with the LSF arguments its ``forward`` needs: the instrument the decoder observes
+    the batch with (its own, or :meth:`SpectrumAutoencoder.pixels` on another grid) and that
+    grid's Gaussian LSF, else the batch's resolution matrices."""
     pixels = net.pixels(batch)
-    if pixels is None:
-        kw = {} if batch.get("resolution") is None else {"resolution": batch["resolution"]}
-        return LinearModel(net.decoder.instrument), kw
-    kw = {} if pixels.sigma is None else {"lsf_sigma": pixels.sigma}
-    if pixels.sigma is None and batch.get("resolution") is not None:
+    instrument = net.decoder.instrument if pixels is None else pixels.instrument
+    if pixels is not None and pixels.sigma is not None:
+        kw = {"lsf_sigma": pixels.sigma}
+    elif batch.get("resolution") is not None:
         kw = {"resolution": batch["resolution"]}
-    return LinearModel(pixels.instrument), kw
+    else:
+        kw = {}
+    return LinearModel(instrument), kw
 
 
 def fit_exact(net, batch: dict, steps: int = 200, lr: float = 0.1, kinematics_every: int = 50,
@@ -134,10 +135,8 @@ def fit_exact(net, batch: dict, steps: int = 200, lr: float = 0.1, kinematics_ev
     batch = net.check_batch(batch)
     lm, kw = linear if linear is not None else linear_model_for(net, batch)
     flux, z, mask = batch["flux"], batch["z"], batch.get("mask")
-    args = (flux, batch["ivar"], z, batch.get("photometry"), batch.get("photometry_ivar"),
-            batch.get("wave"), batch.get("arm"))  # fmt: skip
+    raw, log_lum = net.raw_outputs(batch)
     with torch.no_grad():
-        raw, log_lum = net.encoder.raw(*args)
         _, model = net.decode(batch, net.encoder.latent_map(raw, log_lum), components=True)
         weight = batch["ivar"] * model["coverage"]
         velocity, sigma, fit0 = lm.fit_kinematics(model["flux_continuum"], flux, weight, z,
@@ -145,41 +144,30 @@ def fit_exact(net, batch: dict, steps: int = 200, lr: float = 0.1, kinematics_ev
     n = (weight > 0).sum(-1).clamp_min(1)
     if batch.get("photometry") is not None:
         n = n + (batch["photometry_ivar"] > 0).sum(-1)
-    best_raw = raw.detach().clone()
+    best_raw = raw
     if steps > 0:
-        raw = raw.detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam([raw], lr=lr)
-        best = torch.full_like(fit0.rchi2, float("inf"))
-        design = None
-        with torch.enable_grad():
-            for it in range(steps + 1):
-                latents, model = net.decode(batch, net.encoder.latent_map(raw, log_lum),
-                                            components=True)  # fmt: skip
-                cont = model["flux_continuum"]
-                if it > 0 and it % kinematics_every == 0:
-                    with torch.no_grad():
-                        velocity, sigma, _ = lm.fit_kinematics(
-                            cont.detach(), flux, weight, z, velocity=velocity, sigma=sigma,
-                            mask=mask, return_fit=False, **kw,
-                        )
-                    design = None
-                if design is None:  # the line profiles depend on the kinematics only
-                    design = lm.design(z, velocity, sigma, dtype=cont.dtype, **kw)
-                fit = solve_linear(cont, flux, weight, design, lm.tie, lm.calib_basis,
-                                   lm.calib_sigma, mask=mask, pixel_width=lm.pixel_width,
-                                   z=z)  # fmt: skip
-                nll = 0.5 * (fit.chi2 + net.w_phot * _chi2_phot(batch, model))
-                nll = (nll - net.w_prior * _log_prior(net, latents)) / n
+        state = {"velocity": velocity, "sigma": sigma, "design": None}
+
+        def loss(it, latents, model):
+            cont = model["flux_continuum"]
+            if it > 0 and it % kinematics_every == 0:
                 with torch.no_grad():
-                    better = nll < best
-                    best = torch.where(better, nll, best)
-                    best_raw[better] = raw.detach()[better]
-                if it == steps:
-                    break
-                # galaxies are independent: the sum separates; the networks' weights get
-                # no gradient (only the latents move)
-                (raw.grad,) = torch.autograd.grad(nll.sum(), raw)
-                opt.step()
+                    state["velocity"], state["sigma"], _ = lm.fit_kinematics(
+                        cont.detach(), flux, weight, z, velocity=state["velocity"],
+                        sigma=state["sigma"], mask=mask, return_fit=False, **kw,
+                    )
+                state["design"] = None
+            if state["design"] is None:  # the line profiles depend on the kinematics only
+                state["design"] = lm.design(z, state["velocity"], state["sigma"],
+                                            dtype=cont.dtype, **kw)  # fmt: skip
+            fit = solve_linear(cont, flux, weight, state["design"], lm.tie, lm.calib_basis,
+                               lm.calib_sigma, mask=mask, pixel_width=lm.pixel_width,
+                               z=z)  # fmt: skip
+            nll = 0.5 * (fit.chi2 + net.w_phot * _chi2_phot(batch, model))
+            return (nll - net.w_prior * _log_prior(net, latents)) / n
+
+        best_raw, _ = net.descend(batch, raw, log_lum, steps, lr, loss, components=True)
+        velocity, sigma = state["velocity"], state["sigma"]
     with torch.no_grad():
         latents = net.encoder.latent_map(best_raw, log_lum)
         latents["log_lum"] = log_lum

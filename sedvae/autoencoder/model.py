@@ -350,36 +350,60 @@ class SpectrumAutoencoder(nn.Module):
             metrics.update({f"mock/{k}": v for k, v in m_mock.items()})
         return loss, metrics
 
+    def raw_outputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's unconstrained outputs of a checked batch and its luminosity scale,
+        ``(raw, log_lum)`` (``encoder.latent_map(raw, log_lum)`` gives the latents), without
+        gradients: where test-time refinement starts."""
+        args = (batch["flux"], batch["ivar"], batch["z"], batch.get("photometry"),
+                batch.get("photometry_ivar"), batch.get("wave"), batch.get("arm"))  # fmt: skip
+        with torch.no_grad():
+            return self.encoder.raw(*args)
+
+    def descend(self, batch: dict, raw: torch.Tensor, log_lum: torch.Tensor, steps: int,
+                lr: float, loss, components: bool = False) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """``steps`` Adam steps on the encoder's unconstrained outputs ``raw`` (B, D), so that
+        every iterate stays inside the prior support; ``loss(step, latents, model)`` is each
+        galaxy's loss (B,) at the decoded iterate. Galaxies are independent (the sum of their
+        losses separates) and each keeps its best iterate. Only the latents move: the networks'
+        weights get no gradient.
+
+        Returns the best ``raw`` (B, D) and the loss at the start (B,)."""
+        raw = raw.detach().clone().requires_grad_(True)
+        best_raw = raw.detach().clone()
+        best = torch.full(raw.shape[:1], float("inf"), dtype=raw.dtype, device=raw.device)
+        opt = torch.optim.Adam([raw], lr=lr)
+        loss0 = None
+        with torch.enable_grad():
+            for it in range(steps + 1):
+                latents, model = self.decode(batch, self.encoder.latent_map(raw, log_lum),
+                                             components)  # fmt: skip
+                value = loss(it, latents, model)
+                with torch.no_grad():
+                    loss0 = value.detach().clone() if loss0 is None else loss0
+                    better = value < best
+                    best = torch.where(better, value, best)
+                    best_raw[better] = raw.detach()[better]
+                if it == steps:
+                    break
+                (raw.grad,) = torch.autograd.grad(value.sum(), raw)
+                opt.step()
+        return best_raw, loss0
+
     def refine(self, batch: dict, steps: int = 100, lr: float = 0.1,
                components: bool = False) -> dict:  # fmt: skip
         """Test-time refinement: start from the encoder's output and take ``steps`` Adam steps
         on each galaxy's own loss (``objective``) in the encoder's unconstrained output space
-        (so every iterate stays inside the prior support). The networks are not changed.
+        (:meth:`descend`). The networks are not changed.
 
         Returns the :meth:`forward` dict at the best iterate of each galaxy, plus
         ``nll_encoder`` (B,), the loss at the encoder's own output.
         """
         batch = self.check_batch(batch)
-        args = (batch["flux"], batch["ivar"], batch["z"], batch.get("photometry"),
-                batch.get("photometry_ivar"), batch.get("wave"), batch.get("arm"))  # fmt: skip
-        with torch.no_grad():
-            raw, log_lum = self.encoder.raw(*args)
-        raw = raw.detach().clone().requires_grad_(True)
-        best_raw = raw.detach().clone()
-        best = torch.full(raw.shape[:1], float("inf"), dtype=raw.dtype, device=raw.device)
-        opt = torch.optim.Adam([raw], lr=lr)
-        nll0 = None
-        for _ in range(steps + 1):
-            latents, model = self.decode(batch, self.encoder.latent_map(raw, log_lum))
-            nll = self.objective(batch, latents, model)["nll"]
-            with torch.no_grad():
-                nll0 = nll.detach().clone() if nll0 is None else nll0
-                better = nll.detach() < best
-                best = torch.minimum(best, nll.detach())
-                best_raw[better] = raw.detach()[better]
-            opt.zero_grad()
-            nll.sum().backward()  # galaxies are independent: the sum separates
-            opt.step()
+        raw, log_lum = self.raw_outputs(batch)
+        best_raw, nll0 = self.descend(
+            batch, raw, log_lum, steps, lr,
+            lambda it, latents, model: self.objective(batch, latents, model)["nll"],
+        )
         with torch.no_grad():
             latents = self.encoder.latent_map(best_raw, log_lum)
             latents["log_lum"] = log_lum

@@ -151,18 +151,24 @@ class MockGenerator(torch.nn.Module):
         }
 
     @torch.no_grad()
+    def rest_frame(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Rest-frame L_sun/A (n, L) on ``sps.wave`` of drawn parameters: stars x 10^logM*,
+        nebular lines and continuum, velocity broadening (``sps.simulate``)."""
+        dt = self.sps.dtype
+        return self.sps.simulate(params["theta"].to(dt), params["z"].to(dt),
+                                 params["logU"].to(dt), params["sigma_v"].to(dt))  # fmt: skip
+
     def noiseless(self, params: dict[str, torch.Tensor], lum_rest=None) -> dict:
         """Noiseless observations of drawn parameters (float32 outputs).
 
         ``lum_rest`` (n, L) L_sun/A (incl. mass, nebular, broadening) on ``sps.wave`` may be
         given (e.g. from a :func:`~sedvae.simulation.writer.simulate_to_hdf5` file); otherwise
-        ``sps.simulate`` makes it.
+        :meth:`rest_frame` makes it.
         """
         dt = self.sps.dtype
-        theta, z = params["theta"].to(dt), params["z"].to(dt)
-        logu, sigma_v = params["logU"].to(dt), params["sigma_v"].to(dt)
+        theta, z, logu = params["theta"].to(dt), params["z"].to(dt), params["logU"].to(dt)
         if lum_rest is None:
-            lum_rest = self.sps.simulate(theta, z, logu, sigma_v)
+            lum_rest = self.rest_frame(params)
         flux, phot = self.observe(lum_rest, z)
         flux = flux * params["aperture"].to(dt)[:, None]
         lines = self.sps.line_luminosities(theta, z, logu)
