@@ -26,7 +26,8 @@ Test sets: the conditioning study's 500 held-out in-model simulations (theta's h
 its 400 off-model galaxies (``python -m sedvae.offmodel n=400 seed=3``, noise seed 0). Per prior
 and test set: bias / NMAD / 68 % coverage of log surviving mass, log SFR(100 Myr) of
 star-forming galaxies and t_MW (Gyr), the mean over ``--seeds`` estimator seeds (``_sd``: their
-standard deviation). Last line: JSON.
+standard deviation); and the off-model bias of surviving mass and t_MW per SFH family and for
+galaxies with a burst. Last line: JSON.
 
 The continuity histories are not the off-model set's families (no delayed-tau, exponential,
 lognormal or power-law shape is drawn): the test stays off the model.
@@ -39,9 +40,11 @@ import json
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
+from sedvae.offmodel import SFH_FAMILIES
 from sedvae.posterior import load_posterior
 from sedvae.simulation.onthefly import OBS_KEYS
 from sedvae.sps.continuity import ContinuitySFH
@@ -56,6 +59,7 @@ from studies.posterior_conditioning import (
     quantiles_from_targets,
     sim_truth,
     simulate,
+    stats,
     targets,
 )
 
@@ -78,6 +82,16 @@ def training_set(cache: Path, name: str, n: int, seed: int) -> dict:
     return simulate(d / f"generative_{tag}_n{n}_seed{seed}.pt", n, seed, sfh=ContinuitySFH(**cfg))
 
 
+def offmodel_subsets(path: Path) -> dict[str, np.ndarray]:
+    """Masks of the off-model galaxies per SFH family and of those with a burst."""
+    with h5py.File(path, "r") as f:
+        grp = f["offmodel"]
+        family = grp["sfh_family"][()]
+        out = {name: family == i for i, name in enumerate(SFH_FAMILIES)}
+        out["burst"] = grp["burst"][()] > 0
+    return out
+
+
 def observed(data: dict) -> dict:
     return {k: data[k] for k in (*OBS_KEYS, "z")}
 
@@ -96,6 +110,7 @@ def run(n_train: int, n_in: int, n_off: int, off_seed: int, cache: Path, priors:
                                     n_off, off_seed)  # fmt: skip
     sets = {"in": (*feat(observed(test_in)), sim_truth(posterior, test_in)),
             "off": (*feat(off_batch), off_truth)}  # fmt: skip
+    subsets = offmodel_subsets(cache / f"offmodel/offmodel_n{n_off}_seed{off_seed}.h5")
     result: dict = {"n_train": n_train, "n_in": n_in, "n_off": n_off, "seeds": n_seeds}
     for name in priors:
         c1 = time.process_time()
@@ -114,7 +129,14 @@ def run(n_train: int, n_in: int, n_off: int, off_seed: int, cache: Path, priors:
             row = {"dim": int(x.shape[1]), **rec}
             for key, (f, anchor, fatal, t) in sets.items():
                 samples = predict(flow, std, np.nan_to_num(f["a"]), n_samples, seed)
-                row[key] = evaluate(quantiles_from_targets(samples, anchor), t, ~fatal)
+                q = quantiles_from_targets(samples, anchor)
+                row[key] = evaluate(q, t, ~fatal)
+                if key == "off":  # the bias per SFH family and with a burst
+                    row["off_subsets"] = {
+                        sub: {k: stats(q[k][:, ~fatal & m], t[k][~fatal & m])["bias"]
+                              for k in ("logmsurv", "tmw")}
+                        for sub, m in subsets.items()
+                    }  # fmt: skip
             per_seed.append(row)
             print(name, seed, json.dumps(row), flush=True)
         row = mean_rows(per_seed)
@@ -125,6 +147,10 @@ def run(n_train: int, n_in: int, n_off: int, off_seed: int, cache: Path, priors:
                 for s, v in row[key][q].items():
                     if s != "n":
                         result[f"{name}_{key}model_{q}_{s}"] = v
+        for sub in subsets:
+            for k in ("logmsurv", "tmw"):
+                v = [r["off_subsets"][sub][k] for r in per_seed]
+                result[f"{name}_offmodel_{sub}_{k}_bias"] = round(float(np.mean(v)), 4)
         result[f"{name}_cpu_s"] = round(time.process_time() - c1, 1)
     result["cpu_s"] = round(time.process_time() - c0, 1)
     return result
