@@ -316,12 +316,12 @@ def stats(q: np.ndarray, truth: np.ndarray) -> dict:
     }
 
 
-def mean_rows(rows: list[dict]) -> dict:
-    """Mean over the estimator seeds of every metric, with the seeds' standard deviation
-    (``<stat>_sd``) when there are several."""
+def mean_rows(rows: list[dict], keys=("in", "off")) -> dict:
+    """Mean over the estimator seeds of every metric of the test sets ``keys``, with the seeds'
+    standard deviation (``<stat>_sd``) when there are several."""
     out = {"dim": rows[0]["dim"], "epochs": rows[0]["epochs"],
            "val_nll": float(np.mean([r["val_nll"] for r in rows]))}  # fmt: skip
-    for key in ("in", "off"):
+    for key in keys:
         out[key] = {}
         for q in rows[0][key]:
             stat = {"n": rows[0][key][q]["n"]}

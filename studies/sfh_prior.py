@@ -1,6 +1,6 @@
 """Does a broader SFH prior in the simulator close the off-model gap? (issue 26)
 
-    python -m studies.sfh_prior [--n-train 10000] [--priors provabgs,continuity,continuity_wide]
+    python -m studies.sfh_prior [--n-train 10000] [--priors provabgs,continuity,...]
                                 [--seeds 3] [--cache cache]
 
 The shipped head's surviving mass is +0.08 dex biased on the off-model set (bagpipes'
@@ -16,18 +16,21 @@ model that differ only in their star-formation histories:
   prior (``sedvae.sps.continuity.ContinuitySFH``: constant SFR in 7 coarse lookback bins,
   Student-t (nu = 2, 0.3 dex) log SFR ratios between neighbours), with theta's metallicity
   history and burst;
-- ``continuity_wide``: the same with a 0.6 dex scale.
+- ``continuity_wide``: the same with a 0.6 dex scale, ``continuity_1dex`` with 1 dex;
+- ``continuity_only``: continuity histories alone (0.6 dex), no PROVABGS ones.
 
 The training sets share their seed, so every galaxy has the same theta, redshift, lines,
 calibration warp and sky as in the others; only its history (half of them) and its noise
 draw differ. Truths come from each history (``SEDModel.derived_from_history``).
 
-Test sets: the conditioning study's 500 held-out in-model simulations (theta's histories) and
-its 400 off-model galaxies (``python -m sedvae.offmodel n=400 seed=3``, noise seed 0). Per prior
-and test set: bias / NMAD / 68 % coverage of log surviving mass, log SFR(100 Myr) of
-star-forming galaxies and t_MW (Gyr), the mean over ``--seeds`` estimator seeds (``_sd``: their
-standard deviation); and the off-model bias of surviving mass and t_MW per SFH family and for
-galaxies with a burst. Last line: JSON.
+Test sets: the conditioning study's 500 held-out in-model simulations (theta's histories,
+``in``), its 400 off-model galaxies (``python -m sedvae.offmodel n=400 seed=3``, noise seed 0;
+``off``), and 500 held-out simulations of the training prior itself (``own``: the estimator's
+calibration on its own prior; for ``provabgs`` the ``in`` set). Per prior and test set:
+bias / NMAD / 68 % coverage of log surviving mass, log SFR(100 Myr) of star-forming galaxies
+and t_MW (Gyr), the mean over ``--seeds`` estimator seeds (``_sd``: their standard deviation);
+and the off-model bias of surviving mass and t_MW per SFH family and for galaxies with a
+burst. Last line: JSON.
 
 The continuity histories are not the off-model set's families (no delayed-tau, exponential,
 lognormal or power-law shape is drawn): the test stays off the model.
@@ -67,13 +70,15 @@ PRIORS = {  # name: the SFH prior of the training set (None: theta's histories)
     "provabgs": None,
     "continuity": {"frac": 0.5, "scale": 0.3},
     "continuity_wide": {"frac": 0.5, "scale": 0.6},
+    "continuity_1dex": {"frac": 0.5, "scale": 1.0},
+    "continuity_only": {"frac": 1.0, "scale": 0.6},  # no PROVABGS histories left
 }
 QUANTITIES = ("logmsurv", "logsfr", "tmw")
 
 
 def training_set(cache: Path, name: str, n: int, seed: int) -> dict:
-    """The training simulations of prior ``name`` (cached; ``provabgs`` is the conditioning
-    study's own file)."""
+    """``n`` simulations of prior ``name`` from stream ``seed`` (cached; ``provabgs`` shares
+    the conditioning study's files)."""
     d = cache / "conditioning"
     cfg = PRIORS[name]
     if cfg is None:
@@ -123,11 +128,16 @@ def run(n_train: int, n_in: int, n_off: int, off_seed: int, cache: Path, priors:
         if "sfh_continuity" in train:
             result[f"{name}_continuity_frac"] = round(float(train["sfh_continuity"].float()
                                                             .mean()), 3)  # fmt: skip
+        if PRIORS[name] is None:
+            own = sets["in"]
+        else:  # held-out simulations of the training prior itself: its own calibration
+            test_own = training_set(cache, name, n_in, test_seed)
+            own = (*feat(observed(test_own)), sim_truth(posterior, test_own))
         per_seed = []
         for seed in range(n_seeds):
             flow, std, rec = fit_estimator(x[ok], y[ok], seed=seed, epochs=epochs)
             row = {"dim": int(x.shape[1]), **rec}
-            for key, (f, anchor, fatal, t) in sets.items():
+            for key, (f, anchor, fatal, t) in {**sets, "own": own}.items():
                 samples = predict(flow, std, np.nan_to_num(f["a"]), n_samples, seed)
                 q = quantiles_from_targets(samples, anchor)
                 row[key] = evaluate(q, t, ~fatal)
@@ -139,10 +149,10 @@ def run(n_train: int, n_in: int, n_off: int, off_seed: int, cache: Path, priors:
                     }  # fmt: skip
             per_seed.append(row)
             print(name, seed, json.dumps(row), flush=True)
-        row = mean_rows(per_seed)
+        row = mean_rows(per_seed, ("in", "off", "own"))
         result[f"{name}_n_train"] = int(ok.sum())
         result[f"{name}_val_nll"] = round(row["val_nll"], 3)
-        for key in ("in", "off"):
+        for key in ("in", "off", "own"):
             for q in QUANTITIES:
                 for s, v in row[key][q].items():
                     if s != "n":
