@@ -329,8 +329,10 @@ def simulate_batch(
     extra = parts.draw(n, cpu) if parts is not None else None
     sfh_draws = sfh.draw(n, cpu) if sfh is not None else None
     dt = gen.sps.dtype
-    theta, z = gen.sps.check_inputs(params["theta"].to(dt), params["z"].to(dt))
-    history = None if sfh is None else sfh.history(gen.sps, theta, z, sfh_draws)
+    theta, z = params["theta"].to(dt), params["z"].to(dt)
+    history = None
+    if sfh is not None:
+        history = sfh.history(gen.sps, *gen.sps.check_inputs(theta, z), sfh_draws)
     factors = None if extra is None else parts.line_factors(extra["log_line_factor"].to(device))
     lum = gen.sps.simulate(theta, z, params["logU"].to(dt), params["sigma_v"].to(dt), factors,
                            history=history)  # fmt: skip

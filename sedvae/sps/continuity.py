@@ -28,7 +28,7 @@ from scipy.stats import t as student_t
 from ..physics.cosmology import age_of_universe_gyr
 from .model import History
 
-FIXED_EDGES_GYR = (0.0, 0.03, 0.1, 0.33, 1.1, 3.6)  # Leja et al. 2019's young bins, then ~x3.3
+FIXED_EDGES_GYR = (0.0, 0.03, 0.1, 0.33, 1.1, 3.6)  # Leja et al. 2019's 2 young bins, then x3.3
 
 
 class ContinuitySFH:
