@@ -76,21 +76,26 @@ GENERATIVE = {  # conf/experiment/posterior_generative.yaml
     "sky_line_prob": 0.3, "sky_amp": 4.0,
 }  # fmt: skip
 KEEP = ("flux", "ivar", "mask", "photometry", "photometry_ivar", "theta", "z")
+SFH_TRUTHS = ("logmstar_surv", "sfr_100myr", "t_mw_gyr", "sfh_continuity")
 
 
 # ---- the sets ----------------------------------------------------------------------------------
-def simulate(path: Path, n: int, seed: int, batch_size: int = 256) -> dict:
-    """``n`` generative-model simulations (stream ``seed``), cached in ``path``."""
+def simulate(path: Path, n: int, seed: int, batch_size: int = 256, sfh=None) -> dict:
+    """``n`` generative-model simulations (stream ``seed``), cached in ``path``. ``sfh``: an
+    SFH prior (``sedvae.sps.continuity.ContinuitySFH``) instead of theta's histories; the
+    history's truths (``SFH_TRUTHS``) are kept then."""
     if path.is_file():
         return torch.load(path)
     from sedvae.simulation.onthefly import GenerativeParts, build_generator, simulate_batch
 
     gen = build_generator(noise={"outlier_rate": 1e-3})
     parts = GenerativeParts(gen.sps.line_names, gen.instrument, **GENERATIVE)
-    out: dict[str, list] = {k: [] for k in KEEP}
+    keep = KEEP if sfh is None else KEEP + SFH_TRUTHS
+    out: dict[str, list] = {k: [] for k in keep}
     for step in range((n + batch_size - 1) // batch_size):
-        b = simulate_batch(gen, min(batch_size, n - step * batch_size), seed, step, parts=parts)
-        for k in KEEP:
+        size = min(batch_size, n - step * batch_size)
+        b = simulate_batch(gen, size, seed, step, parts=parts, sfh=sfh)
+        for k in keep:
             out[k].append(b[k].cpu())
     data = {k: torch.cat(v) for k, v in out.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +105,12 @@ def simulate(path: Path, n: int, seed: int, batch_size: int = 256) -> dict:
 
 
 def sim_truth(posterior, data: dict) -> dict:
+    """Truths of simulations: the history's own where the set carries them (an SFH prior other
+    than theta's), else derived from theta."""
+    if "logmstar_surv" in data:
+        return {"logmsurv": data["logmstar_surv"].double().numpy(),
+                "sfr_100myr": data["sfr_100myr"].double().numpy(),
+                "tmw": data["t_mw_gyr"].double().numpy()}  # fmt: skip
     d = posterior.derived(data["theta"].double()[None], data["z"].double())
     return {"logmsurv": d["logmstar_surv"][0].numpy(), "sfr_100myr": d["sfr_100myr"][0].numpy(),
             "tmw": d["t_mw_gyr"][0].numpy()}  # fmt: skip
@@ -271,12 +282,13 @@ def predict(flow, std, x: np.ndarray, n_samples: int = 500, seed: int = 0) -> np
 
 
 def quantiles_from_targets(samples: np.ndarray, anchor: np.ndarray) -> dict:
-    """16/50/84 % of log M_surv and log SFR(100 Myr) from target samples."""
+    """16/50/84 % of log M_surv, log SFR(100 Myr) and t_MW from target samples."""
     logm = samples[..., 0] + anchor[None]
     logsfr = samples[..., 1] + logm
     q = [16, 50, 84]
     return {"logmsurv": np.percentile(logm, q, axis=0),
-            "logsfr": np.percentile(logsfr, q, axis=0)}  # fmt: skip
+            "logsfr": np.percentile(logsfr, q, axis=0),
+            "tmw": np.percentile(samples[..., 2], q, axis=0)}  # fmt: skip
 
 
 @torch.no_grad()
@@ -304,12 +316,12 @@ def stats(q: np.ndarray, truth: np.ndarray) -> dict:
     }
 
 
-def mean_rows(rows: list[dict]) -> dict:
-    """Mean over the estimator seeds of every metric, with the seeds' standard deviation
-    (``<stat>_sd``) when there are several."""
+def mean_rows(rows: list[dict], keys=("in", "off")) -> dict:
+    """Mean over the estimator seeds of every metric of the test sets ``keys``, with the seeds'
+    standard deviation (``<stat>_sd``) when there are several."""
     out = {"dim": rows[0]["dim"], "epochs": rows[0]["epochs"],
            "val_nll": float(np.mean([r["val_nll"] for r in rows]))}  # fmt: skip
-    for key in ("in", "off"):
+    for key in keys:
         out[key] = {}
         for q in rows[0][key]:
             stat = {"n": rows[0][key][q]["n"]}
@@ -326,8 +338,11 @@ def mean_rows(rows: list[dict]) -> dict:
 def evaluate(q: dict, truth: dict, keep: np.ndarray) -> dict:
     sf = truth["sfr_100myr"] / 10 ** truth["logmsurv"] > SSFR_SF
     logsfr = np.log10(np.maximum(truth["sfr_100myr"], 1e-30))
-    return {"logmsurv": stats(q["logmsurv"][:, keep], truth["logmsurv"][keep]),
-            "logsfr": stats(q["logsfr"][:, keep & sf], logsfr[keep & sf])}  # fmt: skip
+    out = {"logmsurv": stats(q["logmsurv"][:, keep], truth["logmsurv"][keep]),
+           "logsfr": stats(q["logsfr"][:, keep & sf], logsfr[keep & sf])}  # fmt: skip
+    if "tmw" in q:
+        out["tmw"] = stats(q["tmw"][:, keep], truth["tmw"][keep])
+    return out
 
 
 # ---- the study ---------------------------------------------------------------------------------

@@ -239,3 +239,35 @@ def test_sky_residuals_sit_on_bright_sky_lines(generator, parts):
     # on them the residuals (4 sigma rms spikes) raise it far above
     assert abs(float(chi[~near].pow(2).mean()) - 1.0) < 0.05
     assert float(chi[near].pow(2).mean()) > 3.0
+
+
+def test_continuity_sfh_batches_change_only_the_histories(generator, parts):
+    """An SFH prior (sedvae.sps.continuity) changes the histories and nothing else drawn; the
+    batch carries each history's truths, which are derived(theta) where the history is
+    theta's, and the continuity ones form as much mass as theta says."""
+    from sedvae.simulation.onthefly import simulate_batch
+    from sedvae.sps import THETA
+    from sedvae.sps.continuity import ContinuitySFH
+
+    sfh = ContinuitySFH(frac=0.5)
+    a = simulate_batch(generator, 12, 4, 1, parts=parts, sfh=sfh)
+    b = simulate_batch(generator, 12, 4, 1, parts=parts, sfh=sfh)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    plain = simulate_batch(generator, 12, 4, 1, parts=parts)
+    assert "logmstar_surv" not in plain  # the default is unchanged: no history truths
+    for key in ("theta", "z", "logU", "sigma_v", "aperture", "calib", "log_line_factor"):
+        assert torch.equal(a[key], plain[key]), key
+    pick = a["sfh_continuity"]
+    assert 0 < int(pick.sum()) < 12
+    sps = generator.sps
+    ref = sps.derived(a["theta"].to(sps.dtype), a["z"].to(sps.dtype))
+    for key in ("logmstar_surv", "sfr_100myr", "t_mw_gyr"):
+        torch.testing.assert_close(a[key][~pick], ref[key][~pick].float(), rtol=1e-5, atol=0)
+        assert (a[key][pick] - ref[key][pick].float()).abs().max() > 1e-2, key
+    # theta's histories make theta's spectra; the continuity ones other spectra
+    same = (a["flux_true"] - plain["flux_true"]).abs().amax(-1) <= 1e-5 * plain[
+        "flux_true"].abs().amax(-1)  # fmt: skip
+    assert torch.equal(same, ~pick)
+    surv = 10 ** (a["logmstar_surv"] - a["theta"][:, THETA.LOGMSTAR])
+    assert ((surv > 0.3) & (surv < 1)).all()

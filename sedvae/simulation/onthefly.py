@@ -308,22 +308,34 @@ class GenerativeParts(torch.nn.Module):
 
 @torch.no_grad()
 def simulate_batch(
-    gen, n: int, seed: int, step: int, device=None, parts: GenerativeParts | None = None
+    gen, n: int, seed: int, step: int, device=None, parts: GenerativeParts | None = None,
+    sfh=None,
 ) -> dict[str, torch.Tensor]:
     """Batch ``step`` of ``n`` noisy mocks (float32, on ``device``; default the generator's):
     prior draws from ``rng_for(seed, step)``, then the mock pipeline's steps on the device.
     With ``parts`` (:class:`GenerativeParts`), the generative model's free line ratios,
     calibration warp and sky residuals too; ``flux_true`` then includes the warp (not the sky
     residuals, which are noise), and the draws are returned as ``log_line_factor``, ``calib``
-    and ``sky_amp``."""
+    and ``sky_amp``.
+
+    ``sfh`` (:class:`sedvae.sps.continuity.ContinuitySFH`): star-formation histories from that
+    prior instead of theta's (drawn after everything else, so the other draws are unchanged).
+    theta then no longer describes every history, so the batch carries the history's truths
+    (``SEDModel.derived_from_history``: ``logmstar_surv``, ``sfr_100myr``, ``sfr_1gyr``,
+    ``t_mw_gyr``, ``z_mw``) and the draws (``sfh_continuity``, ``sfr_log_ratio``)."""
     device = torch.device(device) if device is not None else gen.sps.wave.device
     cpu = rng_for(seed, step)
     params = {k: v.to(device) for k, v in gen.draw(n, cpu).items()}
     extra = parts.draw(n, cpu) if parts is not None else None
+    sfh_draws = sfh.draw(n, cpu) if sfh is not None else None
     dt = gen.sps.dtype
     theta, z = params["theta"].to(dt), params["z"].to(dt)
+    history = None
+    if sfh is not None:
+        history = sfh.history(gen.sps, *gen.sps.check_inputs(theta, z), sfh_draws)
     factors = None if extra is None else parts.line_factors(extra["log_line_factor"].to(device))
-    lum = gen.sps.simulate(theta, z, params["logU"].to(dt), params["sigma_v"].to(dt), factors)
+    lum = gen.sps.simulate(theta, z, params["logU"].to(dt), params["sigma_v"].to(dt), factors,
+                           history=history)  # fmt: skip
     flux, phot = gen.observe(lum, z)
     flux = flux * params["aperture"].to(dt)[:, None]  # the fibre sees a fraction of the galaxy
     if extra is not None:
@@ -337,6 +349,13 @@ def simulate_batch(
     batch["flux_true"] = flux.float()
     if extra is not None:
         batch.update({k: v.float().to(device) for k, v in extra.items()})
+    if history is not None:
+        from ..sps import THETA
+
+        truths = gen.sps.derived_from_history(history, 10 ** theta[:, THETA.LOGMSTAR])
+        batch.update({k: v.float() for k, v in truths.items()})
+        batch["sfh_continuity"] = sfh_draws["sfh_continuity"].to(device)
+        batch["sfr_log_ratio"] = sfh_draws["sfr_log_ratio"].float().to(device)
     return batch
 
 

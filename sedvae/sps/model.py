@@ -553,12 +553,15 @@ class SEDModel(torch.nn.Module):
         logu: torch.Tensor | None = None,
         sigma_v: torch.Tensor | None = None,
         line_factors: torch.Tensor | None = None,
+        history: History | None = None,
     ) -> torch.Tensor:
         """Rest-frame spectra for mocks, (B, L) L_sun/A incl. 10^logM*: stars, plus nebular
         emission when ``logu`` is given (each line times ``line_factors`` (B, N_lines) when
-        given), broadened by ``sigma_v`` (km/s) when given."""
+        given), broadened by ``sigma_v`` (km/s) when given. ``history``: a star-formation
+        history to use instead of theta's (e.g. ``sedvae.sps.continuity``); theta then gives
+        the mass, dust and nothing else."""
         theta, z = self.check_inputs(theta, z)
-        h = self.history(theta, z)
+        h = self.history(theta, z) if history is None else history
         mass = 10 ** theta[:, THETA.LOGMSTAR]
         lum = self.spectrum_from_history(h, theta[:, THETA.DUST], mass)
         if logu is not None:
@@ -578,8 +581,12 @@ class SEDModel(torch.nn.Module):
         formed-mass-weighted lookback age (Gyr).
         """
         theta, z = self.check_inputs(theta, z)
-        h = self.history(theta, z)
-        mass = 10 ** theta[:, THETA.LOGMSTAR]
+        return self.derived_from_history(self.history(theta, z), 10 ** theta[:, THETA.LOGMSTAR])
+
+    def derived_from_history(self, h: History, mass: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`derived` of an explicit history ``h`` (per unit formed mass) and its formed
+        mass ``mass`` (B,) in M_sun: the truths of histories that have no theta."""
+        mass = torch.as_tensor(mass, dtype=self.dtype, device=h.bin_mass.device)
         rows, weights = self._sparse_rows(h)
         live = self._dense_live(h) + (self.sparse_live[rows] * weights).sum(-1)
 
@@ -588,7 +595,7 @@ class SEDModel(torch.nn.Module):
         def formed_within(t_gyr: float) -> torch.Tensor:
             inside = (torch.clamp(h.bin_hi_gyr, max=t_gyr) - lo).clamp_min(0.0)
             frac = inside / (h.bin_hi_gyr - lo).clamp_min(1e-12)
-            burst = (h.burst_age_gyr < t_gyr).to(theta.dtype) * h.burst_mass
+            burst = (h.burst_age_gyr < t_gyr).to(h.burst_mass.dtype) * h.burst_mass
             return (h.bin_mass * frac).sum(-1) + burst
 
         t_mid = 0.5 * (lo + h.bin_hi_gyr)

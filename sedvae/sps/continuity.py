@@ -1,0 +1,118 @@
+"""A broad non-parametric SFH prior: the "continuity" prior of Leja et al. 2019 (ApJ 876, 3),
+mixed with PROVABGS' NMF histories, on :class:`~sedvae.sps.SEDModel`'s bins.
+
+A continuity history has a constant SFR in each of ``K`` coarse lookback bins (default 7: 0-30
+Myr, 30-100 Myr, 0.1-0.33, 0.33-1.1, 1.1-3.6 Gyr, then 2 bins log-spaced from 3.6 Gyr to the
+age of the universe t_U(z)), and the log ratios of adjacent bins' SFRs,
+log10(SFR_i / SFR_i+1), are independent Student-t draws (nu = 2, scale 0.3 dex): the prior
+favours smooth histories but lets the SFR jump by orders of magnitude between bins (bursts,
+quenching, rejuvenation). Its mass lands on the 42 PROVABGS bins in proportion to their overlap
+with each coarse bin (the SPS assumes a constant SFR within a PROVABGS bin, so the simulated
+history is the coarse one averaged over each PROVABGS bin; the cut bin at t_U(z) is filled
+only up to t_U), then scaled to 1 - f_burst.
+
+:class:`ContinuitySFH` draws, per galaxy, whether its history is PROVABGS' (probability
+``1 - frac``, the history of theta as it is) or a continuity one; the metallicity history
+(gamma) and the burst (f_burst, t_burst) stay theta's in both. A continuity history has no
+theta: its truths come from the history (:meth:`SEDModel.derived_from_history`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from scipy.stats import t as student_t
+
+from ..physics.cosmology import age_of_universe_gyr
+from .model import History
+
+FIXED_EDGES_GYR = (0.0, 0.03, 0.1, 0.33, 1.1, 3.6)  # Leja et al. 2019's 2 young bins, then x3.3
+
+
+class ContinuitySFH:
+    """The mixture of PROVABGS and continuity histories (module docstring).
+
+    Parameters
+    ----------
+    frac : float
+        Probability that a galaxy's history is a continuity one (0.5: half and half).
+    scale : float
+        Scale (dex) of the Student-t log SFR ratios (Leja et al. 2019: 0.3).
+    nu : float
+        Degrees of freedom of the Student-t (Leja et al. 2019: 2, heavy tails).
+    fixed_edges_gyr : tuple of float
+        Lookback edges (Gyr) of the young bins, from 0, increasing.
+    n_old : int
+        Bins log-spaced from the last fixed edge to t_U(z).
+    """
+
+    def __init__(self, frac: float = 0.5, scale: float = 0.3, nu: float = 2.0,
+                 fixed_edges_gyr=FIXED_EDGES_GYR, n_old: int = 2) -> None:  # fmt: skip
+        if not 0 <= frac <= 1:
+            raise ValueError(f"frac must lie in [0, 1]; got {frac}")
+        if not (scale > 0 and nu > 0):
+            raise ValueError(f"scale and nu must be > 0; got {scale}, {nu}")
+        edges = np.asarray(fixed_edges_gyr, dtype=np.float64)
+        if edges[0] != 0 or not (np.diff(edges) > 0).all() or int(n_old) < 1:
+            raise ValueError("fixed_edges_gyr must increase from 0 and n_old must be >= 1")
+        self.frac, self.scale, self.nu = float(frac), float(scale), float(nu)
+        self.fixed_edges = torch.as_tensor(edges)
+        self.n_old = int(n_old)
+        self.n_bins = len(edges) - 1 + self.n_old
+
+    def edges(self, t_univ_gyr: torch.Tensor) -> torch.Tensor:
+        """(B, K + 1) lookback edges (Gyr) of the coarse bins, the last at t_U(z)."""
+        t_u = torch.as_tensor(t_univ_gyr, dtype=torch.float64).reshape(-1)
+        last = self.fixed_edges[-1]
+        if (t_u <= last).any():
+            raise ValueError(f"t_U(z) must exceed {float(last)} Gyr (the last fixed edge); "
+                             f"got min {float(t_u.min()):.3f} Gyr")  # fmt: skip
+        frac = torch.arange(1, self.n_old + 1, dtype=torch.float64) / self.n_old
+        old = last * (t_u[:, None] / last) ** frac  # (B, n_old) log-spaced to t_U
+        return torch.cat([self.fixed_edges.expand(len(t_u), -1), old], -1)
+
+    def draw(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Per-galaxy draws on the CPU (float64): ``sfh_continuity`` (n,) bool, and
+        ``sfr_log_ratio`` (n, K - 1) = log10(SFR_i / SFR_i+1), youngest first (drawn for every
+        galaxy, so the stream does not depend on the mixture)."""
+        u = torch.rand(n, self.n_bins - 1, generator=generator, dtype=torch.float64)
+        u = u.clamp(1e-15, 1 - 1e-15)
+        ratio = torch.as_tensor(self.scale * student_t.ppf(u.numpy(), df=self.nu))
+        pick = torch.rand(n, generator=generator, dtype=torch.float64) < self.frac
+        return {"sfh_continuity": pick, "sfr_log_ratio": ratio}
+
+    def bin_mass(self, sfr_log_ratio: torch.Tensor, t_univ_gyr: torch.Tensor,
+                 bin_edges_gyr: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """(B, nbins) mass per PROVABGS bin (``bin_edges_gyr``, nbins + 1) of the continuity
+        histories with log SFR ratios (B, K - 1), per unit formed mass (float64): each coarse
+        bin's constant SFR times its overlap with each bin, nothing beyond t_U(z)."""
+        ratio = torch.as_tensor(sfr_log_ratio, dtype=torch.float64)
+        t_u = torch.as_tensor(t_univ_gyr, dtype=torch.float64).reshape(-1)
+        if ratio.shape != (len(t_u), self.n_bins - 1):
+            raise ValueError(f"sfr_log_ratio must be ({len(t_u)}, {self.n_bins - 1}); "
+                             f"got {tuple(ratio.shape)}")  # fmt: skip
+        c = self.edges(t_u)  # (B, K + 1)
+        log_sfr = torch.cat([torch.zeros_like(ratio[:, :1]), -torch.cumsum(ratio, -1)], -1)
+        sfr = torch.exp(np.log(10) * (log_sfr - log_sfr.max(-1, keepdim=True).values))
+        e = torch.as_tensor(bin_edges_gyr, dtype=torch.float64)
+        lo = e[:-1][None, :, None]  # (1, nbins, 1)
+        hi = torch.minimum(e[1:][None, :], t_u[:, None])[..., None]  # cut at t_U
+        overlap = (torch.minimum(hi, c[:, None, 1:]) - torch.maximum(lo, c[:, None, :-1]))
+        mass = (overlap.clamp_min(0.0) * sfr[:, None, :]).sum(-1)  # (B, nbins)
+        return mass / mass.sum(-1, keepdim=True)
+
+    def history(self, sps, theta: torch.Tensor, z: torch.Tensor, draws: dict) -> History:
+        """The History of each galaxy: theta's (``sps.history``) where ``sfh_continuity`` is
+        False; otherwise the continuity bin masses times 1 - f_burst, with theta's metallicity
+        history and burst. ``theta``, ``z`` as :meth:`SEDModel.check_inputs` returns them."""
+        h = sps.history(theta, z)
+        t_u = age_of_universe_gyr(z.detach().cpu().to(torch.float64))
+        mass = self.bin_mass(draws["sfr_log_ratio"], t_u, sps.bin_edges.cpu())
+        mass = mass.to(h.bin_mass) * (1 - h.burst_mass)[:, None]
+        pick = draws["sfh_continuity"].to(h.bin_mass.device)[:, None]
+        return dataclasses.replace(h, bin_mass=torch.where(pick, mass, h.bin_mass))
+
+
+__all__ = ["FIXED_EDGES_GYR", "ContinuitySFH"]
