@@ -542,7 +542,8 @@ class LinearModel(nn.Module):
         n_grid: int = 13,
         n_refine: int = 4,
         return_fit: bool = True,
-        max_rows: int | None = 1024,
+        batch_points: bool = True,
+        max_rows: int | None = 256,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor, LinearFit | None]:
         """Narrow-line velocity and width minimising the solved chi^2, by batched scans.
@@ -566,10 +567,13 @@ class LinearModel(nn.Module):
             Starting values (default 0 and the scan's best width).
         return_fit : bool
             Solve once more at the result for ``fit`` (else ``fit`` is None).
+        batch_points : bool
+            Solve the points of a grid or parabola step together (default) or one batch per
+            point (the same numbers to round-off, slower).
         max_rows : int or None
-            Rows (galaxy, point) per solve: bounds the memory of a scan (each row holds a few
-            (M,) arrays); ``None`` solves every point of the batch together. With
-            ``max_rows`` <= B every point is solved alone, one batch per point.
+            Rows (galaxy, point) per solve when ``batch_points``: bounds the memory of a scan
+            (each row holds a few (M,) arrays and its line windows; past a few hundred rows
+            the windows fall out of cache); ``None``: no bound.
         kwargs : passed to :meth:`forward` (sigma_broad, resolution, lsf_sigma, ...)
 
         Returns
@@ -627,15 +631,16 @@ class LinearModel(nn.Module):
 
         def chi2(vel, sig):  # (B, G) each -> (B, G): every galaxy at its G points
             g = vel.shape[1]
-            if g == 1 or (max_rows is not None and max_rows <= bsz):
+            if g == 1 or not batch_points:
                 return torch.stack([chi2_point(vel[:, j], sig[:, j]) for j in range(g)], 1)
             vel, sig = vel.reshape(-1), sig.reshape(-1)  # row b G + j
             gal = torch.arange(bsz, device=dev).repeat_interleave(g)
             # A design's profile windows are as wide as its widest line: rows are solved in
-            # groups of widths within a factor SCAN_WIDTH_RATIO, so that the broad points of a
-            # scan do not widen the narrow ones' windows.
-            group = torch.floor(sig.detach().clamp_min(1.0).log() / math.log(SCAN_WIDTH_RATIO))
-            step = bsz * g if max_rows is None else int(max_rows)
+            # groups of similar widths (SCAN_WIDTH_RATIO), so that the broad points of a scan
+            # do not widen the narrow ones' windows.
+            group = torch.floor((sig.detach().clamp_min(0.0) + SCAN_WIDTH_OFFSET).log()
+                                / math.log(SCAN_WIDTH_RATIO))
+            step = bsz * g if max_rows is None else max(int(max_rows), 1)
             out = continuum.new_empty(bsz * g)
             for gi in group.unique():
                 for part in (group == gi).nonzero().squeeze(1).split(step):
@@ -668,9 +673,13 @@ class LinearModel(nn.Module):
 # km/s: galaxies with narrow-line widths in these bins are solved apart (a line design's
 # windows are as wide as its widest line, and their cost grows with the width)
 WIDTH_GROUPS_KMS = (60.0, 150.0, 300.0)
-# rows of one batched kinematics scan are solved in groups of widths within this factor (a
-# window's cost grows with its width; the 13 widths of the default scan are 1.39 apart)
+# Rows of one batched kinematics scan are solved in groups whose sigma + SCAN_WIDTH_OFFSET
+# (km/s) lie within a factor SCAN_WIDTH_RATIO: a line window's cost grows with the widest line
+# of its group, ~ 12 lambda sigma / c pixels plus the resolution matrix's band (on DESI ~0.5
+# pixel per km/s at 9800 A plus ~13: the offset). Measured on 64 mocks (2 scans): ratio
+# 1.25-2 and max_rows 128-1024 all within 8 % of each other, 10 % faster than point by point.
 SCAN_WIDTH_RATIO = 1.25
+SCAN_WIDTH_OFFSET = 25.0
 
 
 def _parabola_step(f, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
