@@ -403,7 +403,7 @@ class DESIInstrument(_Spectrograph):
         """(B, M) concatenated arms -> {arm: (B, N_arm)}."""
         return dict(zip(self.arm_names, torch.split(flux, self.arm_npix, dim=-1), strict=True))
 
-    def forward(self, wave_rest, lum_rest, z, resolution=None) -> torch.Tensor:
+    def forward(self, wave_rest, lum_rest, z, resolution=None, *, repeat: int = 1) -> torch.Tensor:
         """Model DESI spectra, arms concatenated.
 
         Parameters
@@ -418,6 +418,10 @@ class DESIInstrument(_Spectrograph):
             Per-galaxy resolution diagonals (arms concatenated like the output, or per arm as
             in ``sedvae.io.Spectra.resolution``), overriding the instrument's; this is how real
             spectra, each with its own matrix, are fitted.
+        repeat : int
+            Each of the B / ``repeat`` matrices of ``resolution`` serves ``repeat``
+            consecutive rows (several models of one galaxy: posterior draws, trial widths),
+            the same as the matrices repeated, without the copies.
 
         Returns
         -------
@@ -438,7 +442,8 @@ class DESIInstrument(_Spectrograph):
         for n in self.arm_npix:
             # Arms are separate detectors: the matrix never couples pixels across arms.
             arm_slice = slice(start, start + n)
-            out.append(apply_resolution(resolution[..., arm_slice], pix[:, arm_slice]))
+            out.append(apply_resolution(resolution[..., arm_slice], pix[:, arm_slice],
+                                        repeat=repeat, checked=True))  # fmt: skip
             start += n
         return torch.cat(out, dim=-1)
 
