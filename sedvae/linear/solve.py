@@ -584,7 +584,11 @@ class LinearModel(nn.Module):
         bsz = continuum.shape[0]
         kw = dict(mask=mask, **kwargs)
         dt, dev = continuum.dtype, continuum.device
-        v = torch.zeros(bsz, dtype=dt, device=dev) if velocity is None else velocity.to(dt)
+        def per_galaxy_start(x):  # a (B,), (1,) or scalar start -> (B,)
+            return torch.as_tensor(x, device=dev).to(dt).reshape(-1).expand(bsz).clone()
+
+        v = torch.zeros(bsz, dtype=dt, device=dev) if velocity is None else (
+            per_galaxy_start(velocity))
         # What every point of the scan shares, computed once: the resolution diagonals (checked
         # once), the calibration block of the normal equations; each point then builds its line
         # design and solves, returning the chi^2 that forward() returns.
@@ -655,7 +659,7 @@ class LinearModel(nn.Module):
         lo, hi = sigma_range
         log_s = torch.linspace(math.log(lo), math.log(hi), n_grid, dtype=dt, device=dev)
         s = scan(log_s.exp(), lambda x: (v[:, None].expand_as(x), x)) if sigma is None else (
-            sigma.to(dt)
+            per_galaxy_start(sigma)
         )
         dv = torch.linspace(-velocity_range, velocity_range, n_grid, dtype=dt, device=dev)
         v = scan(v[:, None] + dv, lambda x: (x, s[:, None].expand_as(x)))
