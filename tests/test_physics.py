@@ -295,6 +295,12 @@ def test_resolution_repeat_equals_repeated_matrices(coadd):
     want = inst(wave, lum, z, resolution=mats.repeat_interleave(4, 0))
     got = inst(wave, lum, z, resolution=mats, repeat=4)
     assert torch.equal(got, want)
+    # the same on a Gaussian instrument with each galaxy's own LSF sigma (SDSS wdisp)
+    sdss = SDSSInstrument()
+    sig = sdss.sigma.double() * (1 + 0.2 * torch.rand(3, sdss.npix, generator=g,
+                                                       dtype=torch.float64))  # fmt: skip
+    want = sdss(wave, lum, z, sigma=sig.repeat_interleave(4, 0))
+    assert torch.equal(sdss(wave, lum, z, sigma=sig, repeat=4), want)
     with pytest.raises(ValueError, match="divide"):
         apply_resolution(mats, torch.rand(10, mats.shape[-1]), repeat=4)
     with pytest.raises(ValueError, match="batch"):

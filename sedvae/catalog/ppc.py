@@ -127,7 +127,7 @@ class Observation(NamedTuple):
             return self.instrument(wave_rest, lum, z)
         if self.lsf_key == "resolution":
             return self.instrument(wave_rest, lum, z, resolution=lsf, repeat=repeat)
-        return self.instrument(wave_rest, lum, z, sigma=lsf.repeat_interleave(repeat, 0))
+        return self.instrument(wave_rest, lum, z, sigma=lsf, repeat=repeat)
 
 
 # stellar velocity dispersions scanned (km/s); the mocks draw 30-300
