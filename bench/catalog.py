@@ -1,7 +1,7 @@
 """End-to-end catalog throughput on survey-like DESI files, with the time of every stage.
 
     python bench/catalog.py [--n-files 10] [--targets-per-file 500] [--n-samples 1000]
-                            [--devices 1] [--strategy auto] [--large]
+                            [--refine exact] [--devices 1] [--strategy auto] [--large]
 
 Inputs: ``--n-files`` DESI coadd files of ``--targets-per-file`` mock BGS targets each, in the
 bundled coadd's exact layout (FIBERMAP with Legacy Surveys photometry, per-arm WAVELENGTH,
@@ -13,7 +13,10 @@ arm masked and 2 % a redrock ZWARN. The files are written once and cached under
 
 Run: ``evaluation=catalog``'s code path, ``sedvae.catalog.run.run_catalog`` with the posterior
 head (1000 samples per galaxy, percentiles of theta and derived properties), the
-autoencoder's reduced chi^2, the line fluxes and posterior-predictive check from 16 draws
+autoencoder's reduced chi^2 (``--refine exact``, as ``evaluation=catalog``: its continuum
+with lines and calibration solved, here with ``--refine-steps`` 0, the amortised fit for
+survey-size runs, where the catalog's default refines 100 steps; ``--refine autoencoder``: its
+own reconstruction), the line fluxes and posterior-predictive check from 16 draws
 (``--ppc-draws``; ``--no-ppc`` leaves them out), sharded writing and merging;
 ``--devices 2 --strategy ddp`` runs it on two Lightning DDP processes. ``--large`` cycles the
 cached files to 100,000 galaxies (a memory test: shards stream, so the peak RSS must stay flat).
@@ -22,9 +25,12 @@ Per-stage seconds come from ``sedvae.timing`` (process rank 0; stages overlap wh
 reading runs ahead of inference); ``line_calibration_solve`` (kinematics, lines and
 calibration of every draw) and ``posterior_predictive`` (the draws' continua through SPS and
 instrument, and the statistics) are null with ``--no-ppc``. Measured with ``--n-files 1``
-(500 galaxies, one thread, load 3-4 on 2 cores): flow_sampling 6.4 s, line_calibration_solve
-111 s, posterior_predictive 103 s, 2.11 galaxies/s in all (0.94 before the line solve and the
-continua were made faster, docs/results.md); the check costs ~34x the sampling on CPU.
+(500 galaxies, one thread, ``--refine exact`` with 0 steps, the other core busy): flow_sampling
+3.2 s, reconstruction (the exact fit) 28.1 s, line_calibration_solve 41.0 s,
+posterior_predictive 41.2 s, 4.17 galaxies/s and 0.236 CPU-s per galaxy in all (the code
+before the batched kinematics scans and shared resolution matrices, same run conditions: 35.0,
+48.1, 49.5 s, 3.52 galaxies/s, 0.281 CPU-s; docs/results.md); the check costs ~26x the
+sampling on CPU.
 ``cpu_s_per_galaxy`` is the process's CPU time per galaxy, steadier than the wall time on a
 shared host. ``--large --large-n N --rss-log S`` prints the resident memory every S seconds
 against the galaxies written. Compared
@@ -131,6 +137,8 @@ def main() -> None:
     parser.add_argument("--n-files", type=int, default=10)
     parser.add_argument("--targets-per-file", type=int, default=500)
     parser.add_argument("--n-samples", type=int, default=1000)
+    parser.add_argument("--refine", choices=("autoencoder", "exact"), default="exact",
+                        help="the fit of the rchi2 column (conf/evaluation/catalog.yaml: exact)")
     parser.add_argument("--refine-steps", type=int, default=0)
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -158,6 +166,7 @@ def main() -> None:
         n_samples=args.n_samples,
         autoencoder=data_dir() / "autoencoder" / "autoencoder_laptop.pt",
         refine_steps=args.refine_steps,
+        refine=args.refine,
         compile=args.compile,
         line_fluxes=not args.no_ppc,
         ppc=not args.no_ppc,
@@ -210,6 +219,7 @@ def main() -> None:
         "provabgs_onepercent_cpu_hours": [round(h) for h in provabgs],
         "speedup_vs_provabgs": [round(h / cpu_hours) for h in provabgs],
         "n_samples": args.n_samples,
+        "refine": args.refine,
         "refine_steps": args.refine_steps,
         "threads": threads,
         "devices": args.devices,

@@ -1,7 +1,7 @@
 """sedvae side by side with pPXF on the same spectra, the same SSPs and the same lines.
 
     python bench/vs_ppxf.py [--n-mocks 60] [--refine-steps 200] [--age-step 3] [--mdegree 8]
-                            [--threads 1]
+                            [--threads 1] [--ppc-draws 16]
 
 Cost on the 2-core development machine (one thread): pPXF 4.4 s of CPU per DESI mock, sedvae's
 amortised exact fit 0.07 s and its refined fit 1.7 s; the whole run ~7 s of wall time per mock,
@@ -76,7 +76,12 @@ What is compared (per set):
 - seconds per galaxy, one thread (torch and numpy's BLAS, ``--threads``), as CPU time of the
   process (``time.process_time``, so that other jobs on a shared machine inflate it less):
   sedvae = encoder + kinematic grid of linear solves (its amortised exact fit; the refined fit
-  and the posterior are timed separately), pPXF = template convolution + fit.
+  and the posterior are timed separately), pPXF = template convolution + fit. On the mocks,
+  also the catalog's posterior-predictive check (``s_per_galaxy_sedvae_ppc``: the
+  ``PosteriorPredictive`` of ``evaluation=catalog`` on the posterior samples drawn above,
+  K = ``--ppc-draws`` draws through SPS and instrument, lines and calibration solved for each,
+  MISFIT), since issue 25's speed goal counts lines, calibration and the check:
+  ``ppxf_over_sedvae_exact_ppc`` = pPXF's time / (amortised exact fit + check), goal >= 100.
 
 The SDSS spectrum is fitted on its own 3848 pixels with its own LSF (``wdisp``), as DESI; in
 addition ``sedvae.linear`` is run on pPXF's stellar continuum
@@ -300,19 +305,32 @@ def sedvae_fit(net, batch: dict, steps: int, lr: float) -> dict:
     return out
 
 
-def posterior_summary(post, batch: dict, n: int = 256, seed: int = 0) -> dict:
-    """Posterior medians of logM* formed, surviving, and the mass-weighted age."""
+def posterior_summary(post, batch: dict, n: int = 256, seed: int = 0, ppc=None) -> dict:
+    """Posterior medians of logM* formed, surviving, and the mass-weighted age; with ``ppc``
+    (a :class:`sedvae.catalog.ppc.PosteriorPredictive`) also the catalog's posterior-predictive
+    check of these samples (its first K draws: lines and calibration solved for each, MISFIT),
+    timed apart as the catalog runs it (the posterior's cleaned batch, then the check)."""
+    from sedvae.io.batch import FATAL
+
     t0 = time.process_time()
     keys = ("flux", "ivar", "mask", "z", "photometry", "photometry_ivar")
     pb = {k: batch[k] for k in keys if batch.get(k) is not None}
-    theta = post.sample(pb, n, torch.Generator().manual_seed(seed))
+    theta, flags = post.sample(pb, n, torch.Generator().manual_seed(seed), return_flags=True)
     d = post.derived(theta, pb["z"])
-    return {
+    out = {
         "logm_formed": theta[..., 0].nanmedian(0).values.numpy(),
         "logm_surv": d["logmstar_surv"].nanmedian(0).values.numpy(),
         "t_mw_gyr": d["t_mw_gyr"].nanmedian(0).values.numpy(),
         "seconds": time.process_time() - t0,
     }
+    if ppc is not None:
+        t0 = time.process_time()
+        clean, _ = post.check(pb)
+        cols = ppc(theta, clean, (flags.long() & int(FATAL)) == 0)
+        out["seconds_ppc"] = time.process_time() - t0
+        out["rchi2_ppc"] = cols["rchi2_ppc"].numpy()
+        out["misfit"] = cols["misfit"].numpy()
+    return out
 
 
 # ---- comparisons ------------------------------------------------------------------------------
@@ -369,6 +387,8 @@ def main() -> None:
                    help="steps of sedvae's refined exact fit (0: the amortised fit only)")
     p.add_argument("--refine-lr", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--ppc-draws", type=int, default=16,
+                   help="posterior draws of the catalog's posterior-predictive check")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -394,10 +414,14 @@ def main() -> None:
     lm = LinearModel(net.decoder.instrument)
     names = lm.lines.names
     ppx = PPXFRunner(args.age_step, args.mdegree, args.velscale)
+    from sedvae.catalog.ppc import PosteriorPredictive
+
+    ppc = PosteriorPredictive(n_draws=args.ppc_draws)  # the catalog's check (evaluation=catalog)
+    _ = ppc.mocks.sps, ppc.linear  # built once, untimed (as a catalog run amortises them)
     inst_wave = net.decoder.instrument.wave.double().numpy()
     res = {"n_templates_stars": (len(ppx.edges) - 1) * len(ppx.grid.zmet),
            "n_gas_components": len(ppx.tie), "mdegree": args.mdegree}  # fmt: skip
-    t_sed, t_ref, t_ppxf, t_post = [], [], [], []
+    t_sed, t_ref, t_ppxf, t_post, t_ppc = [], [], [], [], []
 
     def lines_vs(prefix: str, lin, pf: dict) -> None:
         amp, err = lin.amplitude[0].double().numpy(), lin.amplitude_err[0].double().numpy()
@@ -494,15 +518,18 @@ def main() -> None:
         matched = np.abs(cloudy[idx] - np.asarray(lm.lines.wave)) < 0.5
         per = {k: [] for k in ("rs", "ra", "fa", "rp", "rt", "fs", "es", "fp", "ft", "ms",
                                "mp", "mt", "ss", "sp", "st", "as", "ap", "at", "cs", "cp",
-                               "ce")}  # fmt: skip
+                               "ce", "rq", "mf")}  # fmt: skip
         row = 0
         for b in dm.test_dataloader():
             n = b["flux"].shape[0]
             sv = sedvae_fit(net, b, args.refine_steps, args.refine_lr)
             t_sed.extend([sv["seconds"] / n] * n)
             t_ref.extend([sv["seconds_refined"] / n] * n)
-            ps = posterior_summary(post, b)
+            ps = posterior_summary(post, b, ppc=ppc)
             t_post.extend([ps["seconds"] / n] * n)
+            t_ppc.extend([ps["seconds_ppc"] / n] * n)
+            per["rq"].append(ps["rchi2_ppc"])
+            per["mf"].append(ps["misfit"])
             theta, z, ap = b["theta"].double(), b["z"].double(), b["aperture"].double()
             truth = post.derived(theta[None].float(), b["z"])
             d_l = luminosity_distance_mpc(z).numpy()
@@ -564,6 +591,8 @@ def main() -> None:
             "mocks_rchi2_median_ppxf": float(np.median(cat["rp"])),
             "mocks_rchi2_median_truth": float(np.median(cat["rt"])),
             "mocks_line_n_detected": int(det.sum()),
+            "mocks_rchi2_ppc_median": float(np.nanmedian(cat["rq"])),
+            "mocks_misfit_rate": float(np.mean(cat["mf"])),
             "mocks_line_flux_bias_median_sedvae": float(np.median(rel_s)),
             "mocks_line_flux_abs_err_median_sedvae": float(np.median(np.abs(rel_s))),
             "mocks_line_flux_bias_median_sedvae_amortised": float(np.median(rel_a)),
@@ -604,6 +633,10 @@ def main() -> None:
         "rchi2_median_sedvae_amortised": float(np.median([res["desi_rchi2_sedvae_amortised"],
                                                            res["sdss_rchi2_sedvae_amortised"]])),
         "s_per_galaxy_sedvae_posterior": float(np.mean(t_post)) if t_post else None,
+        # issue 25's goal counts the exact fit (lines, calibration) and the catalog's PPC
+        "s_per_galaxy_sedvae_ppc": float(np.mean(t_ppc)) if t_ppc else None,
+        "ppxf_over_sedvae_exact_ppc": (float(np.mean(t_ppxf) / (np.mean(t_sed) + np.mean(t_ppc)))
+                                       if t_ppc else None),
         "wall_seconds": time.perf_counter() - t_start,
     })  # fmt: skip
     res = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in res.items()}

@@ -520,3 +520,36 @@ def test_shared_line_gram_and_scan_chi2_reproduce_the_solve_exactly():
         got = _solve(t["cont"], data, d, tie, lm.calib_basis.float(), lm.calib_sigma, terms,
                      pixel_width=lm.pixel_width, full=False)  # fmt: skip
         assert torch.equal(got, want)
+
+
+def test_batched_kinematics_scan_equals_one_point_at_a_time():
+    """fit_kinematics solves all points of a grid or parabola step in one batch (galaxies x
+    points as rows): the same chi^2 as one batch per point, to float32 round-off, so the
+    same (v, sigma); per-galaxy resolution matrices, read from one LSFTable by row, too."""
+    from sedvae.linear.design import LSFTable
+
+    desi = DESIInstrument()
+    lm = LinearModel(desi)
+    t = _mock(lm, 12, dtype=torch.float32, seed=8)
+    g = torch.Generator().manual_seed(9)
+    sigma = 0.03 * t["cont"]
+    data = t["model"] + sigma * torch.randn(sigma.shape, generator=g)
+    # each galaxy its own matrix: the instrument's, broadened a little by a random factor
+    res = desi.resolution.unsqueeze(0).repeat(12, 1, 1)
+    res = res * (1 + 0.05 * torch.rand(12, 1, 1, generator=g))
+    res = res / res.sum(1, keepdim=True)
+    # the design through the shared table equals the per-galaxy design, row by row
+    rows = torch.tensor([3, 3, 0, 11])
+    vel, sig = torch.tensor([0.0, 40.0, -20.0, 10.0]), torch.tensor([30.0, 30.0, 200.0, 80.0])
+    got = lm.design(t["z"][rows], vel, sig, diagonals=LSFTable(res, torch.float32),
+                    diagonal_rows=rows, dtype=torch.float32).dense()  # fmt: skip
+    want = lm.design(t["z"][rows], vel, sig, resolution=res[rows], dtype=torch.float32).dense()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    args = (t["cont"], data, sigma**-2, t["z"])
+    for kw in ({}, {"velocity": t["vel"] + 30.0, "sigma": t["sig"], "n_grid": 5}):
+        v1, s1, f1 = lm.fit_kinematics(*args, resolution=res, batch_points=False, **kw)
+        vb, sb, fb = lm.fit_kinematics(*args, resolution=res, max_rows=40, **kw)
+        assert float((vb - v1).abs().max()) < 0.5  # km/s
+        assert float(((sb - s1) / s1).abs().max()) < 2e-3
+        torch.testing.assert_close(fb.chi2, f1.chi2, rtol=1e-5, atol=0)
+        assert float((v1 - t["vel"]).abs().max()) < 5.0  # and both find the truth

@@ -280,6 +280,33 @@ def test_desi_diagonal_convention_matches_scipy_dia(coadd):
     np.testing.assert_allclose(diagonals_to_dense(torch.tensor(diags)).numpy(), matrix.toarray())
 
 
+def test_resolution_repeat_equals_repeated_matrices(coadd):
+    """One matrix per galaxy serving its k consecutive rows (``repeat=k``: posterior draws)
+    gives the very numbers of the matrices repeated k times, through the whole instrument;
+    a batch that k does not divide is refused."""
+    _, res = coadd
+    g = torch.Generator().manual_seed(3)
+    inst = DESIInstrument()
+    base = torch.cat([torch.tensor(res[a][0].astype(np.float32)) for a in "BRZ"], -1)
+    mats = base * (1 + 0.1 * torch.rand(3, 1, base.shape[-1], generator=g))  # 3 galaxies
+    wave = torch.linspace(2500.0, 9500.0, 3000, dtype=torch.float64)
+    lum = 1 + torch.rand(3 * 4, 3000, generator=g, dtype=torch.float64)
+    z = torch.tensor([0.05, 0.2, 0.31], dtype=torch.float64).repeat_interleave(4)
+    want = inst(wave, lum, z, resolution=mats.repeat_interleave(4, 0))
+    got = inst(wave, lum, z, resolution=mats, repeat=4)
+    assert torch.equal(got, want)
+    # the same on a Gaussian instrument with each galaxy's own LSF sigma (SDSS wdisp)
+    sdss = SDSSInstrument()
+    sig = sdss.sigma.double() * (1 + 0.2 * torch.rand(3, sdss.npix, generator=g,
+                                                       dtype=torch.float64))  # fmt: skip
+    want = sdss(wave, lum, z, sigma=sig.repeat_interleave(4, 0))
+    assert torch.equal(sdss(wave, lum, z, sigma=sig, repeat=4), want)
+    with pytest.raises(ValueError, match="divide"):
+        apply_resolution(mats, torch.rand(10, mats.shape[-1]), repeat=4)
+    with pytest.raises(ValueError, match="batch"):
+        apply_resolution(mats, torch.rand(8, mats.shape[-1]), repeat=4)
+
+
 def test_desi_matrix_from_gaussian_equals_gaussian_broadening():
     wave = torch.arange(5000.0, 5400.0, 0.8, dtype=torch.float64)
     sigma = 0.9  # Angstrom

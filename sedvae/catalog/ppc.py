@@ -120,11 +120,14 @@ class Observation(NamedTuple):
     linear: LinearModel
     lsf_key: str
 
-    def observe(self, wave_rest, lum, z, lsf=None) -> torch.Tensor:
+    def observe(self, wave_rest, lum, z, lsf=None, repeat: int = 1) -> torch.Tensor:
+        """Rest-frame ``lum`` (N, L) at z (N,) through the instrument; ``lsf`` (N / repeat,
+        ...): each galaxy's LSF serving ``repeat`` consecutive rows."""
         if lsf is None:
             return self.instrument(wave_rest, lum, z)
-        key = "resolution" if self.lsf_key == "resolution" else "sigma"
-        return self.instrument(wave_rest, lum, z, **{key: lsf})
+        if self.lsf_key == "resolution":
+            return self.instrument(wave_rest, lum, z, resolution=lsf, repeat=repeat)
+        return self.instrument(wave_rest, lum, z, sigma=lsf, repeat=repeat)
 
 
 # stellar velocity dispersions scanned (km/s); the mocks draw 30-300
@@ -370,13 +373,14 @@ class PosteriorPredictive(nn.Module):
         return obs, (batch.resolution if obs.lsf_key == "resolution" else sigma)
 
     @torch.no_grad()
-    def continuum(self, theta, z, sigma_v=None, resolution=None, obs=None) -> torch.Tensor:
+    def continuum(self, theta, z, sigma_v=None, resolution=None, obs=None,
+                  repeat: int = 1) -> torch.Tensor:  # fmt: skip
         """Continuum (N, M), 1e-17 erg/s/cm^2/A at aperture 1, of theta (N, 12) at z (N,):
         stars + nebular continuum, broadened by ``sigma_v`` (N,) km/s when given; observed
         through ``obs`` (:meth:`observation`; default the mocks' DESI instrument) with the
-        galaxies' LSFs ``resolution`` (N, ...)."""
+        galaxies' LSFs ``resolution`` (N / repeat, ...; see :meth:`observe`)."""
         lum, z_c = self.luminosity(theta, z)
-        return self.observe(lum, z_c, sigma_v, resolution, obs)
+        return self.observe(lum, z_c, sigma_v, resolution, obs, repeat)
 
     @torch.no_grad()
     def luminosity(self, theta, z) -> tuple[torch.Tensor, torch.Tensor]:
@@ -401,22 +405,31 @@ class PosteriorPredictive(nn.Module):
         return torch.cat(lums), torch.cat(zs)
 
     @torch.no_grad()
-    def observe(self, lum, z, sigma_v=None, resolution=None, obs=None) -> torch.Tensor:
+    def observe(self, lum, z, sigma_v=None, resolution=None, obs=None,
+                repeat: int = 1) -> torch.Tensor:  # fmt: skip
         """:meth:`luminosity` output broadened by ``sigma_v`` (N,) km/s when given, redshifted
-        and observed through the instrument (per-galaxy ``resolution`` when given)."""
+        and observed through the instrument (per-galaxy ``resolution`` when given: (N, ...),
+        or (N / repeat, ...) with each galaxy's serving ``repeat`` consecutive rows, its
+        draws or trial widths, without copies of the matrices)."""
         sps = self.mocks.sps
+        if resolution is not None and resolution.shape[0] * repeat != lum.shape[0]:
+            raise ValueError(f"resolution has {resolution.shape[0]} galaxies for "
+                             f"{lum.shape[0]} rows of {repeat}")  # fmt: skip
+        step = max(self.chunk // repeat, 1) * repeat  # whole galaxies per chunk
         out = []
-        for i in range(0, lum.shape[0], self.chunk):
-            part = lum[i : i + self.chunk]
+        for i in range(0, lum.shape[0], step):
+            part = lum[i : i + step]
             if sigma_v is not None:
-                sv = sigma_v[i : i + self.chunk].to(sps.dtype).clamp(0, 1000)
+                sv = sigma_v[i : i + step].to(sps.dtype).clamp(0, 1000)
                 part = sps.broaden(part, sv)
-            res = None if resolution is None else resolution[i : i + self.chunk]
-            zz = z[i : i + self.chunk]
+            res = None
+            if resolution is not None:
+                res = resolution[i // repeat : (i + step) // repeat]
+            zz = z[i : i + step]
             if obs is None:
-                out.append(self.mocks.spectrum(part, zz, resolution=res))
+                out.append(self.mocks.spectrum(part, zz, resolution=res, repeat=repeat))
             else:
-                out.append(obs.observe(sps.wave, part, zz, res))
+                out.append(obs.observe(sps.wave, part, zz, res, repeat))
         return torch.cat(out)
 
     def _bad(self, z: torch.Tensor, mask: torch.Tensor, obs=None) -> torch.Tensor:
@@ -496,9 +509,8 @@ class PosteriorPredictive(nn.Module):
         grid = torch.tensor(SIGMA_STAR_GRID, dtype=torch.float64)
         b, g = lum.shape[0], len(grid)
         with stage("posterior_predictive"):
-            resg = None if res is None else res.repeat_interleave(g, 0)
             cg = self.observe(lum.repeat_interleave(g, 0), z_c.repeat_interleave(g),
-                              grid.repeat(b), resg, obs).float()  # fmt: skip
+                              grid.repeat(b), res, obs, repeat=g).float()  # fmt: skip
         with stage("line_calibration_solve"):
             base = lm.design(z.float(), v, sig, **{obs.lsf_key: res}, dtype=cg.dtype)
             design = _repeat_design(base, g)
@@ -592,9 +604,8 @@ class PosteriorPredictive(nn.Module):
             )
         with stage("posterior_predictive"):
             zk = z.repeat_interleave(k)
-            resk = None if res is None else res.repeat_interleave(k, 0)
             cont = self.continuum(theta.reshape(b * k, -1), zk, sig_star.repeat_interleave(k),
-                                  resk, obs).float()  # fmt: skip
+                                  res, obs, repeat=k).float()  # fmt: skip
         with stage("line_calibration_solve"):
             fit, scale = self._solve_draws(cont, flux, ivar, bad, w, z, v, sig, res, k, obs)
             fk, wk = flux.repeat_interleave(k, 0), w.repeat_interleave(k, 0)

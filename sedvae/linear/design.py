@@ -109,30 +109,48 @@ def _window_profiles(lo, hi, mu, sig, n_sigma: float) -> tuple[torch.Tensor, tor
     e_lo, e_hi = lo[idx], hi[idx]
     mu3, s3 = mu.unsqueeze(-1), sig.unsqueeze(-1) * math.sqrt(2.0)
     # 0.5 [erf((hi - mu) / (sqrt 2 s)) - erf((lo - mu) / (sqrt 2 s))] / (hi - lo)
-    val = 0.5 * (torch.erf((e_hi - mu3) / s3) - torch.erf((e_lo - mu3) / s3)) / (e_hi - e_lo)
+    if w < n and torch.equal(hi[:-1], lo[1:]):  # adjacent pixels: each edge's erf once
+        edges = torch.cat([lo, hi[-1:]])[start.unsqueeze(-1) + torch.arange(w + 1)]
+        cdf = torch.erf((edges - mu3) / s3)  # (B, L, W + 1), the same numbers
+        val = 0.5 * (cdf[..., 1:] - cdf[..., :-1]) / (e_hi - e_lo)
+    else:
+        val = 0.5 * (torch.erf((e_hi - mu3) / s3) - torch.erf((e_lo - mu3) / s3)) / (e_hi - e_lo)
     return start, val
 
 
-def _lsf_window(diag: torch.Tensor, start: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
-    """Apply DESI-layout diagonals of one segment to values living in a window of columns.
+class LSFTable:
+    """Resolution diagonals (B0, ndiag, N) laid out as a (B0 N, ndiag) table, one model
+    pixel's ndiag values contiguous: the layout :func:`line_design` reads its windows from.
+    Built once for many designs of the same galaxies (a kinematics scan, which would
+    otherwise transpose every galaxy's whole matrix for every point)."""
 
-    diag (B0, ndiag, N); start (B, L); val (B, L, W). out[i] = sum_k D[k, j] v[j] with
-    j = i + h - k, exactly as :func:`sedvae.physics.lsf.apply_resolution`; the output window
-    covers rows start - h .. start + W + h - 1. Returns (B, L, W + 2h).
+    def __init__(self, diagonals: torch.Tensor, dtype: torch.dtype) -> None:
+        diag = diagonals if diagonals.ndim == 3 else diagonals.unsqueeze(0)
+        self.batch, self.ndiag, self.npix = diag.shape
+        self.table = diag.to(dtype).transpose(1, 2).reshape(-1, self.ndiag).contiguous()
+        self.dtype = dtype
+
+
+def _lsf_window(lsf: LSFTable, rows, s0: int, start: torch.Tensor,
+                val: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Apply DESI-layout diagonals of the segment starting at model pixel ``s0`` to values
+    living in a window of its columns.
+
+    lsf: the diagonals; rows (B,) long: the galaxy of ``lsf`` each row uses (None: the row's
+    own, or the one shared matrix); start (B, L); val (B, L, W). out[i] = sum_k D[k, j] v[j]
+    with j = i + h - k, exactly as :func:`sedvae.physics.lsf.apply_resolution`; the output
+    window covers rows start - h .. start + W + h - 1. Returns (B, L, W + 2h).
     """
-    ndiag = diag.shape[-2]
+    ndiag = lsf.ndiag
     h = ndiag // 2
     b, n_l, w = val.shape
-    cols = start.unsqueeze(-1) + torch.arange(w, device=val.device)  # (B, L, W)
-    n = diag.shape[-1]
-    # Rows of a (columns, ndiag) table picked by flat indices: a column's ndiag values are
+    cols = s0 + start.unsqueeze(-1) + torch.arange(w, device=val.device)  # (B, L, W)
+    # Rows of the (columns, ndiag) table picked by flat indices: a column's ndiag values are
     # contiguous, far faster than fancy indexing of (ndiag, N).
-    if diag.shape[0] == 1:
-        d = diag[0].T.contiguous().index_select(0, cols.flatten())  # (B L W, ndiag)
-    else:  # per-galaxy matrices: column j of galaxy b at b N + j
-        flat = (cols + n * torch.arange(b, device=val.device)[:, None, None]).flatten()
-        d = diag.transpose(1, 2).reshape(b * n, ndiag).index_select(0, flat)
-    d = d.reshape(b, n_l, w, ndiag)
+    if lsf.batch > 1:  # per-galaxy matrices: column j of galaxy g at g N + j
+        gal = torch.arange(b, device=val.device) if rows is None else rows
+        cols = cols + (lsf.npix * gal)[:, None, None]
+    d = lsf.table.index_select(0, cols.flatten()).reshape(b, n_l, w, ndiag)
     # Row i = j - h + k sits at window position (j - start) + k in a window starting at -h.
     out = val.new_zeros(b, n_l, w + 2 * h)
     for k in range(ndiag):
@@ -198,12 +216,17 @@ class LineDesign:
         (B, J, M) product (the calibration columns C P_j against the lines)."""
         b, j = y.shape[0], basis.shape[0]
         out = y.new_zeros(b, j, self.n_lines)
-        basis_t = basis.T.contiguous()  # (M, J): one pixel's J values contiguous
         for i, (_, ids, _, val, _) in enumerate(self.blocks):
             pos = self._block_pos(i)  # (B, G, W)
+            # only the basis rows not zero over the block's pixels (a DESI arm's windows meet
+            # its own Legendre terms only): the other sums are exactly zero
+            lo, hi = int(pos.min()), int(pos.max()) + 1
+            jj = (basis[:, lo:hi] != 0).any(1).nonzero().squeeze(1)
             vy = val.to(y.dtype) * y.gather(1, pos.flatten(1)).reshape(pos.shape)
-            bp = basis_t.index_select(0, pos.flatten()).reshape(tuple(pos.shape) + (j,))
-            out = out.index_add(2, ids, torch.einsum("bgw,bgwj->bjg", vy, bp))
+            basis_t = basis[jj, lo:hi].T.contiguous()  # (pixels, J'): J' values contiguous
+            bp = basis_t.index_select(0, (pos - lo).flatten()).reshape(pos.shape + (len(jj),))
+            part = out[:, jj].index_add(2, ids, torch.einsum("bgw,bgwj->bjg", vy, bp))
+            out = out.index_copy(1, jj, part)
         return out
 
     def combine(self, flux: torch.Tensor) -> torch.Tensor:
@@ -255,7 +278,8 @@ def line_design(
     resolution=None,
     lsf_sigma=None,
     dtype: torch.dtype | None = None,
-    diagonals: torch.Tensor | None = None,
+    diagonals: torch.Tensor | LSFTable | None = None,
+    diagonal_rows: torch.Tensor | None = None,
 ) -> LineDesign:
     """Every line of ``lines`` for unit flux, observed through ``instrument``.
 
@@ -277,8 +301,12 @@ def line_design(
         Values' dtype (default: torch's default dtype). Positions are computed in float64.
     diagonals : tensor, optional
         :func:`model_diagonals` of ``resolution``/``lsf_sigma`` computed (and checked) once by
-        the caller, for many designs of the same galaxies (a kinematics scan); then
-        ``resolution`` and ``lsf_sigma`` are not read.
+        the caller, for many designs of the same galaxies (a kinematics scan), or its
+        :class:`LSFTable` (built once for all of them); then ``resolution`` and ``lsf_sigma``
+        are not read.
+    diagonal_rows : (B,) long tensor, optional
+        With per-galaxy ``diagonals`` (B0, ...), the galaxy each row of this design is (a row
+        per galaxy and scan point); default row b uses galaxy b.
 
     Returns
     -------
@@ -317,14 +345,19 @@ def line_design(
     sig = (mu * sig_v / C_KMS).clamp(min=MIN_SIGMA_A)  # (B, L) Angstrom
 
     if diagonals is None:
-        diag = model_diagonals(instrument, resolution=resolution, lsf_sigma=lsf_sigma)
-    else:
-        diag = diagonals
+        diagonals = model_diagonals(instrument, resolution=resolution, lsf_sigma=lsf_sigma)
     # The LSF runs in the output dtype (the instruments store their diagonals in float32).
-    diag = (diag if diag.ndim == 3 else diag.unsqueeze(0)).to(dtype=dtype, device=dev)
-    if diag.shape[0] not in (1, b):
-        raise ValueError(f"resolution batch {diag.shape[0]} does not match z batch {b}")
-    h = diag.shape[-2] // 2
+    lsf = diagonals if isinstance(diagonals, LSFTable) else LSFTable(diagonals.to(dev), dtype)
+    if lsf.dtype != dtype:
+        raise ValueError(f"LSFTable is {lsf.dtype}; the design is {dtype}")
+    if diagonal_rows is not None:
+        if diagonal_rows.shape != (b,):
+            raise ValueError(f"diagonal_rows must have shape ({b},)")
+        if lsf.batch == 1:
+            diagonal_rows = None
+    elif lsf.batch not in (1, b):
+        raise ValueError(f"resolution batch {lsf.batch} does not match z batch {b}")
+    h = lsf.ndiag // 2
     crop = _crop(instrument)
     c0 = crop.start or 0  # model pixel of output pixel 0
     npix = instrument.npix
@@ -340,7 +373,7 @@ def line_design(
             if gi.numel() == 0:
                 continue
             start, val = _window_profiles(lo, hi, mu[:, gi], sig[:, gi], N_SIGMA)
-            conv = _lsf_window(diag[..., s0 : s0 + n], start, val.to(dtype))  # (B, G, W + 2h)
+            conv = _lsf_window(lsf, diagonal_rows, s0, start, val.to(dtype))  # (B, G, W + 2h)
             rows = start.unsqueeze(-1) - h + torch.arange(conv.shape[-1], device=dev)
             out_pix = s0 + rows - c0  # output pixel of every window row
             # Rows beyond the segment fall off the detector; beyond the output grid, cropped.

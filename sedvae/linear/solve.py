@@ -35,6 +35,7 @@ from torch import nn
 
 from sedvae.linear.design import (
     LineDesign,
+    LSFTable,
     _crop,
     arm_index,
     calibration_basis,
@@ -541,6 +542,8 @@ class LinearModel(nn.Module):
         n_grid: int = 13,
         n_refine: int = 4,
         return_fit: bool = True,
+        batch_points: bool = True,
+        max_rows: int | None = 256,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor, LinearFit | None]:
         """Narrow-line velocity and width minimising the solved chi^2, by batched scans.
@@ -548,8 +551,14 @@ class LinearModel(nn.Module):
         A grid in width (log-spaced over ``sigma_range``) at the starting velocity, then a grid
         in velocity (``+-velocity_range`` around the start) at the best width, then
         ``n_refine`` rounds of a three-point parabola in each, the step halving every round.
-        Every point is one :meth:`forward` of the whole batch; lines and calibration are solved
-        exactly at each. Use it where no encoder gives the kinematics, or to refine them.
+        Lines and calibration are solved exactly at every point, giving the chi^2 that
+        :meth:`forward` gives there. All points of one grid (or one parabola step) are solved
+        together, galaxies x points as rows of one batch (``max_rows`` at a time), instead of
+        one batch per point: the same chi^2 at the same points (to float round-off: a
+        design's windows are as wide as the widest line among the rows solved together, so the
+        far Gaussian tails summed, < 2e-9 of the flux, differ), so the same minimum, at a
+        fraction of the fixed cost per solve. Use it where no encoder gives the kinematics, or
+        to refine them.
 
         Parameters
         ----------
@@ -558,6 +567,13 @@ class LinearModel(nn.Module):
             Starting values (default 0 and the scan's best width).
         return_fit : bool
             Solve once more at the result for ``fit`` (else ``fit`` is None).
+        batch_points : bool
+            Solve the points of a grid or parabola step together (default) or one batch per
+            point (the same numbers to round-off, slower).
+        max_rows : int or None
+            Rows (galaxy, point) per solve when ``batch_points``: bounds the memory of a scan
+            (each row holds a few (M,) arrays and its line windows; past a few hundred rows
+            the windows fall out of cache); ``None``: no bound.
         kwargs : passed to :meth:`forward` (sigma_broad, resolution, lsf_sigma, ...)
 
         Returns
@@ -568,7 +584,11 @@ class LinearModel(nn.Module):
         bsz = continuum.shape[0]
         kw = dict(mask=mask, **kwargs)
         dt, dev = continuum.dtype, continuum.device
-        v = torch.zeros(bsz, dtype=dt, device=dev) if velocity is None else velocity.to(dt)
+        def per_galaxy_start(x):  # a (B,), (1,) or scalar start -> (B,)
+            return torch.as_tensor(x, device=dev).to(dt).reshape(-1).expand(bsz).clone()
+
+        v = torch.zeros(bsz, dtype=dt, device=dev) if velocity is None else (
+            per_galaxy_start(velocity))
         # What every point of the scan shares, computed once: the resolution diagonals (checked
         # once), the calibration block of the normal equations; each point then builds its line
         # design and solves, returning the chi^2 that forward() returns.
@@ -585,49 +605,70 @@ class LinearModel(nn.Module):
             z, dtype=torch.float64, device=dev
         )
         z_t = z_t.reshape(-1).expand(bsz)
+        per_galaxy = diag.ndim == 3 and diag.shape[0] == bsz
+        lsf = LSFTable(diag, dt)  # laid out once for every design of the scan
 
-        def chi2_rows(rows, vel, sig):
-            if rows is None:
-                c, f, t, d, zz, kw_r = continuum, flux, terms, diag, z_t, design_kw
+        def chi2_rows(gal, vel, sig):
+            """chi^2 (N,) of galaxies ``gal`` (N,) at (vel, sig) (N,): one solve."""
+            if gal is None:
+                c, f, t, rows, zz, kw_r = continuum, flux, terms, None, z_t, design_kw
             else:
-                c, f, zz = continuum[rows], flux[rows], z_t[rows]
-                t = {k: x[rows] for k, x in terms.items()}
-                d = diag[rows] if diag.ndim == 3 and diag.shape[0] == bsz else diag
-                kw_r = {k: (x[rows] if torch.is_tensor(x) and x.ndim >= 1 and x.shape[0] == bsz
+                c, f, zz = continuum[gal], flux[gal], z_t[gal]
+                t = {k: x[gal] for k, x in terms.items()}
+                rows = gal if per_galaxy else None
+                kw_r = {k: (x[gal] if torch.is_tensor(x) and x.ndim >= 1 and x.shape[0] == bsz
                             else x) for k, x in design_kw.items()}  # fmt: skip
-                vel, sig = vel[rows], sig[rows]
-            design = self.design(zz, vel, sig, diagonals=d, dtype=dt, **kw_r)
+            design = self.design(zz, vel, sig, diagonals=lsf, diagonal_rows=rows, dtype=dt,
+                                 **kw_r)
             return _solve(c, f, design, tie, basis, sigma_c, t, pixel_width=self.pixel_width,
                           max_iter=kwargs.get("max_iter"), full=False)  # fmt: skip
 
-        def chi2(vel, sig):
-            # A design's profile windows are as wide as its widest line: galaxies are solved
-            # in groups of similar width, so that a few broad ones do not widen everyone's.
-            sig = sig.expand(bsz)
+        def chi2_point(vel, sig):  # (B,) each -> (B,): the batch at one point each
             group = torch.bucketize(sig.detach().contiguous(), sig.new_tensor(WIDTH_GROUPS_KMS))
             if bool((group == group[0]).all()):
-                return chi2_rows(None, vel.expand(bsz), sig)
+                return chi2_rows(None, vel, sig)
             out = continuum.new_empty(bsz)
             for gi in group.unique():
                 rows = (group == gi).nonzero().squeeze(1)
-                out[rows] = chi2_rows(rows, vel.expand(bsz), sig)
+                out[rows] = chi2_rows(rows, vel[rows], sig[rows])
             return out
+
+        def chi2(vel, sig):  # (B, G) each -> (B, G): every galaxy at its G points
+            g = vel.shape[1]
+            if g == 1 or not batch_points:
+                return torch.stack([chi2_point(vel[:, j], sig[:, j]) for j in range(g)], 1)
+            vel, sig = vel.reshape(-1), sig.reshape(-1)  # row b G + j
+            gal = torch.arange(bsz, device=dev).repeat_interleave(g)
+            # A design's profile windows are as wide as its widest line: rows are solved in
+            # groups of similar widths (SCAN_WIDTH_RATIO), so that the broad points of a scan
+            # do not widen the narrow ones' windows.
+            group = torch.floor((sig.detach().clamp_min(0.0) + SCAN_WIDTH_OFFSET).log()
+                                / math.log(SCAN_WIDTH_RATIO))
+            step = bsz * g if max_rows is None else max(int(max_rows), 1)
+            out = continuum.new_empty(bsz * g)
+            for gi in group.unique():
+                for part in (group == gi).nonzero().squeeze(1).split(step):
+                    out[part] = chi2_rows(gal[part], vel[part], sig[part])
+            return out.reshape(bsz, g)
 
         def scan(values, make):  # values (G,) or (B, G) -> best value (B,)
             vals = values.expand(bsz, -1) if values.ndim == 1 else values
-            c = torch.stack([chi2(*make(vals[:, g])) for g in range(vals.shape[1])], 1)
+            c = chi2(*make(vals))
             return vals.gather(1, c.argmin(1, keepdim=True))[:, 0]
 
         lo, hi = sigma_range
         log_s = torch.linspace(math.log(lo), math.log(hi), n_grid, dtype=dt, device=dev)
-        s = scan(log_s.exp(), lambda x: (v, x)) if sigma is None else sigma.to(dt)
+        s = scan(log_s.exp(), lambda x: (v[:, None].expand_as(x), x)) if sigma is None else (
+            per_galaxy_start(sigma)
+        )
         dv = torch.linspace(-velocity_range, velocity_range, n_grid, dtype=dt, device=dev)
-        v = scan(v[:, None] + dv, lambda x: (x, s))
+        v = scan(v[:, None] + dv, lambda x: (x, s[:, None].expand_as(x)))
         step_v = torch.full_like(v, float(dv[1] - dv[0]))
         step_ls = torch.full_like(s, float(log_s[1] - log_s[0]))
         for _ in range(n_refine):
-            v = _parabola_step(lambda x, s=s: chi2(x, s), v, step_v)
-            ls = _parabola_step(lambda x, v=v: chi2(v, x.exp()), s.log(), step_ls)
+            v = _parabola_step(lambda x, s=s: chi2(x, s[:, None].expand_as(x)), v, step_v)
+            ls = _parabola_step(lambda x, v=v: chi2(v[:, None].expand_as(x), x.exp()), s.log(),
+                                step_ls)  # fmt: skip
             s = ls.exp().clamp(lo, hi)
             step_v, step_ls = step_v / 2, step_ls / 2
         return v, s, self(continuum, flux, ivar, z, v, s, **kw) if return_fit else None
@@ -636,16 +677,24 @@ class LinearModel(nn.Module):
 # km/s: galaxies with narrow-line widths in these bins are solved apart (a line design's
 # windows are as wide as its widest line, and their cost grows with the width)
 WIDTH_GROUPS_KMS = (60.0, 150.0, 300.0)
+# Rows of one batched kinematics scan are solved in groups whose sigma + SCAN_WIDTH_OFFSET
+# (km/s) lie within a factor SCAN_WIDTH_RATIO: a line window's cost grows with the widest line
+# of its group, ~ 12 lambda sigma / c pixels plus the resolution matrix's band (on DESI ~0.5
+# pixel per km/s at 9800 A plus ~13: the offset). Measured on 64 mocks (2 scans): ratio
+# 1.25-2 and max_rows 128-1024 all within 8 % of each other, 10 % faster than point by point.
+SCAN_WIDTH_RATIO = 1.25
+SCAN_WIDTH_OFFSET = 25.0
 
 
 def _parabola_step(f, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """Vertex of the parabola through f(x - step), f(x), f(x + step), kept within one step;
-    the best of the three points where the parabola opens downwards."""
-    fm, f0, fp = f(x - step), f(x), f(x + step)
+    the best of the three points where the parabola opens downwards. ``f`` maps (B, 3) points
+    to their (B, 3) values (the three solved together)."""
+    pts = torch.stack([x - step, x, x + step], 1)
+    vals = f(pts)
+    fm, f0, fp = vals.unbind(1)
     curv = fp + fm - 2 * f0
     shift = 0.5 * step * (fm - fp) / curv.clamp(min=torch.finfo(x.dtype).tiny)
     shift = torch.minimum(torch.maximum(shift, -step), step)
-    best = torch.stack([x - step, x, x + step], 1).gather(
-        1, torch.stack([fm, f0, fp], 1).argmin(1, keepdim=True)
-    )[:, 0]
+    best = pts.gather(1, vals.argmin(1, keepdim=True))[:, 0]
     return torch.where(curv > 0, x + shift, best)

@@ -173,7 +173,7 @@ class GenericInstrument(_Spectrograph):
     def _crop_mask(self, covered: torch.Tensor) -> torch.Tensor:
         return _erode(covered, self.pad)[:, self.pad : -self.pad]
 
-    def forward(self, wave_rest, lum_rest, z, sigma=None) -> torch.Tensor:
+    def forward(self, wave_rest, lum_rest, z, sigma=None, *, repeat: int = 1) -> torch.Tensor:
         """Model spectra on the instrument pixels.
 
         Parameters
@@ -186,7 +186,11 @@ class GenericInstrument(_Spectrograph):
             Redshifts, 0 < z <= 10.
         sigma : (B, M) or (M,) tensor, Angstrom, optional
             Per-galaxy LSF sigma overriding the instrument's (same band width, so keep it
-            below the sigma the instrument was built with times ~1).
+            below the sigma the instrument was built with times ~1); (B / repeat, M) with
+            ``repeat``.
+        repeat : int
+            Each row of ``sigma`` serves ``repeat`` consecutive spectra (several models of one
+            galaxy): its matrix is built once, the same numbers as ``sigma`` repeated.
 
         Returns
         -------
@@ -202,7 +206,7 @@ class GenericInstrument(_Spectrograph):
             if sigma_t.shape[-1] != self.npix:
                 raise ValueError(f"sigma must have {self.npix} pixels; got {tuple(sigma_t.shape)}")
             diagonals = self._diagonals(sigma_t)
-        out = apply_resolution(diagonals, pix)
+        out = apply_resolution(diagonals, pix, repeat=repeat)
         return out[:, self.pad : -self.pad]
 
 
@@ -403,7 +407,7 @@ class DESIInstrument(_Spectrograph):
         """(B, M) concatenated arms -> {arm: (B, N_arm)}."""
         return dict(zip(self.arm_names, torch.split(flux, self.arm_npix, dim=-1), strict=True))
 
-    def forward(self, wave_rest, lum_rest, z, resolution=None) -> torch.Tensor:
+    def forward(self, wave_rest, lum_rest, z, resolution=None, *, repeat: int = 1) -> torch.Tensor:
         """Model DESI spectra, arms concatenated.
 
         Parameters
@@ -418,6 +422,10 @@ class DESIInstrument(_Spectrograph):
             Per-galaxy resolution diagonals (arms concatenated like the output, or per arm as
             in ``sedvae.io.Spectra.resolution``), overriding the instrument's; this is how real
             spectra, each with its own matrix, are fitted.
+        repeat : int
+            Each of the B / ``repeat`` matrices of ``resolution`` serves ``repeat``
+            consecutive rows (several models of one galaxy: posterior draws, trial widths),
+            the same as the matrices repeated, without the copies.
 
         Returns
         -------
@@ -438,7 +446,8 @@ class DESIInstrument(_Spectrograph):
         for n in self.arm_npix:
             # Arms are separate detectors: the matrix never couples pixels across arms.
             arm_slice = slice(start, start + n)
-            out.append(apply_resolution(resolution[..., arm_slice], pix[:, arm_slice]))
+            out.append(apply_resolution(resolution[..., arm_slice], pix[:, arm_slice],
+                                        repeat=repeat, checked=True))  # fmt: skip
             start += n
         return torch.cat(out, dim=-1)
 

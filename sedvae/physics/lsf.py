@@ -132,15 +132,22 @@ def check_diagonals(name: str, diagonals, npix: int | None = None) -> torch.Tens
     return d
 
 
-def apply_resolution(diagonals: torch.Tensor, flux: torch.Tensor) -> torch.Tensor:
+def apply_resolution(diagonals: torch.Tensor, flux: torch.Tensor, *, repeat: int = 1,
+                     checked: bool = False) -> torch.Tensor:  # fmt: skip
     """Multiply spectra by banded resolution matrices given as DESI-layout diagonals.
 
     Parameters
     ----------
     diagonals : (ndiag, M) or (B, ndiag, M) tensor
         Diagonals with offsets ``+h .. -h`` as stored in DESI coadds (see module docstring);
-        one matrix for the batch or one per galaxy.
+        one matrix for the batch or one per galaxy; with ``repeat``, (B / repeat, ndiag, M).
     flux : (B, M) tensor, any flux-density unit
+    repeat : int
+        Each matrix serves ``repeat`` consecutive rows of ``flux`` (several spectra of one
+        galaxy, e.g. posterior draws): the same products as the matrices repeated, without
+        the copies.
+    checked : bool
+        The caller has validated ``diagonals`` (shape and finiteness) already.
 
     Returns
     -------
@@ -148,12 +155,21 @@ def apply_resolution(diagonals: torch.Tensor, flux: torch.Tensor) -> torch.Tenso
     """
     flux = as_tensor("flux", flux)
     check_ndim("flux", flux, (2,), "(B, M)")
-    d = check_diagonals("diagonals", diagonals, flux.shape[-1]).to(flux.device, flux.dtype)
-    if d.ndim == 3 and d.shape[0] not in (1, flux.shape[0]):
-        raise ValueError(f"diagonals batch {d.shape[0]} does not match flux batch {flux.shape[0]}")
+    if not checked:
+        diagonals = check_diagonals("diagonals", diagonals, flux.shape[-1])
+    d = diagonals.to(flux.device, flux.dtype)
+    bsz = flux.shape[0]
+    if repeat < 1 or bsz % repeat:
+        raise ValueError(f"repeat must be >= 1 and divide the batch {bsz}; got {repeat}")
+    if d.ndim == 3 and d.shape[0] not in (1, bsz // repeat):
+        raise ValueError(f"diagonals batch {d.shape[0]} does not match flux batch {bsz}"
+                         + (f" / repeat {repeat}" if repeat > 1 else ""))  # fmt: skip
     ndiag, m = d.shape[-2], flux.shape[-1]
     h = ndiag // 2
-    prod = d * flux.unsqueeze(-2)  # (B, ndiag, M): contribution of column j on its diagonals
+    if d.ndim == 3 and repeat > 1 and d.shape[0] > 1:  # (G, 1, ndiag, M) x (G, repeat, 1, M)
+        prod = (d.unsqueeze(1) * flux.reshape(-1, repeat, 1, m)).reshape(bsz, ndiag, m)
+    else:
+        prod = d * flux.unsqueeze(-2)  # (B, ndiag, M): contribution of column j on its diagonals
     padded = nn.functional.pad(prod, (h, h))  # padded[..., n] = prod[..., n - h]
     # out[i] = sum_k prod[k, i + h - k] = sum_k padded[k, i + 2h - k]
     out = padded[:, 0, 2 * h : 2 * h + m]

@@ -143,10 +143,16 @@ def integrate_bins(
     flux_c = flux.to(compute_dtype)
     seg = 0.5 * (flux_c[:, 1:] + flux_c[:, :-1]) * torch.diff(wave_c, dim=-1)  # (B, L-1)
     cum = torch.nn.functional.pad(torch.cumsum(seg, dim=-1), (1, 0))  # (B, L), cum[:, 0] = 0
-    edges = torch.cat([lo, hi], dim=-1)  # one search for both ends
-    f_edges = _antiderivative(wave_c, flux_c, cum, edges)  # (B, 2M)
+    # One search for both ends, and each edge shared by two adjacent bins (a pixel's upper
+    # edge is the next one's lower edge: every pixel grid) evaluated once: the same numbers.
     m = lo.shape[-1]
-    integral = f_edges[:, m:] - f_edges[:, :m]
+    shared = (hi[..., :-1] == lo[..., 1:]).reshape(-1, m - 1).all(0) if m > 1 else (
+        torch.zeros(0, dtype=torch.bool, device=lo.device))  # (M - 1,)
+    own = torch.cat([~shared, shared.new_ones(1)])  # (M,) upper edges not another's lower
+    f_edges = _antiderivative(wave_c, flux_c, cum, torch.cat([lo, hi[..., own]], dim=-1))
+    hi_at = torch.arange(1, m + 1, device=own.device)  # the next bin's lower edge ...
+    hi_at[own] = m + torch.arange(int(own.sum()), device=own.device)  # ... or its own
+    integral = f_edges.index_select(1, hi_at) - f_edges[:, :m]
     w = wave_c if wave_c.ndim == 2 else wave_c.unsqueeze(0)
     covered = (lo >= w[:, :1]) & (hi <= w[:, -1:])  # (B or 1, M)
     return integral, covered.expand(flux.shape[0], -1)

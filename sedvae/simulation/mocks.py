@@ -189,13 +189,15 @@ class MockGenerator(torch.nn.Module):
         wave_obs, f_obs = redshift_spectrum(self.sps.wave, lum_rest, z)
         return flux, self.photometry(wave_obs, f_obs)
 
-    def spectrum(self, lum_rest: torch.Tensor, z: torch.Tensor, resolution=None) -> torch.Tensor:
+    def spectrum(self, lum_rest: torch.Tensor, z: torch.Tensor, resolution=None,
+                 repeat: int = 1) -> torch.Tensor:  # fmt: skip
         """Rest-frame spectra (B, L) on ``sps.wave`` at redshifts z (B,) -> the DESI spectra
         (B, M), 1e-17 erg/s/cm^2/A, at aperture 1: redshift, d_L, pixel integration and the
-        resolution matrix (``resolution`` (B, 11, M): each galaxy's own; default the
-        instrument's). The one path from the SPS to the pixels, shared by the mocks and the
-        catalog's posterior-predictive check (:mod:`sedvae.catalog.ppc`)."""
-        return self.instrument(self.sps.wave, lum_rest, z, resolution=resolution)
+        resolution matrix (``resolution`` (B, 11, M): each galaxy's own, or (B / repeat, 11,
+        M), each serving ``repeat`` consecutive rows; default the instrument's). The one path
+        from the SPS to the pixels, shared by the mocks and the catalog's
+        posterior-predictive check (:mod:`sedvae.catalog.ppc`)."""
+        return self.instrument(self.sps.wave, lum_rest, z, resolution=resolution, repeat=repeat)
 
     def noisy(self, flux_true, photometry_true, generator=None) -> dict:
         """Noise, ivar and masks (see :class:`SpectralNoiseModel`)."""
