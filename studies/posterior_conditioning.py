@@ -107,13 +107,13 @@ def simulate(path: Path, n: int, seed: int, batch_size: int = 256, sfh=None) -> 
 def sim_truth(posterior, data: dict) -> dict:
     """Truths of simulations: the history's own where the set carries them (an SFH prior other
     than theta's), else derived from theta."""
-    if "logmstar_surv" in data:
-        return {"logmsurv": data["logmstar_surv"].double().numpy(),
-                "sfr_100myr": data["sfr_100myr"].double().numpy(),
-                "tmw": data["t_mw_gyr"].double().numpy()}  # fmt: skip
-    d = posterior.derived(data["theta"].double()[None], data["z"].double())
-    return {"logmsurv": d["logmstar_surv"][0].numpy(), "sfr_100myr": d["sfr_100myr"][0].numpy(),
-            "tmw": d["t_mw_gyr"][0].numpy()}  # fmt: skip
+    d = data
+    if "logmstar_surv" not in data:
+        d = {k: v[0] for k, v in posterior.derived(data["theta"].double()[None],
+                                                   data["z"].double()).items()}  # fmt: skip
+    return {"logmsurv": d["logmstar_surv"].double().numpy(),
+            "sfr_100myr": d["sfr_100myr"].double().numpy(),
+            "tmw": d["t_mw_gyr"].double().numpy()}  # fmt: skip
 
 
 def offmodel(path: Path, n: int, seed: int) -> tuple[dict, dict]:

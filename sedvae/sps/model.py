@@ -536,38 +536,41 @@ class SEDModel(torch.nn.Module):
         # the padding): a 5-smooth one, about half the power of two above it
         n_fft = next_fast_len(n_u + 2 * pad, real=True)
         if lum.device.type == "cpu" and not lum.requires_grad:
-            return self._broaden_columns(lum, sigma_v, n_blue, n_u, pad, n_fft)
-        fine = to_fine(lum[:, :n_blue])
-        spec = torch.fft.rfft(F.pad(fine, (pad, n_fft - n_u - pad), mode="replicate"), n=n_fft)
-        freq = torch.fft.rfftfreq(n_fft, d=self.broaden_dlnlam, dtype=lum.dtype, device=lum.device)
-        sig = sigma_v / 299792.458  # in ln(lambda)
-        kernel = torch.exp(-2 * (np.pi * freq[None, :] * sig[:, None]) ** 2)
-        smooth = torch.fft.irfft(spec * kernel, n=n_fft)[:, pad : pad + n_u]
-        blue = to_native(smooth)
+            # the spectra as columns (L, B) from the first resampling to the last: the same
+            # operations on the same numbers (equal to the bit) without transposing the
+            # (B, n_u) fine grid twice (scipy's sparse products take and return one spectrum
+            # per column; the FFTs run along the first dimension as fast)
+            x = torch.empty(n_blue, lum.shape[0], dtype=torch.float64).copy_(lum[:, :n_blue].T)
+            fine = torch.from_numpy(to_fine.matrix @ x.numpy()).to(lum.dtype)  # (n_u, B)
+            smooth = self._convolve_uniform(fine, sigma_v, pad, n_fft, dim=0)
+            blue = torch.from_numpy(to_native.matrix @ smooth.to(torch.float64).numpy())
+            blue = blue.T.to(lum.dtype)
+        else:
+            blue = to_native(self._convolve_uniform(to_fine(lum[:, :n_blue]), sigma_v, pad,
+                                                    n_fft, dim=1))  # fmt: skip
         # the outermost native pixels are only half covered by the uniform grid: keep them
         blue[:, 0], blue[:, -1] = lum[:, 0], lum[:, n_blue - 1]
         return torch.cat([blue, lum[:, n_blue:]], -1)
 
-    def _broaden_columns(self, lum, sigma_v, n_blue, n_u, pad, n_fft) -> torch.Tensor:
-        """:meth:`broaden` on the CPU with the spectra as columns (L, B) from the first
-        resampling to the last: the same operations on the same numbers (equal to the bit),
-        without transposing the (B, n_u) fine grid twice (scipy's sparse products take and
-        return one spectrum per column; the FFTs run along the first dimension as fast)."""
-        _, _, to_fine, to_native = self._broaden_operators()
-        x = torch.empty(n_blue, lum.shape[0], dtype=torch.float64).copy_(lum[:, :n_blue].T)
-        fine = torch.from_numpy(to_fine.matrix @ x.numpy()).to(lum.dtype)  # (n_u, B)
-        padded = torch.cat([fine[:1].expand(pad, -1), fine,
-                            fine[-1:].expand(n_fft - n_u - pad, -1)])  # fmt: skip
-        spec = torch.fft.rfft(padded, n=n_fft, dim=0)
-        freq = torch.fft.rfftfreq(n_fft, d=self.broaden_dlnlam, dtype=lum.dtype)
+    def _convolve_uniform(self, fine, sigma_v, pad: int, n_fft: int, dim: int) -> torch.Tensor:
+        """Spectra on the uniform ln(lambda) grid (n_u points along ``dim``, one spectrum per
+        index of the other dimension) convolved with Gaussians of sigma_v / c (km/s): edges
+        replicated over ``pad`` points, FFTs of length ``n_fft``, cropped back to n_u."""
+        n_u = fine.shape[dim]
+
+        def edge(i: int, k: int) -> torch.Tensor:  # point i repeated k times along dim
+            size = list(fine.shape)
+            size[dim] = k
+            return fine.narrow(dim, i, 1).expand(size)
+
+        padded = torch.cat([edge(0, pad), fine, edge(n_u - 1, n_fft - n_u - pad)], dim)
+        spec = torch.fft.rfft(padded, n=n_fft, dim=dim)
+        freq = torch.fft.rfftfreq(n_fft, d=self.broaden_dlnlam, dtype=fine.dtype,
+                                  device=fine.device)  # fmt: skip
         sig = sigma_v / 299792.458  # in ln(lambda)
-        kernel = torch.exp(-2 * (np.pi * freq[:, None] * sig[None, :]) ** 2)
-        smooth = torch.fft.irfft(spec * kernel, n=n_fft, dim=0)[pad : pad + n_u]
-        blue = torch.from_numpy(to_native.matrix @ smooth.to(torch.float64).numpy())
-        out = torch.cat([blue.T.to(lum.dtype), lum[:, n_blue:]], -1)
-        # the outermost native pixels are only half covered by the uniform grid: keep them
-        out[:, 0], out[:, n_blue - 1] = lum[:, 0], lum[:, n_blue - 1]
-        return out
+        pf = np.pi * (freq[:, None] if dim == 0 else freq[None, :])
+        kernel = torch.exp(-2 * (pf * (sig[None, :] if dim == 0 else sig[:, None])) ** 2)
+        return torch.fft.irfft(spec * kernel, n=n_fft, dim=dim).narrow(dim, pad, n_u)
 
     def simulate(
         self,
