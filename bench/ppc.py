@@ -46,7 +46,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from sedvae.catalog.fitter import default_posterior_path
-    from sedvae.catalog.ppc import PosteriorPredictive
+    from sedvae.catalog.ppc import PosteriorPredictive, median_draw
     from sedvae.io.batch import FATAL
     from sedvae.posterior.api import load_posterior
     from sedvae.simulation.mocks import MockGenerator
@@ -86,11 +86,9 @@ def main() -> None:
     # the kinematics scan alone, both ways, on the median draw's continuum (as the check)
     b = int(ok.sum())
     theta = samples[: args.draws, ok].permute(1, 0, 2).double()
-    med = theta.median(1, keepdim=True).values
-    pick = ((theta - med) / theta.std(1, keepdim=True).clamp_min(1e-6)).pow(2).sum(-1).argmin(1)
     z = clean.z[ok].double()
     res = None if clean.resolution is None else clean.resolution[ok]
-    cont = ppc.continuum(theta[torch.arange(b), pick], z, resolution=res).float()
+    cont = ppc.continuum(median_draw(theta), z, resolution=res).float()
     flux, ivar = clean.flux[ok].float(), clean.ivar[ok].float()
     bad = ppc._bad(z, clean.mask[ok].bool())
     cont = cont * ppc._scale(cont, flux, torch.where(bad, 0.0, ivar))[:, None]

@@ -165,6 +165,15 @@ def _half_range(x: torch.Tensor, dim: int) -> torch.Tensor:
     return 0.5 * (q[1] - q[0])
 
 
+def median_draw(theta: torch.Tensor) -> torch.Tensor:
+    """(b, P) the draw of each galaxy's draws theta (b, K, P) nearest their median (each
+    parameter standardised over the draws): the one the check's kinematics are fitted on."""
+    med = theta.median(1, keepdim=True).values
+    scl = theta.std(1, keepdim=True).clamp_min(1e-6)
+    pick = ((theta - med) / scl).pow(2).sum(-1).argmin(1)  # (b,)
+    return theta[torch.arange(theta.shape[0]), pick]
+
+
 def chi2_quantile(q: float, dof: torch.Tensor) -> torch.Tensor:
     """The q-quantile of chi^2(dof), elementwise (scipy's exact inverse)."""
     from scipy.stats import chi2
@@ -572,11 +581,7 @@ class PosteriorPredictive(nn.Module):
         res = None if lsf is None else lsf[idx].float()
 
         with stage("posterior_predictive"):
-            # the draw nearest the posterior median (standardised over the draws)
-            med = theta.median(1, keepdim=True).values
-            scl = theta.std(1, keepdim=True).clamp_min(1e-6)
-            pick = ((theta - med) / scl).pow(2).sum(-1).argmin(1)  # (b,)
-            theta_med = theta[torch.arange(b), pick]  # (b, 12)
+            theta_med = median_draw(theta)  # (b, 12)
             lum_med, z_c = self.luminosity(theta_med, z)
             c0 = self.observe(lum_med, z_c, None, res, obs).float()
         with stage("line_calibration_solve"):
