@@ -1,7 +1,8 @@
 """The shipped posterior on other instruments' grids: the same mock galaxies observed on the
 DESI pixels it was trained on, on an SDSS legacy grid and on a MaNGA-like grid, in one run.
 
-    python bench/grids.py [--n 200] [--seed 11] [--samples 1000]
+    python bench/grids.py [--n 200] [--seed 11] [--samples 1000] [--posterior FILE]
+                          [--baseline FILE]
 
 Mocks: prior draws of the generative model (``sedvae.simulation.MockGenerator``: BC03+MILES,
 nebular emission, BGS-like z, fibre apertures 0.3-1, DESI noise and Legacy Surveys photometry).
@@ -31,6 +32,7 @@ import time
 import numpy as np
 import torch
 
+from sedvae.io.batch import Flag
 from sedvae.physics import GenericInstrument, SDSSInstrument
 from sedvae.physics.instruments import SDSS_DLOGLAM
 from sedvae.posterior import load_posterior
@@ -84,24 +86,16 @@ def make_batches(n: int, seed: int, photometry: bool = True) -> tuple[dict, torc
     return out, params["theta"][:, THETA.LOGMSTAR]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=200)
-    ap.add_argument("--seed", type=int, default=11)
-    ap.add_argument("--samples", type=int, default=1000)
-    ap.add_argument("--no-photometry", action="store_true")
-    args = ap.parse_args()
-    torch.manual_seed(args.seed)
-    t0 = time.perf_counter()
-    batches, truth = make_batches(args.n, args.seed, not args.no_photometry)
-    print(f"{args.n} mocks on 4 grids in {time.perf_counter() - t0:.1f} s")
-    post = load_posterior("data/posterior/posterior.pt")
+def score(post, batches: dict, truth: torch.Tensor, samples: int, seed: int,
+          label: str = "") -> dict:
+    """logM* bias, scatter, 68 % coverage and half-width of ``post`` per grid, the fraction
+    flagged OOD, and the other grids' posterior medians against the DESI ones."""
     q = torch.tensor([0.16, 0.5, 0.84], dtype=torch.float64)
     stats, med, half = {}, {}, {}
     for name, batch in batches.items():
         t = time.perf_counter()
-        gen = torch.Generator().manual_seed(args.seed)
-        s, flags = post.sample(batch, args.samples, gen, return_flags=True)
+        gen = torch.Generator().manual_seed(seed)
+        s, flags = post.sample(batch, samples, gen, return_flags=True)
         p16, p50, p84 = torch.quantile(s[..., THETA.LOGMSTAR].double(), q, dim=0)
         err = (p50 - truth).numpy()
         inside = ((truth >= p16) & (truth <= p84)).double().mean().item()
@@ -112,26 +106,52 @@ def main() -> None:
             "coverage68": inside,
             "half_width": float(np.median(half[name])),
             "n_fatal": int(((flags & 7) > 0).sum()),
+            "ood_frac": float(((flags & int(Flag.OOD)) > 0).float().mean()),
             "seconds": time.perf_counter() - t,
         }
-        print(f"{name:6s} logM* bias {stats[name]['bias']:+.3f} scatter "
+        print(f"{label}{name:6s} logM* bias {stats[name]['bias']:+.3f} scatter "
               f"{stats[name]['scatter']:.3f} dex, 68% coverage {inside:.2f}, half-width "
-              f"{stats[name]['half_width']:.3f}, {stats[name]['seconds']:.1f} s")  # fmt: skip
+              f"{stats[name]['half_width']:.3f}, OOD {stats[name]['ood_frac']:.3f}, "
+              f"{stats[name]['seconds']:.1f} s")  # fmt: skip
     for name in ("sdss", "boss", "manga"):
         d = (med[name] - med["desi"]) / half["desi"]
         stats[name]["vs_desi_median"] = float(np.median(d))
         stats[name]["vs_desi_scatter"] = float(1.4826 * np.median(np.abs(d - np.median(d))))
-        print(f"{name:6s} - desi posterior medians: median {np.median(d):+.2f}, scatter "
+        print(f"{label}{name:6s} - desi posterior medians: median {np.median(d):+.2f}, scatter "
               f"{stats[name]['vs_desi_scatter']:.2f} DESI half-widths")  # fmt: skip
-    ratio = stats["sdss"]["scatter"] / stats["desi"]["scatter"]
-    ratio_boss = stats["boss"]["scatter"] / stats["desi"]["scatter"]
-    print(f"logM* scatter ratio to DESI: SDSS legacy {ratio:.2f}, BOSS {ratio_boss:.2f}")
-    print(json.dumps({
-        "n": args.n, "photometry": not args.no_photometry,
-        **{f"{g}_{k}": round(v, 4) for g, st in stats.items() for k, v in st.items()
-           if k != "seconds"},
-        "sdss_over_desi_scatter": round(ratio, 3), "boss_over_desi_scatter": round(ratio_boss, 3),
-    }))  # fmt: skip
+    out = {f"{g}_{k}": round(v, 4) for g, st in stats.items() for k, v in st.items()
+           if k != "seconds"}  # fmt: skip
+    out["sdss_over_desi_scatter"] = round(stats["sdss"]["scatter"] / stats["desi"]["scatter"], 3)
+    out["boss_over_desi_scatter"] = round(stats["boss"]["scatter"] / stats["desi"]["scatter"], 3)
+    print(f"{label}logM* scatter ratio to DESI: SDSS legacy {out['sdss_over_desi_scatter']:.2f}, "
+          f"BOSS {out['boss_over_desi_scatter']:.2f}")  # fmt: skip
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--no-photometry", action="store_true")
+    ap.add_argument("--posterior", default="data/posterior/posterior.pt",
+                    help="the head to score (default: the shipped one)")
+    ap.add_argument("--baseline", default=None,
+                    help="a second head scored on the same mocks (keys prefixed baseline_)")
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    batches, truth = make_batches(args.n, args.seed, not args.no_photometry)
+    print(f"{args.n} mocks on 4 grids in {time.perf_counter() - t0:.1f} s")
+    result = {"n": args.n, "photometry": not args.no_photometry}
+    result.update(score(load_posterior(args.posterior), batches, truth, args.samples, args.seed))
+    if args.baseline:
+        base = score(load_posterior(args.baseline), batches, truth, args.samples, args.seed,
+                     label="baseline ")  # fmt: skip
+        result.update({f"baseline_{k}": v for k, v in base.items()})
+        for k in ("sdss_bias", "sdss_scatter", "desi_scatter"):
+            print(f"{k}: {result[k]:+.3f} (baseline {base[k]:+.3f})")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

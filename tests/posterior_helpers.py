@@ -55,10 +55,11 @@ def net_config(npix_per_arm: int = 150, hidden=(32,)) -> dict:
     }
 
 
-def tiny_net(bins: int | None = 4) -> NeuralPosterior:
+def tiny_net(bins: int | None = 4, **kwargs) -> NeuralPosterior:
+    """A small head on the fake instrument; ``kwargs`` go to ``NeuralPosterior``."""
     inst = fake_instrument()
     emb = SpectrumEmbedding(inst, MLPTrunk(N_BINS, (32,), 32), n_bins=N_BINS, head=(32,), n_out=16)
-    return NeuralPosterior(emb, PosteriorFlow(16, transforms=3, hidden=(32,), bins=bins))
+    return NeuralPosterior(emb, PosteriorFlow(16, transforms=3, hidden=(32,), bins=bins), **kwargs)
 
 
 def fake_batch(b: int = 5, npix: int = 450, seed: int = 0) -> dict:

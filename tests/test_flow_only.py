@@ -132,11 +132,15 @@ def test_train_posterior_flow_fast_dev_run(tmp_path):
             return dm.datasets["train_summaries"].summaries["context"]
 
         first, again, other = contexts(), contexts(), contexts(noise_seed=2)
+        # the trained model's augmentation, not the file's: every spectrum cut short
+        assert dm.augment["p_cut_coverage"] == cfg.model.net.p_cut_coverage == 0.0
+        cut = contexts(augment={**dm.augment, "p_cut_coverage": 1.0})
     GlobalHydra.instance().clear()
     assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["val/loss"])
     # every galaxy x draw, reproducible; another noise_seed draws other noise
     assert first.shape[0] == 16 * 2
     assert torch.equal(first, again) and not torch.allclose(first, other)
+    assert cut.shape == first.shape and not torch.allclose(first, cut)
 
 
 def test_exported_file_counts_the_epochs_it_trained(tmp_path):

@@ -277,6 +277,48 @@ def test_loss_is_finite_and_decreases():
     assert set(metrics) == {"nll_u", "nll_theta"}
 
 
+def test_coverage_cut_augmentation_empties_the_cut_ends_only():
+    """p_cut_coverage: a share of the galaxies lose the pixels outside an observed-frame window
+    (ivar = 0, flux = 0, masked) whose edges lie in cut_blue / cut_red; the others, and every
+    pixel inside a galaxy's window, are untouched. With p = 0 the augmentation draws exactly
+    what it drew before the option existed (the photometry draw)."""
+    batch = fake_batch(400)
+    batch["mask"] = torch.zeros_like(batch["ivar"], dtype=torch.bool)
+    net = tiny_net()
+    wave = net.embedding.wave_obs
+    lo, hi = float(wave.min()), float(wave.max())
+    span = hi - lo
+    net.p_drop_photometry = 0.0
+    net.p_cut_coverage = 0.5
+    net.cut_blue, net.cut_red = (lo, lo + 0.2 * span), (hi - 0.2 * span, hi)
+    out = net.augment(batch, torch.Generator().manual_seed(3))
+    gone = out["ivar"] == 0
+    cut = gone.any(-1)
+    assert 0.42 < cut.float().mean() < 0.58  # 400 draws of p = 0.5
+    assert torch.equal(out["mask"], gone) and (out["flux"][gone] == 0).all()
+    for i in torch.nonzero(cut).flatten().tolist():
+        kept = wave[~gone[i]]
+        blue, red = float(kept.min()), float(kept.max())
+        # the edges lie in cut_blue / cut_red: every pixel between those ranges survives
+        central = (wave > lo + 0.2 * span) & (wave < hi - 0.2 * span)
+        assert not (gone[i] & central).any()
+        inside = (wave >= blue) & (wave <= red)  # one contiguous window, nothing lost inside
+        assert torch.equal(~gone[i], inside)
+        assert torch.equal(out["flux"][i, inside], batch["flux"][i, inside])
+    assert torch.equal(out["ivar"][~cut], batch["ivar"][~cut])
+    # p = 0: the photometry draw alone, as before the cut existed
+    net.p_drop_photometry, net.p_cut_coverage = 0.5, 0.0
+    a = net.augment(batch, torch.Generator().manual_seed(4))
+    drop = torch.rand(400, generator=torch.Generator().manual_seed(4)) < 0.5
+    assert torch.equal(a["photometry_ivar"] == 0, drop[:, None].expand_as(a["photometry_ivar"])
+                       | (batch["photometry_ivar"] == 0))  # fmt: skip
+    assert torch.equal(a["ivar"], batch["ivar"])
+    with pytest.raises(ValueError, match="p_cut_coverage"):
+        tiny_net(p_cut_coverage=1.5)
+    with pytest.raises(ValueError, match="must lie below"):
+        tiny_net(p_cut_coverage=0.1, cut_blue=(3600.0, 9000.0), cut_red=(8500.0, 9800.0))
+
+
 def test_checkpoint_roundtrip_and_mismatch(tmp_path):
     import hydra
     from omegaconf import OmegaConf

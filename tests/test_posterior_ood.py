@@ -116,3 +116,26 @@ def test_stale_or_missing_companion_files(tmp_path, shipped):
     again = OODScore.load(path)
     assert torch.equal(again.score(x), shipped.ood.score(x))
     assert again.threshold == shipped.ood.threshold and math.isfinite(again.threshold)
+
+
+def test_ood_fit_summaries_carry_the_heads_coverage_cuts(shipped, in_model):
+    """The OOD model is fitted on summaries made with the head's training augmentation: with
+    coverage cuts on (``net.p_cut_coverage``) the summaries are those of cut spectra; without,
+    only the photometry is hidden on a share, as before the cuts existed."""
+    from sedvae.posterior.ood import summaries
+
+    batch = {k: v[:32] for k, v in in_model.items()}
+    net = shipped.net
+    saved = net.p_cut_coverage, net.cut_red
+    try:
+        net.p_cut_coverage = 0.0
+        plain = summaries(shipped, batch, drop_seed=5)
+        again = summaries(shipped, batch, drop_seed=5)
+        net.p_cut_coverage, net.cut_red = 1.0, (7000.0, 7500.0)  # every spectrum ends at 7,500 A
+        cut = summaries(shipped, batch, drop_seed=5)
+    finally:
+        net.p_cut_coverage, net.cut_red = saved
+    assert torch.equal(plain, again)
+    assert not torch.allclose(plain, cut)
+    # a red end cut at 7,500 A leaves its galaxies further from the training summaries
+    assert float(shipped.ood.score(cut).median()) < float(shipped.ood.score(plain).median())

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 OBS_KEYS = ("flux", "ivar", "mask", "photometry", "photometry_ivar")
 TRUTH_KEYS = ("theta", "z", "logU", "sigma_v", "aperture")
+# NeuralPosterior's training-augmentation settings (FrozenSummaryDataModule's ``augment``)
+AUGMENT_KEYS = ("p_drop_photometry", "p_cut_coverage", "cut_blue", "cut_red")
 
 
 class BatchNoiseMocks(Dataset):
@@ -204,6 +206,13 @@ class FrozenSummaryDataModule(PosteriorMockDataModule):
     noise_seed : int, optional
         Seed of those draws (default: ``seed``); a second run from the first one's file takes
         fresh noise with another.
+    augment : dict, optional
+        The training augmentation the summaries are made with: ``NeuralPosterior`` attributes
+        (``p_drop_photometry``, ``p_cut_coverage``, ``cut_blue``, ``cut_red``) set on the file's
+        network before it summarises. Default: the file's own.
+        ``conf/data/posterior_summaries.yaml`` passes the trained model's (``model.net``), so a
+        flow trained with coverage cuts sees
+        summaries of cut spectra although the file's embedding was trained without.
     **kwargs
         :class:`PosteriorMockDataModule` arguments.
     """
@@ -213,6 +222,7 @@ class FrozenSummaryDataModule(PosteriorMockDataModule):
         summary_from: str | None = None,
         draws: int = 4,
         noise_seed: int | None = None,
+        augment: dict | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -223,6 +233,10 @@ class FrozenSummaryDataModule(PosteriorMockDataModule):
         self.summary_from = str(summary_from)
         self.draws = int(draws)
         self.noise_seed = self.seed if noise_seed is None else int(noise_seed)
+        self.augment = dict(augment or {})
+        unknown = set(self.augment) - set(AUGMENT_KEYS)
+        if unknown:
+            raise ValueError(f"augment: unknown keys {sorted(unknown)}; choose from {AUGMENT_KEYS}")
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
@@ -232,6 +246,9 @@ class FrozenSummaryDataModule(PosteriorMockDataModule):
         from .summaries import summarise_dataset
 
         net, _ = load_checkpoint(self.summary_from, "posterior")
+        for key, value in self.augment.items():
+            setattr(net, key, tuple(float(v) for v in value) if key.startswith("cut_")
+                    else float(value))  # fmt: skip
         log.info("summarising %d training galaxies x %d noise draws with %s",
                  len(self.datasets["train"]), self.draws, self.summary_from)  # fmt: skip
         s = summarise_dataset(net, self.datasets["train"], n_draws=self.draws,

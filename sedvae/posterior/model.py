@@ -109,6 +109,23 @@ def w_to_u(w: torch.Tensor, jacobian: bool = True) -> tuple[torch.Tensor, torch.
     return u, ladj
 
 
+def cut_coverage(batch: dict, blue: torch.Tensor, red: torch.Tensor, wave: torch.Tensor) -> dict:
+    """``batch`` with each galaxy's pixels bluer than ``blue`` (B,) or redder than ``red`` (B,)
+    (observed frame, Angstrom, on the pixels ``wave`` (M,)) given ivar = 0, flux = 0 and
+    masked, as an instrument that stops there delivers them (ivar = 0 where it has no pixel).
+    ``-inf`` / ``inf`` leave that end of a galaxy as it is."""
+    wave = torch.as_tensor(wave, dtype=torch.float64, device=batch["flux"].device)
+    blue = blue.to(device=wave.device, dtype=torch.float64)[:, None]
+    red = red.to(device=wave.device, dtype=torch.float64)[:, None]
+    gone = (wave[None, :] < blue) | (wave[None, :] > red)  # (B, M)
+    out = dict(batch)
+    out["ivar"] = batch["ivar"].masked_fill(gone, 0.0)
+    out["flux"] = batch["flux"].masked_fill(gone, 0.0)
+    if batch.get("mask") is not None:
+        out["mask"] = batch["mask"] | gone
+    return out
+
+
 class NeuralPosterior(nn.Module):
     """Parameters
     ----------
@@ -126,6 +143,16 @@ class NeuralPosterior(nn.Module):
     gaussianize_prior : bool
         Let the flow model w (prior N(0, I)) instead of standardised u (module docstring);
         off by default for the same reason.
+    p_cut_coverage : float
+        Training augmentation: fraction of galaxies whose spectrum is cut short in the
+        observed frame, as an instrument with less coverage than DESI's (SDSS legacy: 3800-9200
+        A) delivers it: pixels bluer than a blue edge drawn uniformly in ``cut_blue`` and
+        redder than a red edge drawn uniformly in ``cut_red`` (Angstrom) get ivar = 0 and are
+        masked. Without it the network never sees those rest-frame bins empty and reads such
+        spectra biased (docs/results.md, "Other instruments' grids"). 0 (the default) for
+        files trained before it existed.
+    cut_blue, cut_red : (float, float)
+        Ranges of the cut's blue and red edges, Angstrom.
     """
 
     def __init__(
@@ -135,8 +162,18 @@ class NeuralPosterior(nn.Module):
         p_drop_photometry: float = 0.05,
         mass_anchor: bool = False,
         gaussianize_prior: bool = False,
+        p_cut_coverage: float = 0.0,
+        cut_blue: tuple[float, float] = (3600.0, 4000.0),
+        cut_red: tuple[float, float] = (8500.0, 9824.0),
     ) -> None:
         super().__init__()
+        if not 0.0 <= float(p_cut_coverage) <= 1.0:
+            raise ValueError(f"p_cut_coverage must be in [0, 1], got {p_cut_coverage}")
+        for name, (lo, hi) in (("cut_blue", cut_blue), ("cut_red", cut_red)):
+            if not 0 < float(lo) <= float(hi):
+                raise ValueError(f"{name} must be (lo, hi) with 0 < lo <= hi, got {(lo, hi)}")
+        if float(cut_blue[1]) >= float(cut_red[0]):
+            raise ValueError(f"cut_blue {tuple(cut_blue)} must lie below cut_red {tuple(cut_red)}")
         if embedding.n_out != flow.context:
             raise ValueError(
                 f"embedding.n_out ({embedding.n_out}) must equal flow.context ({flow.context})"
@@ -149,6 +186,9 @@ class NeuralPosterior(nn.Module):
         self.p_drop_photometry = float(p_drop_photometry)
         self.mass_anchor = bool(mass_anchor)
         self.gaussianize_prior = bool(gaussianize_prior)
+        self.p_cut_coverage = float(p_cut_coverage)
+        self.cut_blue = (float(cut_blue[0]), float(cut_blue[1]))
+        self.cut_red = (float(cut_red[0]), float(cut_red[1]))
         if self.gaussianize_prior:
             # w is already standard normal under the prior: no further standardisation
             self.flow.u_loc.zero_()
@@ -218,15 +258,26 @@ class NeuralPosterior(nn.Module):
             return y
 
     def augment(self, batch: dict, generator: torch.Generator | None = None) -> dict:
-        """Hide the photometry of a random ``p_drop_photometry`` of the galaxies."""
-        if not self.p_drop_photometry or batch.get("photometry_ivar") is None:
-            return batch
+        """The training augmentation: hide the photometry of a random ``p_drop_photometry``
+        of the galaxies, then cut the spectra of a random ``p_cut_coverage`` of them short
+        (``cut_coverage``). The photometry draw comes first, so a net without cuts draws
+        exactly what it drew before they existed."""
         out = dict(batch)
-        drop = torch.rand(batch["z"].shape[0], generator=generator) < self.p_drop_photometry
-        drop = drop.to(batch["z"].device)[:, None]
-        out["photometry_ivar"] = torch.where(
-            drop, torch.zeros_like(batch["photometry_ivar"]), batch["photometry_ivar"]
-        )
+        b = batch["z"].shape[0]
+        if self.p_drop_photometry and batch.get("photometry_ivar") is not None:
+            drop = torch.rand(b, generator=generator) < self.p_drop_photometry
+            drop = drop.to(batch["z"].device)[:, None]
+            out["photometry_ivar"] = torch.where(
+                drop, torch.zeros_like(batch["photometry_ivar"]), batch["photometry_ivar"]
+            )
+        if self.p_cut_coverage:
+            u = torch.rand(b, 3, generator=generator, dtype=torch.float64)
+            cut = u[:, 0] < self.p_cut_coverage
+            blue = self.cut_blue[0] + u[:, 1] * (self.cut_blue[1] - self.cut_blue[0])
+            red = self.cut_red[0] + u[:, 2] * (self.cut_red[1] - self.cut_red[0])
+            inf = torch.full_like(blue, math.inf)
+            out = cut_coverage(out, torch.where(cut, blue, -inf), torch.where(cut, red, inf),
+                               batch.get("wave", self.embedding.wave_obs))  # fmt: skip
         return out
 
     def load_weights(self, state: dict[str, torch.Tensor], widen: bool = False) -> None:

@@ -231,15 +231,18 @@ def fit_ood(
 @torch.no_grad()
 def summaries(posterior, batch: dict, drop_seed: int | None = None) -> torch.Tensor:
     """(B, D) summaries of a batch as the head sees it at inference (cleaned and clipped by
-    :meth:`Posterior.check`); with ``drop_seed``, photometry hidden on the training fraction
-    (``net.augment``), as in training. Fatal galaxies are NaN."""
+    :meth:`Posterior.check`); with ``drop_seed``, the training augmentation (``net.augment``:
+    photometry hidden on the training fraction, spectra cut short on another when the head was
+    trained with coverage cuts), as in training. Fatal galaxies are NaN."""
     from ..io.batch import FATAL
 
     clean, flags = posterior.check(batch)
     if drop_seed is not None:
         gen = torch.Generator().manual_seed(int(drop_seed))
-        aug = posterior.net.augment({"z": clean.z, "photometry_ivar": clean.photometry_ivar}, gen)
-        clean.photometry_ivar = aug["photometry_ivar"]
+        keys = ("z", "flux", "ivar", "mask", "photometry_ivar")
+        aug = posterior.net.augment({k: getattr(clean, k) for k in keys}, gen)
+        for key in ("flux", "ivar", "mask", "photometry_ivar"):
+            setattr(clean, key, aug[key])
     context, _ = posterior.net.embed(clean)
     context = context.double()
     context[(flags & int(FATAL)) > 0] = torch.nan
