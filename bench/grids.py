@@ -114,7 +114,8 @@ def score(post, batches: dict, truth: torch.Tensor, samples: int, seed: int,
               f"{stats[name]['half_width']:.3f}, OOD {stats[name]['ood_frac']:.3f}, "
               f"{stats[name]['seconds']:.1f} s")  # fmt: skip
     for name in ("sdss", "boss", "manga"):
-        d = (med[name] - med["desi"]) / half["desi"]
+        ok = half["desi"] > 0  # a posterior pinned at a prior edge has no width
+        d = (med[name][ok] - med["desi"][ok]) / half["desi"][ok]
         stats[name]["vs_desi_median"] = float(np.median(d))
         stats[name]["vs_desi_scatter"] = float(1.4826 * np.median(np.abs(d - np.median(d))))
         print(f"{label}{name:6s} - desi posterior medians: median {np.median(d):+.2f}, scatter "

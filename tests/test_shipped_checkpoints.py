@@ -19,8 +19,13 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 SHIPPED = {
     "emulator": DATA / "emulator" / "speculator_bc03_provabgs.ckpt",
     "posterior": DATA / "posterior" / "posterior.pt",
+    "posterior_cuts": DATA / "posterior" / "posterior_cuts.pt",  # trained with coverage cuts
     "autoencoder": DATA / "autoencoder" / "autoencoder_laptop.pt",
 }
+
+
+def kind_of(name: str) -> str:
+    return "posterior" if name.startswith("posterior") else name
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +37,12 @@ def mocks():
     return MockGenerator().sample(16, torch.Generator().manual_seed(2024))
 
 
-@pytest.mark.parametrize("kind", sorted(SHIPPED))
-def test_shipped_file_is_small_and_of_its_kind(kind):
-    path = SHIPPED[kind]
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_file_is_small_and_of_its_kind(name):
+    path = SHIPPED[name]
     assert path.stat().st_size < 16 * 2**20
     header = read_torch_file(path)
-    assert header["kind"] == kind and header["format_version"] == 2
+    assert header["kind"] == kind_of(name) and header["format_version"] == 2
     assert header["meta"]["fingerprint"]["param_names"][0] == "logmstar"
 
 
@@ -57,12 +62,12 @@ def test_every_shipped_file_loads_in_a_fresh_process(tmp_path):
                HTTP_PROXY=closed, HTTPS_PROXY=closed, WANDB_MODE="offline",
                HF_HUB_OFFLINE="1")  # fmt: skip
     env.pop("SEDVAE_DATA", None)
-    args = [str(a) for kind, path in sorted(SHIPPED.items()) for a in (kind, path)]
+    args = [str(a) for name, path in sorted(SHIPPED.items()) for a in (kind_of(name), path)]
     run = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
                          text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
-    assert [line.split()[0] for line in lines] == sorted(SHIPPED)
+    assert [line.split()[0] for line in lines] == [kind_of(n) for n in sorted(SHIPPED)]
     assert all(int(line.split()[1]) > 100_000 for line in lines)  # trained nets, not stubs
 
 
@@ -91,13 +96,14 @@ def test_shipped_emulator_agrees_with_the_direct_simulator():
     assert np.percentile(e, 95) < 0.06
 
 
-def test_shipped_posterior_recovers_stellar_mass(mocks):
-    """The shipped head's logM* scatter is 0.15 dex (bench/posterior.py, 5,000 mocks); the prior
-    spans 5.5 dex. On 16 mocks: the posterior median is within 0.3 dex for most and within
-    1 dex for all, and the central 95 % interval holds the truth for at least 12."""
+@pytest.mark.parametrize("name", ["posterior", "posterior_cuts"])
+def test_shipped_posterior_recovers_stellar_mass(mocks, name):
+    """Both shipped heads' logM* scatter is 0.15 dex (bench/posterior.py, 5,000 mocks); the
+    prior spans 5.5 dex. On 16 mocks: the posterior median is within 0.3 dex for most and
+    within 1 dex for all, and the central 95 % interval holds the truth for at least 12."""
     from sedvae.posterior import load_posterior
 
-    post = load_posterior(SHIPPED["posterior"])
+    post = load_posterior(SHIPPED[name])
     samples = post.sample(mocks, 256, torch.Generator().manual_seed(0))  # (256, 16, 12)
     logm = samples[..., 0].double()
     truth = mocks["theta"][:, 0].double()

@@ -189,6 +189,8 @@ class NeuralPosterior(nn.Module):
         self.p_cut_coverage = float(p_cut_coverage)
         self.cut_blue = (float(cut_blue[0]), float(cut_blue[1]))
         self.cut_red = (float(cut_red[0]), float(cut_red[1]))
+        if self.p_cut_coverage > 0:  # what training always left: the coverage check's reference
+            embedding.always_covered = (self.cut_blue[1], self.cut_red[0])
         if self.gaussianize_prior:
             # w is already standard normal under the prior: no further standardisation
             self.flow.u_loc.zero_()
