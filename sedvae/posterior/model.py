@@ -167,13 +167,6 @@ class NeuralPosterior(nn.Module):
         cut_red: tuple[float, float] = (8500.0, 9824.0),
     ) -> None:
         super().__init__()
-        if not 0.0 <= float(p_cut_coverage) <= 1.0:
-            raise ValueError(f"p_cut_coverage must be in [0, 1], got {p_cut_coverage}")
-        for name, (lo, hi) in (("cut_blue", cut_blue), ("cut_red", cut_red)):
-            if not 0 < float(lo) <= float(hi):
-                raise ValueError(f"{name} must be (lo, hi) with 0 < lo <= hi, got {(lo, hi)}")
-        if float(cut_blue[1]) >= float(cut_red[0]):
-            raise ValueError(f"cut_blue {tuple(cut_blue)} must lie below cut_red {tuple(cut_red)}")
         if embedding.n_out != flow.context:
             raise ValueError(
                 f"embedding.n_out ({embedding.n_out}) must equal flow.context ({flow.context})"
@@ -183,14 +176,12 @@ class NeuralPosterior(nn.Module):
         self.embedding = embedding
         self.flow = flow
         self.prior = PROVABGSPrior()
-        self.p_drop_photometry = float(p_drop_photometry)
         self.mass_anchor = bool(mass_anchor)
         self.gaussianize_prior = bool(gaussianize_prior)
-        self.p_cut_coverage = float(p_cut_coverage)
-        self.cut_blue = (float(cut_blue[0]), float(cut_blue[1]))
-        self.cut_red = (float(cut_red[0]), float(cut_red[1]))
-        if self.p_cut_coverage > 0:  # what training always left: the coverage check's reference
-            embedding.always_covered = (self.cut_blue[1], self.cut_red[0])
+        self.p_drop_photometry, self.p_cut_coverage = 0.0, 0.0
+        self.cut_blue, self.cut_red = (0.0, 0.0), (0.0, 0.0)
+        self.set_augment(p_drop_photometry=p_drop_photometry, p_cut_coverage=p_cut_coverage,
+                         cut_blue=cut_blue, cut_red=cut_red)  # fmt: skip
         if self.gaussianize_prior:
             # w is already standard normal under the prior: no further standardisation
             self.flow.u_loc.zero_()
@@ -258,6 +249,32 @@ class NeuralPosterior(nn.Module):
             if self.gaussianize_prior:
                 return w_to_u(y, jacobian=False)[0].to(context.dtype)
             return y
+
+    def set_augment(
+        self,
+        p_drop_photometry: float | None = None,
+        p_cut_coverage: float | None = None,
+        cut_blue: tuple[float, float] | None = None,
+        cut_red: tuple[float, float] | None = None,
+    ) -> None:
+        """Set (and check) the training augmentation's settings (class docstring); None keeps a
+        setting. The embedding's coverage check follows: with cuts, its reference is the window
+        every training spectrum kept (``SpectrumEmbedding.always_covered``)."""
+        p_drop = self.p_drop_photometry if p_drop_photometry is None else float(p_drop_photometry)
+        p_cut = self.p_cut_coverage if p_cut_coverage is None else float(p_cut_coverage)
+        blue = tuple(float(v) for v in (self.cut_blue if cut_blue is None else cut_blue))
+        red = tuple(float(v) for v in (self.cut_red if cut_red is None else cut_red))
+        for name, p in (("p_drop_photometry", p_drop), ("p_cut_coverage", p_cut)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {p}")
+        for name, (lo, hi) in (("cut_blue", blue), ("cut_red", red)):
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} must be (lo, hi) with 0 < lo <= hi, got {(lo, hi)}")
+        if blue[1] >= red[0]:
+            raise ValueError(f"cut_blue {blue} must lie below cut_red {red}")
+        self.p_drop_photometry, self.p_cut_coverage = p_drop, p_cut
+        self.cut_blue, self.cut_red = blue, red
+        self.embedding.always_covered = (blue[1], red[0]) if p_cut > 0 else None
 
     def augment(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         """The training augmentation: hide the photometry of a random ``p_drop_photometry``
