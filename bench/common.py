@@ -21,7 +21,21 @@ def test_batch(cache: Path, n_test: int, seed: int) -> dict[str, torch.Tensor]:
     dm = MockDataModule(cache_dir=str(cache), n_test=n_test, seed=seed)
     path = dm.path("test")
     if not path.exists():
-        write_mocks(path, n_test, seed + 2, dm.generator)
+        import json
+
+        import h5py
+
+        from sedvae.simulation import MockGenerator
+
+        gen = dm.generator
+        for other in sorted(Path(cache).glob("mocks_*.h5")):  # a cache serves one SFH prior
+            with h5py.File(other, "r") as f:
+                prior = f.attrs.get("sfh", "provabgs")
+            if prior != "provabgs":  # e.g. experiment=posterior_flow_sfh's cache/mocks_sfh
+                gen = MockGenerator(sps=gen.sps, instrument=gen.instrument, noise=gen.noise,
+                                    sfh=json.loads(prior))  # fmt: skip
+                break
+        write_mocks(path, n_test, seed + 2, gen)
     # the data module's test noise: same model (conf/data/mocks.yaml = the defaults), same seed
     ds = MockDataset(path, desi_noise_model(), fixed_noise_seed=seed + 102, truth=True)
     items = [ds[i] for i in range(len(ds))]

@@ -76,7 +76,7 @@ GENERATIVE = {  # conf/experiment/posterior_generative.yaml
     "sky_line_prob": 0.3, "sky_amp": 4.0,
 }  # fmt: skip
 KEEP = ("flux", "ivar", "mask", "photometry", "photometry_ivar", "theta", "z")
-SFH_TRUTHS = ("logmstar_surv", "sfr_100myr", "t_mw_gyr", "sfh_continuity")
+SFH_TRUTHS = ("logmstar_surv", "sfr_100myr", "t_mw_gyr", "sfh_continuity", "sfr_log_ratio")
 
 
 # ---- the sets ----------------------------------------------------------------------------------

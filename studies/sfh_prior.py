@@ -50,7 +50,7 @@ import torch
 from sedvae.offmodel import SFH_FAMILIES
 from sedvae.posterior import load_posterior
 from sedvae.simulation.onthefly import OBS_KEYS
-from sedvae.sps.continuity import ContinuitySFH
+from sedvae.sps.continuity import ContinuitySFH, project_to_nmf
 from studies.posterior_conditioning import (
     REPO,
     Features,
@@ -72,6 +72,9 @@ PRIORS = {  # name: the SFH prior of the training set (None: theta's histories)
     "continuity_wide": {"frac": 0.5, "scale": 0.6},
     "continuity_1dex": {"frac": 0.5, "scale": 1.0},
     "continuity_only": {"frac": 1.0, "scale": 0.6},  # no PROVABGS histories left
+    # continuity_wide's spectra, labelled with the PROVABGS theta nearest each history
+    # (sedvae.sps.continuity.project_to_nmf): what a head over theta can learn from them
+    "continuity_wide_nmf": {"frac": 0.5, "scale": 0.6, "project": True},
 }
 QUANTITIES = ("logmsurv", "logsfr", "tmw")
 
@@ -84,7 +87,21 @@ def training_set(cache: Path, name: str, n: int, seed: int) -> dict:
     if cfg is None:
         return simulate(d / f"generative_n{n}_seed{seed}.pt", n, seed)
     tag = f"continuity_f{cfg['frac']}_s{cfg['scale']}"
-    return simulate(d / f"generative_{tag}_n{n}_seed{seed}.pt", n, seed, sfh=ContinuitySFH(**cfg))
+    sfh = ContinuitySFH(frac=cfg["frac"], scale=cfg["scale"])
+    return simulate(d / f"generative_{tag}_n{n}_seed{seed}.pt", n, seed, sfh=sfh)
+
+
+def projected_truth(posterior, name: str, data: dict) -> dict:
+    """Truths of the PROVABGS theta nearest each simulation's history
+    (:func:`sedvae.sps.continuity.project_to_nmf`): the labels a head over theta trains on."""
+    cfg = PRIORS[name]
+    sps = posterior.sps
+    theta, z = sps.check_inputs(data["theta"].double(), data["z"].double())
+    draws = {"sfh_continuity": data["sfh_continuity"].bool(),
+             "sfr_log_ratio": data["sfr_log_ratio"].double()}  # fmt: skip
+    sfh = ContinuitySFH(frac=cfg["frac"], scale=cfg["scale"])
+    proj = project_to_nmf(sps, theta, z, sfh.history(sps, theta, z, draws))
+    return sim_truth(posterior, {"theta": proj, "z": z})
 
 
 def offmodel_subsets(path: Path) -> dict[str, np.ndarray]:
@@ -122,6 +139,8 @@ def run(n_train: int, n_in: int, n_off: int, off_seed: int, cache: Path, priors:
         train = training_set(cache, name, n_train, train_seed)
         f_tr, a_tr, fatal_tr = feat(observed(train))
         truth = sim_truth(posterior, train)
+        if PRIORS[name] is not None and PRIORS[name].get("project"):
+            truth = projected_truth(posterior, name, train)  # labels from theta, not history
         y = targets(truth, a_tr)
         x = f_tr["a"]
         ok = ~fatal_tr & np.isfinite(y).all(1) & np.isfinite(x).all(1)

@@ -107,3 +107,92 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="sfr_log_ratio"):
         ContinuitySFH().bin_mass(torch.zeros(2, 3), torch.tensor([10.0, 11.0]),
                                  torch.linspace(0, 13.8, 43))  # fmt: skip
+
+
+def test_nmf_projection_returns_provabgs_histories_up_to_its_mix(sed_model64):
+    """A history theta can make projects onto a theta with the same derived properties, up to
+    the 2 % of the uniform mixture the projection mixes in (exactly without it)."""
+    from sedvae.sps import continuity
+    from sedvae.sps.continuity import project_to_nmf
+
+    sps = sed_model64
+    _, theta, z, _ = _draws(sps, 200, 7)
+    th, zz = sps.check_inputs(theta, z)
+    want = sps.derived(th, zz)
+    sf = want["sfr_100myr"] > 1e-3 * 10 ** want["logmstar_surv"] / 1e8  # >= 0.1 % in 100 Myr
+    for mix, tol in ((0.0, 1e-6), (continuity.PROJECTION_MIX, 2e-3)):
+        old = continuity.PROJECTION_MIX
+        continuity.PROJECTION_MIX = mix
+        try:
+            proj = project_to_nmf(sps, th, zz, sps.history(th, zz))
+        finally:
+            continuity.PROJECTION_MIX = old
+        got = sps.derived(proj, zz)
+        assert torch.allclose(got["logmstar_surv"], want["logmstar_surv"], atol=tol)
+        assert torch.allclose(got["t_mw_gyr"], want["t_mw_gyr"], atol=50 * tol)  # Gyr
+        ratio = got["sfr_100myr"][sf] / want["sfr_100myr"][sf]
+        assert ((ratio - 1).abs() < (1e-4 if mix == 0 else 0.1)).float().mean() > 0.95
+    keep = [i for i in range(theta.shape[1]) if i not in range(THETA.BETA.start, THETA.BETA.stop)]
+    assert torch.equal(proj[:, keep], th[:, keep])  # only the NMF weights move
+    assert torch.allclose(proj[:, THETA.BETA].sum(-1), torch.ones(200, dtype=torch.float64))
+    # no basis at 0: the head's unconstrained coordinates stay within the prior draws' range
+    u = sps.prior.to_unconstrained(proj)[:, 1:4]
+    assert u.abs().max() < 12
+
+
+def test_nmf_projection_labels_continuity_histories_closer_than_theta(sed_model64):
+    """The projected theta describes a continuity history's surviving mass to ~0.01 dex and
+    its mass-weighted age far better than the theta it was drawn with."""
+    from sedvae.sps.continuity import project_to_nmf
+
+    sps = sed_model64
+    sfh, theta, z, d = _draws(sps, 400, 11, frac=1.0, scale=0.6)
+    th, zz = sps.check_inputs(theta, z)
+    h = sfh.history(sps, th, zz, d)
+    truth = sps.derived_from_history(h, 10 ** th[:, THETA.LOGMSTAR])
+    theta_proj = project_to_nmf(sps, th, zz, h)
+    assert sps.prior.to_unconstrained(theta_proj)[:, 1:4].abs().max() < 12
+    proj, orig = sps.derived(theta_proj, zz), sps.derived(th, zz)
+
+    def med_abs(d, key):
+        return float((d[key] - truth[key]).abs().median())
+
+    assert med_abs(proj, "logmstar_surv") < 0.015
+    assert med_abs(proj, "logmstar_surv") < 0.7 * med_abs(orig, "logmstar_surv")
+    assert med_abs(proj, "t_mw_gyr") < 0.5 * med_abs(orig, "t_mw_gyr")
+
+
+def test_mock_generator_sfh_prior_changes_only_the_continuity_galaxies(tmp_path):
+    """MockGenerator(sfh=...): galaxies left with PROVABGS histories are the sfh=None mocks bit
+    for bit; the others differ in their NMF weights and spectra; the file says which prior it
+    holds, and a data module with another prior refuses it."""
+    import h5py
+
+    from sedvae.posterior.data import PosteriorMockDataModule
+    from sedvae.simulation import MockGenerator
+    from sedvae.simulation.writer import write_mocks
+
+    base = MockGenerator()
+    broad = MockGenerator(sps=base.sps, instrument=base.instrument, noise=base.noise,
+                          sfh={"frac": 0.5, "scale": 0.6})  # fmt: skip
+    write_mocks(tmp_path / "a.h5", 64, 5, base)
+    write_mocks(tmp_path / "b.h5", 64, 5, broad)
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
+        assert a.attrs["sfh"] == "provabgs" and b.attrs["sfh"] == broad.sfh_settings
+        pick = b["sfh_continuity"][()].astype(bool)
+        assert 0.25 < pick.mean() < 0.75
+        for key in ("flux_true", "theta", "line_lum"):
+            assert np.array_equal(a[key][()][~pick], b[key][()][~pick]), key
+        ta, tb = a["theta"][()][pick], b["theta"][()][pick]
+        beta = list(range(THETA.BETA.start, THETA.BETA.stop))
+        assert np.array_equal(np.delete(ta, beta, 1), np.delete(tb, beta, 1))
+        assert np.abs(ta[:, beta] - tb[:, beta]).max() > 0.1
+        rel = np.abs(a["flux_true"][()][pick] - b["flux_true"][()][pick]).mean(1)
+        assert np.median(rel / np.abs(a["flux_true"][()][pick]).mean(1)) > 0.01
+    dm = PosteriorMockDataModule(cache_dir=str(tmp_path), generator=base)
+    dm.check_sfh(tmp_path / "a.h5")
+    with pytest.raises(ValueError, match="SFH prior"):
+        dm.check_sfh(tmp_path / "b.h5")
+    with pytest.raises(ValueError, match="frac and scale"):
+        MockGenerator(sps=base.sps, instrument=base.instrument, noise=base.noise,
+                      sfh={"frac": 0.5, "width": 1.0})  # fmt: skip

@@ -142,11 +142,24 @@ class PosteriorMockDataModule(MockDataModule):
                 log.info("writing %s", path)
                 seed = self.seed + ("train", "val", "test").index(split)
                 write_mocks(path, self.n[split], seed, self.generator)
+            self.check_sfh(path)
         for seed in self.train_seeds:
             path = self.train_path(seed)
             if not path.exists():
                 log.info("writing %s", path)
                 write_mocks(path, self.n["train"], seed, self.generator, simulation=self.simulation)
+            self.check_sfh(path)
+
+    def check_sfh(self, path: Path) -> None:
+        """ValueError when the file at ``path`` was written with another SFH prior than the
+        generator's (``MockGenerator(sfh=...)``; files written before the attribute existed
+        hold PROVABGS histories): a cache directory serves one prior."""
+        want = getattr(self.generator, "sfh_settings", "provabgs")
+        with h5py.File(path, "r") as f:
+            got = f.attrs.get("sfh", "provabgs")
+        if got != want:
+            raise ValueError(f"{path} holds mocks of the SFH prior {got!r}, the generator draws "
+                             f"{want!r}: point data.cache_dir at another directory")  # fmt: skip
 
     def train_dataset(self, noise) -> BatchNoiseMocks:
         return BatchNoiseMocks([self.train_path(s) for s in self.train_seeds], noise)

@@ -20,6 +20,7 @@ there); the data modules that read them draw the noise.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -89,6 +90,14 @@ class MockGenerator(torch.nn.Module):
         Default: :func:`desi_noise_model`.
     z_dist : {"bgs", "uniform"}
     z_range, logu_range, sigma_v_range, aperture_range : (float, float)
+    sfh : dict, optional
+        A broader star-formation-history prior, ``{"frac": f, "scale": s}``: a fraction f of
+        the galaxies get a continuity history (Leja et al. 2019; log SFR ratios Student-t of
+        scale s dex, :class:`sedvae.sps.continuity.ContinuitySFH`) instead of theta's NMF one,
+        and their theta becomes the PROVABGS theta nearest that history
+        (:func:`sedvae.sps.continuity.project_to_nmf`): spectra from histories PROVABGS' 4
+        bases cannot make, labelled with the theta a head can learn. ``None``: theta's
+        histories only.
     """
 
     def __init__(
@@ -102,6 +111,7 @@ class MockGenerator(torch.nn.Module):
         logu_range: tuple[float, float] = (-4.0, -1.0),
         sigma_v_range: tuple[float, float] = (30.0, 300.0),
         aperture_range: tuple[float, float] = (0.3, 1.0),
+        sfh: dict | None = None,
     ) -> None:
         super().__init__()
         if sps is None:
@@ -119,6 +129,14 @@ class MockGenerator(torch.nn.Module):
         self.logu_range = tuple(map(float, logu_range))
         self.sigma_v_range = tuple(map(float, sigma_v_range))
         self.aperture_range = tuple(map(float, aperture_range))
+        self.sfh = None
+        if sfh is not None:
+            from ..sps.continuity import ContinuitySFH
+
+            unknown = set(sfh) - {"frac", "scale"}
+            if unknown:
+                raise ValueError(f"sfh takes frac and scale; got {sorted(unknown)}")
+            self.sfh = ContinuitySFH(frac=float(sfh["frac"]), scale=float(sfh["scale"]))
         wave = self.sps.line_wavelengths.numpy()
         self.line_names = tuple(BENCH_LINES)
         sel = torch.zeros(len(BENCH_LINES), len(wave))
@@ -142,13 +160,43 @@ class MockGenerator(torch.nn.Module):
         else:
             z = uniform(*self.z_range)
         lo, hi = self.aperture_range
-        return {
+        params = {
             "theta": theta,
             "z": z,
             "logU": uniform(*self.logu_range),
             "sigma_v": uniform(*self.sigma_v_range),
             "aperture": torch.exp(uniform(math.log(lo), math.log(hi))),
         }
+        if self.sfh is not None:  # drawn last: the other draws are those of sfh=None
+            from ..sps.continuity import project_to_nmf
+
+            params.update(self.sfh.draw(n, generator))
+            pick = params["sfh_continuity"]
+            if pick.any():
+                th, zz = self.sps.check_inputs(theta[pick], z[pick])
+                sub = {k: params[k][pick] for k in ("sfh_continuity", "sfr_log_ratio")}
+                h = self.sfh.history(self.sps, th, zz, sub)
+                theta = theta.clone()
+                theta[pick] = project_to_nmf(self.sps, th, zz, h).to(theta)
+                params["theta"] = theta
+        return params
+
+    @property
+    def sfh_settings(self) -> str:
+        """The SFH prior as a JSON string (a mock file's ``sfh`` attribute)."""
+        if self.sfh is None:
+            return "provabgs"
+        return json.dumps({"frac": self.sfh.frac, "scale": self.sfh.scale})
+
+    def history(self, params: dict[str, torch.Tensor]):
+        """The star-formation history of drawn parameters: theta's, or for ``sfh`` the
+        continuity one where drawn (its metallicity history and burst are theta's, which the
+        projection keeps). ``None`` when theta's histories are the only ones."""
+        if self.sfh is None or "sfh_continuity" not in params:
+            return None
+        dt = self.sps.dtype
+        theta, z = self.sps.check_inputs(params["theta"].to(dt), params["z"].to(dt))
+        return self.sfh.history(self.sps, theta, z, params)
 
     @torch.no_grad()
     def rest_frame(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -156,7 +204,8 @@ class MockGenerator(torch.nn.Module):
         nebular lines and continuum, velocity broadening (``sps.simulate``)."""
         dt = self.sps.dtype
         return self.sps.simulate(params["theta"].to(dt), params["z"].to(dt),
-                                 params["logU"].to(dt), params["sigma_v"].to(dt))  # fmt: skip
+                                 params["logU"].to(dt), params["sigma_v"].to(dt),
+                                 history=self.history(params))  # fmt: skip
 
     def noiseless(self, params: dict[str, torch.Tensor], lum_rest=None) -> dict:
         """Noiseless observations of drawn parameters (float32 outputs).
@@ -171,7 +220,7 @@ class MockGenerator(torch.nn.Module):
             lum_rest = self.rest_frame(params)
         flux, phot = self.observe(lum_rest, z)
         flux = flux * params["aperture"].to(dt)[:, None]
-        lines = self.sps.line_luminosities(theta, z, logu)
+        lines = self.sps.line_luminosities(theta, z, logu, history=self.history(params))
         return {
             "flux_true": flux.float(),
             "photometry_true": phot.float(),

@@ -253,6 +253,10 @@ def write_mocks(
     sim = h5py.File(simulation, "r") if simulation is not None else None
     if sim is not None and (sim.attrs.get("nebular") is not True and "lum_nebular" not in sim):
         raise ValueError(f"{simulation} has no nebular emission: make it with nebular=true")
+    if sim is not None and getattr(gen, "sfh", None) is not None:
+        sim.close()
+        raise ValueError("a simulation file fixes theta's histories: it cannot be combined "
+                         "with the generator's sfh prior")  # fmt: skip
     if sim is not None and len(sim["z"]) < n:
         raise ValueError(f"{simulation} holds {len(sim['z'])} galaxies; asked for {n}")
     f = None
@@ -275,6 +279,11 @@ def write_mocks(
             units="flux: 1e-17 erg/s/cm^2/A; photometry: nanomaggies; line_lum: L_sun",
         )  # fmt: skip
         f.create_dataset("cloudy_wave", data=gen.sps.line_wavelengths.numpy())
+        sfh = getattr(gen, "sfh", None)
+        f.attrs["sfh"] = gen.sfh_settings if hasattr(gen, "sfh_settings") else "provabgs"
+        if sfh is not None:  # theta is then the NMF projection of the drawn history
+            f.create_dataset("sfh_continuity", (n,), "i1")
+            f.create_dataset("sfr_log_ratio", (n, sfh.n_bins - 1), "f4")
         n_chunks = -(-n // chunk_size)
         for i in tqdm(range(n_chunks), disable=not progress, desc=path.name):
             sl = chunk_rows(n, chunk_size, i)
@@ -293,6 +302,9 @@ def write_mocks(
             clean = gen.noiseless(params, lum)
             for key in ("theta", "z", "logU", "sigma_v", "aperture"):
                 f[key][sl] = params[key].float().numpy()
+            if sfh is not None:
+                f["sfh_continuity"][sl] = params["sfh_continuity"].numpy().astype(np.int8)
+                f["sfr_log_ratio"][sl] = params["sfr_log_ratio"].float().numpy()
             for key, value in clean.items():
                 f[key][sl] = value.numpy()
         f.attrs["complete"] = True

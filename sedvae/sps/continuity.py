@@ -115,4 +115,79 @@ class ContinuitySFH:
         return dataclasses.replace(h, bin_mass=torch.where(pick, mass, h.bin_mass))
 
 
-__all__ = ["FIXED_EDGES_GYR", "ContinuitySFH"]
+#: Derived properties the NMF projection matches, and the floor of each one's scale: rows are
+#: relative errors, (value - target) / max(|target|, floor), so a quiescent galaxy's 100 Myr
+#: fraction of 1e-6 does not ask for 1e-6 absolute precision.
+PROJECTION_FLOORS = {"live": 0.0, "t_mw_gyr": 0.05, "f_100myr": 1e-3, "f_1gyr": 1e-2}
+#: Share of every basis in a projected history: the least-squares optimum often lies on the
+#: simplex's boundary (a basis at exactly 0), where the head's unconstrained coordinates are
+#: +-36 (float64 eps); mixing 2 % of the uniform mixture in keeps them within the range of the
+#: flat Dirichlet's own draws (|u| < ~6) for a change of the derived properties of ~1 %.
+PROJECTION_MIX = 0.02
+
+
+def _functionals(sps, h: History) -> torch.Tensor:
+    """(B, 4) surviving fraction, mass-weighted age (Gyr), fractions formed within 100 Myr and
+    1 Gyr of the NMF part of ``h`` (its burst left out, its bin masses normalised to 1): each is
+    linear in the bin masses for a fixed metallicity history."""
+    norm = h.bin_mass.sum(-1, keepdim=True).clamp_min(1e-30)
+    zero = torch.zeros_like(h.burst_mass)
+    d = sps.derived_from_history(dataclasses.replace(h, bin_mass=h.bin_mass / norm,
+                                                     burst_mass=zero), torch.ones_like(zero))
+    return torch.stack([10 ** d["logmstar_surv"], d["t_mw_gyr"], d["sfr_100myr"] * 1e8,
+                        d["sfr_1gyr"] * 1e9], -1)  # fmt: skip
+
+
+def project_to_nmf(sps, theta: torch.Tensor, z: torch.Tensor, h: History) -> torch.Tensor:
+    """theta with its NMF weights (beta_1..4) replaced by those whose history best matches the
+    NMF part of ``h`` in the derived properties a catalog reports.
+
+    A history from another prior (a continuity one) has no theta; this gives it the PROVABGS
+    theta that describes it best: beta on the simplex minimising the relative errors of the
+    surviving mass fraction, the mass-weighted age and the mass fractions formed within 100
+    Myr and 1 Gyr (:data:`PROJECTION_FLOORS`), with theta's metallicity history, burst, dust
+    and formed mass kept. Every one of these is linear in the history's bin masses, and the
+    normalised NMF history is a convex combination of the 4 normalised bases, so the fit is a
+    4-unknown non-negative least squares per galaxy (scipy's NNLS, the simplex as a heavily
+    weighted row), then 2 % of the uniform mixture mixed in (:data:`PROJECTION_MIX`: no
+    basis at exactly 0). ``theta``, ``z`` as :meth:`SEDModel.check_inputs` returns them; ``h`` a
+    History with the same metallicity history (:meth:`ContinuitySFH.history`). Where the
+    bases cannot reach a property (a history older or younger than every NMF mixture), the
+    nearest mixture is returned: the projection is a label, not an identity."""
+    from scipy.optimize import nnls
+
+    from .provabgs import THETA
+
+    n_basis = THETA.BETA.stop - THETA.BETA.start
+    cols = []
+    unit = torch.eye(n_basis, dtype=theta.dtype, device=theta.device)
+    for i in range(n_basis):
+        th = theta.clone()
+        th[:, THETA.BETA] = unit[i]
+        th[:, THETA.F_BURST] = 0.0
+        cols.append(_functionals(sps, sps.history(th, z)))
+    a = torch.stack(cols, -1).cpu().double().numpy()  # (B, 4 properties, 4 bases)
+    target = _functionals(sps, h).cpu().double().numpy()  # (B, 4)
+    floors = np.array(list(PROJECTION_FLOORS.values()))
+    scale = np.maximum(np.abs(target), floors)
+    rows = a / scale[..., None]
+    rhs = target / scale
+    # unnormalised mass of each basis up to t_U: beta_i is c_i / m_i, renormalised
+    t_u = age_of_universe_gyr(z.detach().cpu().double()).to(theta)
+    m = (sps._nmf_cumulative(t_u) - sps._nmf_cumulative(torch.zeros_like(t_u)))
+    m = m.cpu().double().numpy()
+    beta = np.empty((len(target), n_basis))
+    for k in range(len(target)):
+        ok = m[k] > 1e-12
+        lhs = np.vstack([rows[k][:, ok], 1e3 * np.ones(ok.sum())])
+        c, _ = nnls(lhs, np.append(rhs[k], 1e3))
+        c = (1 - PROJECTION_MIX) * c / c.sum() + PROJECTION_MIX / ok.sum()
+        b = np.zeros(n_basis)
+        b[ok] = c / m[k, ok]
+        beta[k] = b / b.sum()
+    out = theta.clone()
+    out[:, THETA.BETA] = torch.as_tensor(beta, dtype=theta.dtype, device=theta.device)
+    return out
+
+
+__all__ = ["FIXED_EDGES_GYR", "PROJECTION_FLOORS", "PROJECTION_MIX", "ContinuitySFH", "project_to_nmf"]

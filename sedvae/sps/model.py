@@ -481,12 +481,14 @@ class SEDModel(torch.nn.Module):
         return lum * t_bc * t_ism
 
     def line_luminosities(
-        self, theta: torch.Tensor, z: torch.Tensor, logu: torch.Tensor
-    ) -> torch.Tensor:
+        self, theta: torch.Tensor, z: torch.Tensor, logu: torch.Tensor,
+        history: History | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """Attenuated emission-line luminosities (B, N_lines), L_sun (``line_names``,
-        ``line_wavelengths`` vacuum A): the truth for line-flux recovery."""
+        ``line_wavelengths`` vacuum A): the truth for line-flux recovery. ``history``: as in
+        :meth:`simulate`, a star-formation history to use instead of theta's."""
         theta, z = self.check_inputs(theta, z)
-        h = self.history(theta, z)
+        h = self.history(theta, z) if history is None else history
         mass = 10 ** theta[:, THETA.LOGMSTAR, None]
         lines = (self._nebular_coefficients(h, logu) @ self.neb_lines) * mass
         t_bc, t_ism = self.dust.transmission(
