@@ -17,7 +17,11 @@ model that differ only in their star-formation histories:
   Student-t (nu = 2, 0.3 dex) log SFR ratios between neighbours), with theta's metallicity
   history and burst;
 - ``continuity_wide``: the same with a 0.6 dex scale, ``continuity_1dex`` with 1 dex;
-- ``continuity_only``: continuity histories alone (0.6 dex), no PROVABGS ones.
+- ``continuity_only``: continuity histories alone (0.6 dex), no PROVABGS ones;
+- ``continuity_wide_nmf``: ``continuity_wide``'s spectra, labelled with the PROVABGS theta
+  nearest each history (``sedvae.sps.continuity.project_to_nmf``), what a head over theta
+  learns from; ``continuity_wide_nmf_burst`` the same with ``burst=True`` (the projection may
+  move theta's burst into the last 100 Myr).
 
 The training sets share their seed, so every galaxy has the same theta, redshift, lines,
 calibration warp and sky as in the others; only its history (half of them) and its noise
@@ -75,6 +79,8 @@ PRIORS = {  # name: the SFH prior of the training set (None: theta's histories)
     # continuity_wide's spectra, labelled with the PROVABGS theta nearest each history
     # (sedvae.sps.continuity.project_to_nmf): what a head over theta can learn from them
     "continuity_wide_nmf": {"frac": 0.5, "scale": 0.6, "project": True},
+    # the same, the projection free to move theta's burst into the last 100 Myr (burst=True)
+    "continuity_wide_nmf_burst": {"frac": 0.5, "scale": 0.6, "project": True, "burst": True},
 }
 QUANTITIES = ("logmsurv", "logsfr", "tmw")
 
@@ -100,7 +106,8 @@ def projected_truth(posterior, name: str, data: dict) -> dict:
     draws = {"sfh_continuity": data["sfh_continuity"].bool(),
              "sfr_log_ratio": data["sfr_log_ratio"].double()}  # fmt: skip
     sfh = ContinuitySFH(frac=cfg["frac"], scale=cfg["scale"])
-    proj = project_to_nmf(sps, theta, z, sfh.history(sps, theta, z, draws))
+    proj = project_to_nmf(sps, theta, z, sfh.history(sps, theta, z, draws),
+                          burst=cfg.get("burst", False))  # fmt: skip
     return sim_truth(posterior, {"theta": proj, "z": z})
 
 

@@ -193,6 +193,37 @@ def test_mock_generator_sfh_prior_changes_only_the_continuity_galaxies(tmp_path)
     dm.check_sfh(tmp_path / "a.h5")
     with pytest.raises(ValueError, match="SFH prior"):
         dm.check_sfh(tmp_path / "b.h5")
-    with pytest.raises(ValueError, match="frac and scale"):
+    with pytest.raises(ValueError, match="frac, scale and burst"):
         MockGenerator(sps=base.sps, instrument=base.instrument, noise=base.noise,
                       sfh={"frac": 0.5, "width": 1.0})  # fmt: skip
+
+
+def test_burst_projection_labels_recent_star_formation(sed_model64):
+    """PROVABGS' 4 bases cannot make the recent SFR of many continuity histories; moving theta's
+    burst into the last 100 Myr (``burst=True``) brings the labels' log SFR(100 Myr) of
+    star-forming histories close (mean error -0.33 -> -0.10 dex on 2,000) without losing the
+    surviving mass, and keeps every coordinate inside the prior's range."""
+    from sedvae.sps.continuity import project_to_nmf
+
+    sps = sed_model64
+    sfh, theta, z, d = _draws(sps, 400, 13, frac=1.0, scale=0.6)
+    th, zz = sps.check_inputs(theta, z)
+    h = sfh.history(sps, th, zz, d)
+    truth = sps.derived_from_history(h, 10 ** th[:, THETA.LOGMSTAR])
+    sf = truth["sfr_100myr"] / 10 ** truth["logmstar_surv"] > 1e-11
+
+    def errors(burst: bool):
+        proj = project_to_nmf(sps, th, zz, h, burst=burst)
+        assert sps.prior.to_unconstrained(proj).abs().max() < 12
+        got = sps.derived(proj, zz)
+        sfr = torch.log10(got["sfr_100myr"][sf] / truth["sfr_100myr"][sf])
+        return proj, sfr, (got["logmstar_surv"] - truth["logmstar_surv"]).abs()
+
+    plain, sfr0, m0 = errors(False)
+    moved, sfr1, m1 = errors(True)
+    assert float(sfr1.mean()) > float(sfr0.mean()) + 0.1
+    assert abs(float(sfr1.median())) < 0.02 and float(sfr1.mean()) > -0.2
+    assert float(m1.median()) <= float(m0.median()) + 1e-3
+    changed = moved[:, THETA.F_BURST] != plain[:, THETA.F_BURST]
+    assert 0.1 < float(changed.double().mean()) < 0.7
+    assert (moved[changed, THETA.T_BURST] < 0.1).all()

@@ -95,9 +95,10 @@ class MockGenerator(torch.nn.Module):
         the galaxies get a continuity history (Leja et al. 2019; log SFR ratios Student-t of
         scale s dex, :class:`sedvae.sps.continuity.ContinuitySFH`) instead of theta's NMF one,
         and their theta becomes the PROVABGS theta nearest that history
-        (:func:`sedvae.sps.continuity.project_to_nmf`): spectra from histories PROVABGS' 4
-        bases cannot make, labelled with the theta a head can learn. ``None``: theta's
-        histories only.
+        (:func:`sedvae.sps.continuity.project_to_nmf`; ``"burst": true`` lets the projection
+        move theta's burst to the history's last 100 Myr where that fits better): spectra from
+        histories PROVABGS' 4 bases cannot make, labelled with the theta a head can learn.
+        ``None``: theta's histories only.
     """
 
     def __init__(
@@ -129,14 +130,15 @@ class MockGenerator(torch.nn.Module):
         self.logu_range = tuple(map(float, logu_range))
         self.sigma_v_range = tuple(map(float, sigma_v_range))
         self.aperture_range = tuple(map(float, aperture_range))
-        self.sfh = None
+        self.sfh, self.sfh_burst = None, False
         if sfh is not None:
             from ..sps.continuity import ContinuitySFH
 
-            unknown = set(sfh) - {"frac", "scale"}
+            unknown = set(sfh) - {"frac", "scale", "burst"}
             if unknown:
-                raise ValueError(f"sfh takes frac and scale; got {sorted(unknown)}")
+                raise ValueError(f"sfh takes frac, scale and burst; got {sorted(unknown)}")
             self.sfh = ContinuitySFH(frac=float(sfh["frac"]), scale=float(sfh["scale"]))
+            self.sfh_burst = bool(sfh.get("burst", False))
         wave = self.sps.line_wavelengths.numpy()
         self.line_names = tuple(BENCH_LINES)
         sel = torch.zeros(len(BENCH_LINES), len(wave))
@@ -177,7 +179,7 @@ class MockGenerator(torch.nn.Module):
                 sub = {k: params[k][pick] for k in ("sfh_continuity", "sfr_log_ratio")}
                 h = self.sfh.history(self.sps, th, zz, sub)
                 theta = theta.clone()
-                theta[pick] = project_to_nmf(self.sps, th, zz, h).to(theta)
+                theta[pick] = project_to_nmf(self.sps, th, zz, h, burst=self.sfh_burst).to(theta)
                 params["theta"] = theta
         return params
 
@@ -186,7 +188,10 @@ class MockGenerator(torch.nn.Module):
         """The SFH prior as a JSON string (a mock file's ``sfh`` attribute)."""
         if self.sfh is None:
             return "provabgs"
-        return json.dumps({"frac": self.sfh.frac, "scale": self.sfh.scale})
+        settings = {"frac": self.sfh.frac, "scale": self.sfh.scale}
+        if self.sfh_burst:
+            settings["burst"] = True
+        return json.dumps(settings)
 
     def history(self, params: dict[str, torch.Tensor]):
         """The star-formation history of drawn parameters: theta's, or for ``sfh`` the

@@ -124,6 +124,9 @@ PROJECTION_FLOORS = {"live": 0.0, "t_mw_gyr": 0.05, "f_100myr": 1e-3, "f_1gyr": 
 #: +-36 (float64 eps); mixing 2 % of the uniform mixture in keeps them within the range of the
 #: flat Dirichlet's own draws (|u| < ~6) for a change of the derived properties of ~1 %.
 PROJECTION_MIX = 0.02
+#: ``project_to_nmf(burst=True)`` takes the young burst where it leaves at most this share of
+#: the 4-basis fit's relative residual.
+PROJECTION_BURST_GAIN = 0.5
 
 
 def _functionals(sps, h: History) -> torch.Tensor:
@@ -138,24 +141,65 @@ def _functionals(sps, h: History) -> torch.Tensor:
                         d["sfr_1gyr"] * 1e9], -1)  # fmt: skip
 
 
-def project_to_nmf(sps, theta: torch.Tensor, z: torch.Tensor, h: History) -> torch.Tensor:
-    """theta with its NMF weights (beta_1..4) replaced by those whose history best matches the
-    NMF part of ``h`` in the derived properties a catalog reports.
+def _full_functionals(sps, h: History) -> torch.Tensor:
+    """(B, 4) the properties of :func:`_functionals` for the whole of ``h``, burst included."""
+    d = sps.derived_from_history(h, torch.ones_like(h.burst_mass))
+    return torch.stack([10 ** d["logmstar_surv"], d["t_mw_gyr"], d["sfr_100myr"] * 1e8,
+                        d["sfr_1gyr"] * 1e9], -1)  # fmt: skip
+
+
+def _young_burst(sps, theta: torch.Tensor, h: History) -> History:
+    """A burst of unit mass at the mass-weighted age of ``h``'s stars younger than 100 Myr
+    (50 Myr where it has none; within 11-99 Myr), at theta's metallicity for that age."""
+    from .provabgs import THETA
+
+    lo = sps.bin_edges[:-1]
+    t_mid = 0.5 * (lo + h.bin_hi_gyr)
+    young = (t_mid < 0.1).to(h.bin_mass.dtype) * h.bin_mass
+    total = young.sum(-1)
+    t_y = (young * t_mid).sum(-1) / total.clamp_min(1e-30)
+    t_y = torch.where(total > 0, t_y, torch.full_like(t_y, 0.05)).clamp(0.011, 0.099)
+    zmin, zmax = 10 ** sps.log_zgrid[0], 10 ** sps.log_zgrid[-1]
+    z_y = (sps._nmf_zh(t_y) * theta[:, THETA.GAMMA]).sum(-1).clamp(zmin, zmax)
+    return dataclasses.replace(h, bin_mass=torch.zeros_like(h.bin_mass),
+                               burst_mass=torch.ones_like(h.burst_mass), burst_age_gyr=t_y,
+                               burst_z=z_y)  # fmt: skip
+
+
+def _simplex_fit(rows: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, float]:
+    """Non-negative weights summing to 1 (a heavily weighted row) minimising
+    ||rows @ w - rhs||; returns them and the residual norm."""
+    from scipy.optimize import nnls
+
+    lhs = np.vstack([rows, 1e3 * np.ones(rows.shape[1])])
+    w, _ = nnls(lhs, np.append(rhs, 1e3))
+    return w, float(np.linalg.norm(rows @ w - rhs))
+
+
+def project_to_nmf(sps, theta: torch.Tensor, z: torch.Tensor, h: History,
+                   burst: bool = False) -> torch.Tensor:  # fmt: skip
+    """theta with its NMF weights (beta_1..4) replaced by those whose history best matches
+    ``h`` in the derived properties a catalog reports.
 
     A history from another prior (a continuity one) has no theta; this gives it the PROVABGS
     theta that describes it best: beta on the simplex minimising the relative errors of the
     surviving mass fraction, the mass-weighted age and the mass fractions formed within 100
-    Myr and 1 Gyr (:data:`PROJECTION_FLOORS`), with theta's metallicity history, burst, dust
-    and formed mass kept. Every one of these is linear in the history's bin masses, and the
-    normalised NMF history is a convex combination of the 4 normalised bases, so the fit is a
-    4-unknown non-negative least squares per galaxy (scipy's NNLS, the simplex as a heavily
-    weighted row), then 2 % of the uniform mixture mixed in (:data:`PROJECTION_MIX`: no
-    basis at exactly 0). ``theta``, ``z`` as :meth:`SEDModel.check_inputs` returns them; ``h`` a
-    History with the same metallicity history (:meth:`ContinuitySFH.history`). Where the
-    bases cannot reach a property (a history older or younger than every NMF mixture), the
-    nearest mixture is returned: the projection is a label, not an identity."""
-    from scipy.optimize import nnls
+    Myr and 1 Gyr (:data:`PROJECTION_FLOORS`) of the NMF part of ``h``, with theta's metallicity
+    history, burst, dust and formed mass kept. Every one of these is linear in the history's
+    bin masses, and the normalised NMF history is a convex combination of the 4 normalised
+    bases, so the fit is a 4-unknown non-negative least squares per galaxy (scipy's NNLS, the
+    simplex as a heavily weighted row), then 2 % of the uniform mixture mixed in
+    (:data:`PROJECTION_MIX`: no basis at exactly 0).
 
+    The four bases cannot make the recent SFR of many continuity histories (a rising or
+    bursty last 100 Myr). With ``burst=True`` the whole history (burst included) is also fitted
+    by the 4 bases plus a burst at the mass-weighted age of its stars younger than 100 Myr, as
+    a 5th column; that burst replaces theta's where its mass fraction is >= 1e-3 and the fit's
+    relative residual is at most :data:`PROJECTION_BURST_GAIN` of the 4-basis one.
+
+    ``theta``, ``z`` as :meth:`SEDModel.check_inputs` returns them; ``h`` a History with the
+    same metallicity history (:meth:`ContinuitySFH.history`). Where the bases cannot reach a
+    property, the nearest mixture is returned: the projection is a label, not an identity."""
     from .provabgs import THETA
 
     n_basis = THETA.BETA.stop - THETA.BETA.start
@@ -167,27 +211,53 @@ def project_to_nmf(sps, theta: torch.Tensor, z: torch.Tensor, h: History) -> tor
         th[:, THETA.F_BURST] = 0.0
         cols.append(_functionals(sps, sps.history(th, z)))
     a = torch.stack(cols, -1).cpu().double().numpy()  # (B, 4 properties, 4 bases)
-    target = _functionals(sps, h).cpu().double().numpy()  # (B, 4)
     floors = np.array(list(PROJECTION_FLOORS.values()))
+    target = _functionals(sps, h).cpu().double().numpy()  # (B, 4)
     scale = np.maximum(np.abs(target), floors)
-    rows = a / scale[..., None]
-    rhs = target / scale
     # unnormalised mass of each basis up to t_U: beta_i is c_i / m_i, renormalised
     t_u = age_of_universe_gyr(z.detach().cpu().double()).to(theta)
     m = (sps._nmf_cumulative(t_u) - sps._nmf_cumulative(torch.zeros_like(t_u)))
     m = m.cpu().double().numpy()
+
+    def to_beta(c: np.ndarray, k: int, ok: np.ndarray) -> np.ndarray:
+        c = c / c.sum() if c.sum() > 0 else np.full(len(c), 1.0 / len(c))  # all in the burst
+        c = (1 - PROJECTION_MIX) * c + PROJECTION_MIX / ok.sum()
+        b = np.zeros(n_basis)
+        b[ok] = c / m[k, ok]
+        return b / b.sum()
+
+    out = theta.clone()
     beta = np.empty((len(target), n_basis))
     for k in range(len(target)):
         ok = m[k] > 1e-12
-        lhs = np.vstack([rows[k][:, ok], 1e3 * np.ones(ok.sum())])
-        c, _ = nnls(lhs, np.append(rhs[k], 1e3))
-        c = (1 - PROJECTION_MIX) * c / c.sum() + PROJECTION_MIX / ok.sum()
-        b = np.zeros(n_basis)
-        b[ok] = c / m[k, ok]
-        beta[k] = b / b.sum()
-    out = theta.clone()
+        c, _ = _simplex_fit(a[k][:, ok] / scale[k][:, None], target[k] / scale[k])
+        beta[k] = to_beta(c, k, ok)
     out[:, THETA.BETA] = torch.as_tensor(beta, dtype=theta.dtype, device=theta.device)
+    if not burst:
+        return out
+    # the whole history against the 4 bases with theta's burst, and with a young burst instead
+    hy = _young_burst(sps, theta, h)
+    a5 = np.concatenate([a, _full_functionals(sps, hy).cpu().double().numpy()[..., None]], -1)
+    full = _full_functionals(sps, h).cpu().double().numpy()
+    full_scale = np.maximum(np.abs(full), floors)
+    kept = _full_functionals(sps, sps.history(out, z)).cpu().double().numpy()
+    r4 = np.linalg.norm((kept - full) / full_scale, axis=-1)
+    for k in range(len(target)):
+        ok = np.append(m[k] > 1e-12, True)
+        w, r5 = _simplex_fit(a5[k][:, ok] / full_scale[k][:, None], full[k] / full_scale[k])
+        if w[-1] < 1e-3 or r5 > PROJECTION_BURST_GAIN * r4[k]:
+            continue
+        out[k, THETA.BETA] = torch.as_tensor(to_beta(w[:-1], k, ok[:-1])).to(out)
+        out[k, THETA.F_BURST] = min(float(w[-1]), 0.99)
+        out[k, THETA.T_BURST] = hy.burst_age_gyr[k].to(out)
     return out
 
 
-__all__ = ["FIXED_EDGES_GYR", "PROJECTION_FLOORS", "PROJECTION_MIX", "ContinuitySFH", "project_to_nmf"]
+__all__ = [
+    "FIXED_EDGES_GYR",
+    "PROJECTION_BURST_GAIN",
+    "PROJECTION_FLOORS",
+    "PROJECTION_MIX",
+    "ContinuitySFH",
+    "project_to_nmf",
+]
