@@ -22,7 +22,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_estimator_recovers_a_known_conditional_density():
-    """y = A x + N(0, 0.2^2) per target: medians unbiased, NMAD ~ 0.2, 68 % coverage ~ 0.68."""
+    """y = A x + N(0, 0.2^2) per target (each of std ~2): medians unbiased to well within the
+    noise, NMAD ~ 0.2, 68 % coverage ~ 0.68, for all three targets. An early-stopped estimator
+    on 2,000 rows leaves median biases of 0.00-0.06 (seeds 0-2); one that ignored x would be off
+    by ~2 and have NMAD ~2."""
     rng = np.random.default_rng(0)
     a = rng.normal(size=(5, 3))
     x = rng.normal(size=(2300, 5))
@@ -30,11 +33,15 @@ def test_estimator_recovers_a_known_conditional_density():
     flow, std, rec = fit_estimator(x[:2000], y[:2000], epochs=60)
     assert rec["epochs"] <= 60 and np.isfinite(rec["val_nll"])
     s = predict(flow, std, x[2000:], n_samples=300)
-    q = np.percentile(s[..., 0], [16, 50, 84], axis=0)
-    r = stats(q, y[2000:, 0])
-    assert abs(r["bias"]) < 0.05
-    assert 0.15 < r["nmad"] < 0.28
-    assert 0.58 < r["cov68"] < 0.78
+    biases = []
+    for j in range(3):
+        q = np.percentile(s[..., j], [16, 50, 84], axis=0)
+        r = stats(q, y[2000:, j])
+        biases.append(abs(r["bias"]))
+        assert abs(r["bias"]) < 0.1, (j, r)  # half the noise
+        assert 0.15 < r["nmad"] < 0.28, (j, r)
+        assert 0.56 < r["cov68"] < 0.78, (j, r)
+    assert np.mean(biases) < 0.05, biases
 
 
 def test_strip_lines_recovers_a_line_and_keeps_the_continuum():
