@@ -23,14 +23,12 @@ def test_batch(cache: Path, n_test: int, seed: int) -> dict[str, torch.Tensor]:
     if not path.exists():
         import json
 
-        import h5py
-
         from sedvae.simulation import MockGenerator
+        from sedvae.simulation.writer import mock_sfh_prior
 
         gen = dm.generator
         for other in sorted(Path(cache).glob("mocks_*.h5")):  # a cache serves one SFH prior
-            with h5py.File(other, "r") as f:
-                prior = f.attrs.get("sfh", "provabgs")
+            prior = mock_sfh_prior(other)
             if prior != "provabgs":  # e.g. experiment=posterior_flow_sfh's cache/mocks_sfh
                 gen = MockGenerator(sps=gen.sps, instrument=gen.instrument, noise=gen.noise,
                                     sfh=json.loads(prior))  # fmt: skip

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..autoencoder.data import MockDataModule
-from ..simulation.writer import write_mocks
+from ..simulation.writer import mock_sfh_prior, write_mocks
 from .model import NeuralPosterior
 
 log = logging.getLogger(__name__)
@@ -155,8 +155,7 @@ class PosteriorMockDataModule(MockDataModule):
         generator's (``MockGenerator(sfh=...)``; files written before the attribute existed
         hold PROVABGS histories): a cache directory serves one prior."""
         want = getattr(self.generator, "sfh_settings", "provabgs")
-        with h5py.File(path, "r") as f:
-            got = f.attrs.get("sfh", "provabgs")
+        got = mock_sfh_prior(path)
         if got != want:
             raise ValueError(f"{path} holds mocks of the SFH prior {got!r}, the generator draws "
                              f"{want!r}: point data.cache_dir at another directory")  # fmt: skip

@@ -204,13 +204,16 @@ class MockGenerator(torch.nn.Module):
         return self.sfh.history(self.sps, theta, z, params)
 
     @torch.no_grad()
-    def rest_frame(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    def rest_frame(self, params: dict[str, torch.Tensor], history=None) -> torch.Tensor:
         """Rest-frame L_sun/A (n, L) on ``sps.wave`` of drawn parameters: stars x 10^logM*,
-        nebular lines and continuum, velocity broadening (``sps.simulate``)."""
+        nebular lines and continuum, velocity broadening (``sps.simulate``). ``history``:
+        :meth:`history` of ``params`` where the caller has it already."""
         dt = self.sps.dtype
+        if history is None:
+            history = self.history(params)
         return self.sps.simulate(params["theta"].to(dt), params["z"].to(dt),
                                  params["logU"].to(dt), params["sigma_v"].to(dt),
-                                 history=self.history(params))  # fmt: skip
+                                 history=history)  # fmt: skip
 
     def noiseless(self, params: dict[str, torch.Tensor], lum_rest=None) -> dict:
         """Noiseless observations of drawn parameters (float32 outputs).
@@ -221,11 +224,12 @@ class MockGenerator(torch.nn.Module):
         """
         dt = self.sps.dtype
         theta, z, logu = params["theta"].to(dt), params["z"].to(dt), params["logU"].to(dt)
+        history = self.history(params)  # one for the continuum and the lines
         if lum_rest is None:
-            lum_rest = self.rest_frame(params)
+            lum_rest = self.rest_frame(params, history)
         flux, phot = self.observe(lum_rest, z)
         flux = flux * params["aperture"].to(dt)[:, None]
-        lines = self.sps.line_luminosities(theta, z, logu, history=self.history(params))
+        lines = self.sps.line_luminosities(theta, z, logu, history=history)
         return {
             "flux_true": flux.float(),
             "photometry_true": phot.float(),

@@ -222,6 +222,14 @@ def _open_partial(
     return f
 
 
+def mock_sfh_prior(path) -> str:
+    """The SFH prior a :func:`write_mocks` file was written with (its ``sfh`` attribute,
+    ``MockGenerator.sfh_settings``); files written before the attribute existed hold PROVABGS
+    histories: ``"provabgs"``."""
+    with h5py.File(path, "r") as f:
+        return f.attrs.get("sfh", "provabgs")
+
+
 def write_mocks(
     path: str | os.PathLike,
     n: int,

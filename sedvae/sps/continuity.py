@@ -129,20 +129,15 @@ PROJECTION_MIX = 0.02
 PROJECTION_BURST_GAIN = 0.5
 
 
-def _functionals(sps, h: History) -> torch.Tensor:
+def _functionals(sps, h: History, nmf_only: bool = True) -> torch.Tensor:
     """(B, 4) surviving fraction, mass-weighted age (Gyr), fractions formed within 100 Myr and
-    1 Gyr of the NMF part of ``h`` (its burst left out, its bin masses normalised to 1): each is
-    linear in the bin masses for a fixed metallicity history."""
-    norm = h.bin_mass.sum(-1, keepdim=True).clamp_min(1e-30)
-    zero = torch.zeros_like(h.burst_mass)
-    d = sps.derived_from_history(dataclasses.replace(h, bin_mass=h.bin_mass / norm,
-                                                     burst_mass=zero), torch.ones_like(zero))
-    return torch.stack([10 ** d["logmstar_surv"], d["t_mw_gyr"], d["sfr_100myr"] * 1e8,
-                        d["sfr_1gyr"] * 1e9], -1)  # fmt: skip
-
-
-def _full_functionals(sps, h: History) -> torch.Tensor:
-    """(B, 4) the properties of :func:`_functionals` for the whole of ``h``, burst included."""
+    1 Gyr of ``h``: of its NMF part (its burst left out, its bin masses normalised to 1) or,
+    ``nmf_only=False``, of the whole history, burst included. Each is linear in the bin masses
+    for a fixed metallicity history."""
+    if nmf_only:
+        norm = h.bin_mass.sum(-1, keepdim=True).clamp_min(1e-30)
+        h = dataclasses.replace(h, bin_mass=h.bin_mass / norm,
+                                burst_mass=torch.zeros_like(h.burst_mass))  # fmt: skip
     d = sps.derived_from_history(h, torch.ones_like(h.burst_mass))
     return torch.stack([10 ** d["logmstar_surv"], d["t_mw_gyr"], d["sfr_100myr"] * 1e8,
                         d["sfr_1gyr"] * 1e9], -1)  # fmt: skip
@@ -237,10 +232,11 @@ def project_to_nmf(sps, theta: torch.Tensor, z: torch.Tensor, h: History,
         return out
     # the whole history against the 4 bases with theta's burst, and with a young burst instead
     hy = _young_burst(sps, theta, h)
-    a5 = np.concatenate([a, _full_functionals(sps, hy).cpu().double().numpy()[..., None]], -1)
-    full = _full_functionals(sps, h).cpu().double().numpy()
+    young = _functionals(sps, hy, nmf_only=False).cpu().double().numpy()
+    a5 = np.concatenate([a, young[..., None]], -1)
+    full = _functionals(sps, h, nmf_only=False).cpu().double().numpy()
     full_scale = np.maximum(np.abs(full), floors)
-    kept = _full_functionals(sps, sps.history(out, z)).cpu().double().numpy()
+    kept = _functionals(sps, sps.history(out, z), nmf_only=False).cpu().double().numpy()
     r4 = np.linalg.norm((kept - full) / full_scale, axis=-1)
     for k in range(len(target)):
         ok = np.append(m[k] > 1e-12, True)
